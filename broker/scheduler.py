@@ -1,0 +1,238 @@
+"""Jobs, per-domain FIFO queues, leases and the worker table: pure state machines that take the clock."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections import deque
+from dataclasses import asdict, dataclass, field
+
+from common.errors import NotFoundError, OperationInvalidError
+
+# Ops that jump to the front of their domain's queue. libvirt keeps separate priority
+# workers for destroy for the same reason: killing a guest must not wait behind a slow job.
+PRIORITY_OPS = ("destroy", "reconcile")
+
+
+@dataclass
+class Job:
+    job_id: int
+    uuid: str
+    domain_name: str
+    op: str
+    state: str = "queued"
+    submitted_at: float = 0.0  # wall clock, for display
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    error_code: str | None = None
+    timeout_s: float | None = None
+    idempotency_key: str | None = None
+    worker_id: str | None = None
+    host_id: str | None = None
+    lease_id: str | None = None
+    epoch: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.state in ("succeeded", "failed", "cancelled", "lost")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Job:
+        return cls(**data)
+
+    def summary(self) -> dict:
+        return {
+            "job_id": self.job_id,
+            "domain": self.domain_name,
+            "uuid": self.uuid,
+            "op": self.op,
+            "state": self.state,
+            "error": self.error,
+            "error_code": self.error_code,
+            "submitted_at": self.submitted_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "worker_id": self.worker_id,
+            "host": self.host_id,
+        }
+
+
+@dataclass
+class Lease:
+    lease_id: str
+    job_id: int
+    uuid: str
+    worker_id: str
+    epoch: int
+    expires_at: float  # monotonic
+
+    def renew(self, now: float, ttl_s: float) -> None:
+        self.expires_at = now + ttl_s
+
+
+@dataclass
+class WorkerInfo:
+    worker_id: str
+    role: str
+    host_id: str
+    uri: str
+    slots: int
+    drivers: list[str] = field(default_factory=list)
+    last_seen: float = 0.0  # monotonic
+    jobs: set[int] = field(default_factory=set)
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.jobs)
+
+    def summary(self) -> dict:
+        return {
+            "worker_id": self.worker_id,
+            "role": self.role,
+            "host": self.host_id,
+            "uri": self.uri,
+            "slots": self.slots,
+            "busy": len(self.jobs),
+            "drivers": list(self.drivers),
+        }
+
+
+class Scheduler:
+    """Per-domain queues and leases. At most one job per domain runs at a time."""
+
+    def __init__(self, lease_ttl_s: float):
+        self.lease_ttl_s = lease_ttl_s
+        self.jobs: dict[int, Job] = {}
+        self.queues: dict[str, deque[int]] = {}
+        self.active: dict[str, int] = {}  # domain uuid -> job_id holding its lease
+        self.leases: dict[str, Lease] = {}
+        self.by_key: dict[str, int] = {}
+        self.next_job_id = 1
+
+    # -- jobs
+    def new_job(self, uuid: str, name: str, op: str, now_wall: float, **kw) -> Job:
+        job = Job(job_id=self.next_job_id, uuid=uuid, domain_name=name, op=op, submitted_at=now_wall, **kw)
+        self.next_job_id += 1
+        self.jobs[job.job_id] = job
+        if job.idempotency_key:
+            self.by_key[job.idempotency_key] = job.job_id
+        return job
+
+    def restore_job(self, job: Job) -> None:
+        """Put a job loaded from disk back; queued ones re-enter their queue in order."""
+        self.jobs[job.job_id] = job
+        self.next_job_id = max(self.next_job_id, job.job_id + 1)
+        if job.idempotency_key:
+            self.by_key[job.idempotency_key] = job.job_id
+        if job.state == "queued":
+            self.enqueue(job)
+
+    def enqueue(self, job: Job) -> None:
+        queue = self.queues.setdefault(job.uuid, deque())
+        if job.op in PRIORITY_OPS:
+            # After priority jobs already waiting, before everything else.
+            position = 0
+            while position < len(queue) and self.jobs[queue[position]].op in PRIORITY_OPS:
+                position += 1
+            queue.insert(position, job.job_id)
+        else:
+            queue.append(job.job_id)
+
+    def get(self, job_id: int) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFoundError(f"no job with id {job_id}")
+        return job
+
+    def cancel(self, job_id: int, now_wall: float) -> Job:
+        job = self.get(job_id)
+        if job.state != "queued":
+            raise OperationInvalidError(f"job {job_id} is {job.state}; only queued jobs can be cancelled")
+        self.queues[job.uuid].remove(job_id)
+        self._drop_empty_queue(job.uuid)
+        # QUEUED -> CANCELLED
+        job.state = "cancelled"
+        job.finished_at = now_wall
+        return job
+
+    def ready_domains(self) -> list[str]:
+        """Domains whose queue head may run now: no job of theirs holds a lease."""
+        return [uuid for uuid in self.queues if uuid not in self.active]
+
+    def head(self, uuid: str) -> Job:
+        return self.jobs[self.queues[uuid][0]]
+
+    def pop_head(self, uuid: str) -> Job:
+        job = self.jobs[self.queues[uuid].popleft()]
+        self._drop_empty_queue(uuid)
+        return job
+
+    def _drop_empty_queue(self, uuid: str) -> None:
+        if not self.queues.get(uuid):
+            self.queues.pop(uuid, None)
+
+    def pending_for(self, uuid: str) -> list[Job]:
+        return [self.jobs[j] for j in self.queues.get(uuid, ())]
+
+    # -- leases
+    def grant(self, job: Job, worker: WorkerInfo, epoch: int, now: float, now_wall: float) -> Lease:
+        """QUEUED -> RUNNING under a new lease with the domain's next epoch."""
+        assert job.uuid not in self.active, "one job per domain"
+        lease = Lease(
+            lease_id=uuidlib.uuid4().hex,
+            job_id=job.job_id,
+            uuid=job.uuid,
+            worker_id=worker.worker_id,
+            epoch=epoch,
+            expires_at=now + self.lease_ttl_s,
+        )
+        self.leases[lease.lease_id] = lease
+        self.active[job.uuid] = job.job_id
+        worker.jobs.add(job.job_id)
+        # QUEUED -> RUNNING
+        job.state = "running"
+        job.started_at = now_wall
+        job.worker_id = worker.worker_id
+        job.host_id = worker.host_id
+        job.lease_id = lease.lease_id
+        job.epoch = epoch
+        return lease
+
+    def restore_lease(self, job: Job, now: float) -> Lease:
+        """After a broker restart a running job keeps its lease for one more TTL: its worker
+        may still report (it reconnects and says hello with its leases) before it expires."""
+        lease = Lease(job.lease_id, job.job_id, job.uuid, job.worker_id, job.epoch, now + self.lease_ttl_s)
+        self.leases[lease.lease_id] = lease
+        self.active[job.uuid] = job.job_id
+        return lease
+
+    def renew(self, worker_id: str, lease_ids: list[str], now: float) -> list[str]:
+        """Renew the worker's leases; returns the ids it named that are no longer its."""
+        unknown = []
+        for lease_id in lease_ids:
+            lease = self.leases.get(lease_id)
+            if lease is None or lease.worker_id != worker_id:
+                unknown.append(lease_id)
+            else:
+                lease.renew(now, self.lease_ttl_s)
+        return unknown
+
+    def expired(self, now: float) -> list[Lease]:
+        return [lease for lease in self.leases.values() if lease.expires_at <= now]
+
+    def release(self, lease: Lease) -> None:
+        self.leases.pop(lease.lease_id, None)
+        if self.active.get(lease.uuid) == lease.job_id:
+            del self.active[lease.uuid]
+
+    def finish(self, job: Job, state: str, now_wall: float, error: str | None = None, code: str | None = None):
+        # RUNNING -> SUCCEEDED | FAILED | LOST, or QUEUED -> FAILED (refused before dispatch)
+        job.state = state
+        job.finished_at = now_wall
+        job.error = error
+        job.error_code = code
+        if job.lease_id and job.lease_id in self.leases:
+            self.release(self.leases[job.lease_id])

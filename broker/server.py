@@ -1,0 +1,681 @@
+"""The broker loop: owns the registry, the queues and the leases; serves clients and workers over ZeroMQ.
+
+One thread does everything, so nothing here takes a lock. Each turn of the loop handles
+every message that is waiting (up to a batch limit), expires leases, dispatches what can
+run, commits once (group commit), and only then sends replies, job assignments and events.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from broker.registry import DomainRecord, Registry
+from broker.scheduler import Job, Scheduler, WorkerInfo
+from broker.store import Store
+from common import domxml, protocol as p
+from common.config import Config
+from common.errors import (
+    ConflictError,
+    InvalidError,
+    NotFoundError,
+    OperationInvalidError,
+    ProtocolError,
+    VirtbrokerError,
+)
+
+log = logging.getLogger("virtbroker.broker")
+
+BATCH_MAX_MESSAGES = 1000
+TICK_S = 0.2
+MAX_WAIT_S = 3600.0
+MAX_SHUTDOWN_TIMEOUT_S = 3600.0
+_DEFERRED = object()  # a handler's "no reply yet" (wait)
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+
+
+@dataclass
+class Waiter:
+    identity: bytes
+    request_id: int
+    job_ids: list[int]
+    deadline: float
+
+
+class Broker:
+    def __init__(self, config: Config, context: zmq.Context):
+        self.config = config
+        self.context = context
+        self.registry = Registry()
+        self.scheduler = Scheduler(config.lease_ttl_s)
+        self.workers: dict[str, WorkerInfo] = {}
+        self.identities: dict[str, bytes] = {}  # worker_id -> ROUTER identity
+        self.waiters: list[Waiter] = []
+        self.label_routes: dict[str, str] = {}  # label_id -> lifecycle worker_id awaiting the reply
+        self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
+        self.events: list[p.Message] = []
+        self.stopping = False
+        self.store = Store(config.state_dir)
+        self.seq = int(self.store.meta("event_seq", "0"))
+        self._load()
+        self.client_sock = self.worker_sock = self.pub_sock = None
+
+    # ------------------------------------------------------------------ startup
+    def _load(self) -> None:
+        for record in self.store.load_domains():
+            self.registry.add(record)
+        now = time.monotonic()
+        restored = 0
+        for job in self.store.load_jobs():
+            if job.state == "running":
+                # The worker may still be running it; it keeps its lease for one TTL and
+                # can report (or say hello with it) before the lease expires as lost.
+                self.scheduler.jobs[job.job_id] = job
+                self.scheduler.next_job_id = max(self.scheduler.next_job_id, job.job_id + 1)
+                if job.idempotency_key:
+                    self.scheduler.by_key[job.idempotency_key] = job.job_id
+                self.scheduler.restore_lease(job, now)
+                restored += 1
+            else:
+                self.scheduler.restore_job(job)
+        log.info(
+            "loaded %d domains, %d jobs (%d running leases restored) from %s",
+            len(self.registry),
+            len(self.scheduler.jobs),
+            restored,
+            self.store.path,
+        )
+
+    def bind(self) -> None:
+        # ipc sockets are created owner-only: only this user may connect.
+        old_umask = os.umask(0o077)
+        try:
+            self.client_sock = self._socket(zmq.ROUTER, self.config.client_url)
+            self.worker_sock = self._socket(zmq.ROUTER, self.config.worker_url)
+            self.pub_sock = self._socket(zmq.PUB, self.config.events_url)
+        finally:
+            os.umask(old_umask)
+        log.info(
+            "broker listening: clients %s, workers %s, events %s",
+            self.config.client_url,
+            self.config.worker_url,
+            self.config.events_url,
+        )
+
+    def _socket(self, kind: int, url: str) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if kind == zmq.ROUTER:
+            # The socket refuses oversize messages before they reach the decoder.
+            sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
+            sock.setsockopt(zmq.RCVHWM, 100000)
+            sock.setsockopt(zmq.SNDHWM, 100000)
+        if url.startswith("ipc://"):
+            path = url[len("ipc://") :]
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            if os.path.exists(path):
+                os.unlink(path)  # left by a broker that was killed
+        sock.bind(url)
+        return sock
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.client_sock, zmq.POLLIN)
+        poller.register(self.worker_sock, zmq.POLLIN)
+        while not self.stopping:
+            ready = dict(poller.poll(self._poll_timeout_ms()))
+            now = time.monotonic()
+            if self.worker_sock in ready:
+                self._drain(self.worker_sock, self._on_worker_frames)
+            if self.client_sock in ready:
+                self._drain(self.client_sock, self._on_client_frames)
+            self.tick(now)
+            self.dispatch(now)
+            self._answer_waiters(now)
+            if self.events:
+                self.store.set_meta("event_seq", str(self.seq))
+            self.store.commit()
+            self._flush()
+        self._shutdown()
+
+    def _poll_timeout_ms(self) -> int:
+        timeout_s = TICK_S
+        now = time.monotonic()
+        for lease in self.scheduler.leases.values():
+            timeout_s = min(timeout_s, lease.expires_at - now)
+        return max(0, int(timeout_s * 1000))
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(BATCH_MAX_MESSAGES):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _flush(self) -> None:
+        for sock, frames in self.outbox:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("dropped a message: peer's queue is full")
+        self.outbox.clear()
+        for event in self.events:
+            self.pub_sock.send_multipart(p.encode_event(event))
+        self.events.clear()
+
+    def _shutdown(self) -> None:
+        log.info("broker stopping")
+        for worker_id, identity in self.identities.items():
+            self.worker_sock.send_multipart([identity, *p.encode(p.Shutdown())], zmq.NOBLOCK)
+        self.store.commit()
+        self.store.close()
+        for sock in (self.client_sock, self.worker_sock, self.pub_sock):
+            sock.close(linger=0)
+
+    # ------------------------------------------------------------------ client side
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        request_id = None
+        try:
+            msg = p.decode(body, p.CLIENT_VERSION)
+            request_id = getattr(msg, "request_id", None)
+            handler = getattr(self, "handle_" + msg.KIND.replace("-", "_"), None)
+            if handler is None or msg.KIND in ("ok", "error"):
+                raise ProtocolError(f"'{msg.KIND}' is not a request")
+            result = handler(msg, identity)
+            if result is _DEFERRED:
+                return
+            self._reply(identity, p.Ok(request_id=request_id, result=result))
+        except VirtbrokerError as e:
+            if isinstance(e, ProtocolError):
+                log.warning("bad client message: %s", e)
+            self._reply(identity, p.Error(request_id=request_id, code=e.code, message=e.message))
+        except Exception as e:  # a bug: report it and keep serving everyone else
+            log.exception("internal error handling a client request")
+            self._reply(identity, p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"))
+
+    def _reply(self, identity: bytes, msg: p.Message) -> None:
+        self.outbox.append((self.client_sock, [identity, *p.encode(msg)]))
+
+    def handle_ping(self, msg: p.Ping, identity: bytes):
+        return {
+            "version": "0.1.0",
+            "domains": len(self.registry),
+            "workers": len(self.workers),
+            "events_url": self.config.events_url,
+        }
+
+    def handle_define(self, msg: p.Define, identity: bytes):
+        definition = domxml.load_definition(msg.xml)
+        record, created = self.registry.define(definition)
+        self.store.put_domain(record)
+        self._emit_domain(record, "defined")
+        out = record.summary()
+        out["created"] = created
+        return out
+
+    def handle_lookup(self, msg: p.Lookup, identity: bytes):
+        record = self.registry.resolve(msg.domain)
+        out = record.summary()
+        out["pending_jobs"] = [j.job_id for j in self.scheduler.pending_for(record.uuid)]
+        out["active_job"] = self.scheduler.active.get(record.uuid)
+        out["persistent"] = True
+        return out
+
+    def handle_list(self, msg: p.ListDomains, identity: bytes):
+        return [r.summary() for r in self.registry.list(msg.all, msg.state)]
+
+    def handle_dumpxml(self, msg: p.DumpXml, identity: bytes):
+        record = self.registry.resolve(msg.domain)
+        if not msg.inactive and record.state != "shutoff" and record.live_xml:
+            return record.live_xml
+        return record.xml
+
+    def handle_submit(self, msg: p.Submit, identity: bytes):
+        if msg.op not in p.JOB_OPS:
+            raise InvalidError(f"unknown operation '{msg.op}' ({', '.join(p.JOB_OPS)})")
+        if msg.timeout_s is not None and not (0 < msg.timeout_s <= MAX_SHUTDOWN_TIMEOUT_S):
+            raise InvalidError(f"timeout_s must be between 0 and {MAX_SHUTDOWN_TIMEOUT_S:g} seconds")
+        if msg.idempotency_key is not None and not (0 < len(msg.idempotency_key) <= 200):
+            raise InvalidError("idempotency_key must be 1 to 200 characters")
+        record = self.registry.resolve(msg.domain)
+        if msg.idempotency_key is not None:
+            existing_id = self.scheduler.by_key.get(msg.idempotency_key)
+            if existing_id is not None:
+                existing = self.scheduler.jobs[existing_id]
+                if existing.uuid != record.uuid or existing.op != msg.op:
+                    raise ConflictError(
+                        f"idempotency key already used by job {existing_id} ({existing.op} {existing.domain_name})"
+                    )
+                out = existing.summary()
+                out["existing"] = True
+                return out
+        timeout_s = msg.timeout_s if msg.op == "shutdown" else None
+        if msg.op == "shutdown" and timeout_s is None:
+            timeout_s = self.config.shutdown_timeout_s
+        job = self.scheduler.new_job(
+            record.uuid, record.name, msg.op, time.time(), timeout_s=timeout_s, idempotency_key=msg.idempotency_key
+        )
+        self.scheduler.enqueue(job)
+        self.store.put_job(job)
+        self._emit_job(job)
+        return job.summary()
+
+    def handle_job(self, msg: p.GetJob, identity: bytes):
+        return self.scheduler.get(msg.job_id).summary()
+
+    def handle_jobs(self, msg: p.ListJobs, identity: bytes):
+        if msg.state is not None and msg.state not in p.JOB_STATES:
+            raise InvalidError(f"unknown job state '{msg.state}' ({', '.join(p.JOB_STATES)})")
+        uuid = self.registry.resolve(msg.domain).uuid if msg.domain else None
+        limit = max(1, min(msg.limit, 10000))
+        out = []
+        for job_id in sorted(self.scheduler.jobs, reverse=True):
+            job = self.scheduler.jobs[job_id]
+            if (uuid is None or job.uuid == uuid) and (msg.state is None or job.state == msg.state):
+                out.append(job.summary())
+                if len(out) >= limit:
+                    break
+        out.reverse()
+        return out
+
+    def handle_wait(self, msg: p.Wait, identity: bytes):
+        if not msg.job_ids or len(msg.job_ids) > 10000:
+            raise InvalidError("wait needs 1 to 10000 job ids")
+        for job_id in msg.job_ids:
+            self.scheduler.get(job_id)  # unknown ids fail now, not at the deadline
+        timeout_s = min(max(msg.timeout_s, 0.0), MAX_WAIT_S)
+        self.waiters.append(Waiter(identity, msg.request_id, list(msg.job_ids), time.monotonic() + timeout_s))
+        return _DEFERRED
+
+    def handle_cancel(self, msg: p.Cancel, identity: bytes):
+        job = self.scheduler.cancel(msg.job_id, time.time())
+        self.store.put_job(job)
+        self._emit_job(job)
+        return job.summary()
+
+    def handle_workers(self, msg: p.ListWorkers, identity: bytes):
+        return [w.summary() for w in self.workers.values()]
+
+    def _answer_waiters(self, now: float) -> None:
+        if not self.waiters:
+            return
+        still = []
+        for waiter in self.waiters:
+            jobs = [self.scheduler.jobs[j] for j in waiter.job_ids]
+            done = all(job.final for job in jobs)
+            if done or now >= waiter.deadline:
+                result = {"jobs": [job.summary() for job in jobs], "timed_out": not done}
+                self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result))
+            else:
+                still.append(waiter)
+        self.waiters = still
+
+    # ------------------------------------------------------------------ worker side
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        identity, body = frames[0], frames[1:]
+        try:
+            msg = p.decode(body, p.WORKER_VERSION)
+            handler = getattr(self, "handle_worker_" + msg.KIND.replace("-", "_"), None)
+            if handler is None:
+                raise ProtocolError(f"'{msg.KIND}' is not a worker request")
+            handler(msg, identity)
+        except ProtocolError as e:
+            log.warning("bad worker message dropped: %s", e)
+        except Exception:
+            log.exception("internal error handling a worker message")
+
+    def _to_worker(self, worker_id: str, msg: p.Message) -> None:
+        identity = self.identities.get(worker_id)
+        if identity is not None:
+            self.outbox.append((self.worker_sock, [identity, *p.encode(msg)]))
+
+    def handle_worker_hello(self, msg: p.Hello, identity: bytes) -> None:
+        if msg.role not in ("lifecycle", "security") or msg.slots < 1:
+            log.warning("refused hello from %s: role %r, slots %r", msg.worker_id, msg.role, msg.slots)
+            return
+        now = time.monotonic()
+        worker = WorkerInfo(
+            worker_id=msg.worker_id,
+            role=msg.role,
+            host_id=msg.host_id,
+            uri=msg.uri,
+            slots=msg.slots,
+            drivers=list(msg.drivers),
+            last_seen=now,
+        )
+        self.workers[msg.worker_id] = worker
+        self.identities[msg.worker_id] = identity
+        for held in msg.leases:
+            lease = self.scheduler.leases.get(str(held.get("lease_id")))
+            if lease is not None and lease.job_id == held.get("job_id"):
+                # A broker restart: the worker still runs this job, bind it back.
+                lease.worker_id = msg.worker_id
+                lease.renew(now, self.config.lease_ttl_s)
+                worker.jobs.add(lease.job_id)
+        log.info(
+            "%s worker %s joined: host %s, %s, %d slots%s",
+            msg.role,
+            msg.worker_id,
+            msg.host_id,
+            msg.uri,
+            msg.slots,
+            f", drivers {','.join(msg.drivers)}" if msg.drivers else "",
+        )
+        self._to_worker(
+            msg.worker_id,
+            p.Welcome(heartbeat_interval_s=self.config.heartbeat_interval_s, lease_ttl_s=self.config.lease_ttl_s),
+        )
+        if msg.role == "lifecycle":
+            self._reconcile_host(msg.host_id, msg.guests)
+
+    def _reconcile_host(self, host_id: str, guests: list[dict]) -> None:
+        """Make the registry agree with what a worker sees running on its host.
+
+        Domains with a job running or queued are left alone: their job will settle them.
+        Guests the registry does not know are someone else's and are left alone too.
+        """
+        seen = {}
+        for guest in guests:
+            try:
+                seen[domxml.normalize_uuid(str(guest.get("uuid")))] = str(guest.get("state"))
+            except InvalidError:
+                continue
+        for record in self.registry.by_uuid.values():
+            busy = record.uuid in self.scheduler.active or record.uuid in self.scheduler.queues
+            if busy:
+                continue
+            state = seen.get(record.uuid)
+            if state in ("running", "paused"):
+                if record.state != state or record.host_id != host_id:
+                    self._set_state(record, state, host_id)
+            elif record.host_id == host_id and record.state != "shutoff":
+                self._set_state(record, "shutoff", None)
+
+    def handle_worker_heartbeat(self, msg: p.Heartbeat, identity: bytes) -> None:
+        worker = self.workers.get(msg.worker_id)
+        if worker is None:
+            self.identities[msg.worker_id] = identity
+            self._to_worker(msg.worker_id, p.Reregister())
+            return
+        worker.last_seen = time.monotonic()
+        unknown = self.scheduler.renew(msg.worker_id, msg.lease_ids, worker.last_seen)
+        if unknown:
+            log.debug("worker %s renews leases it no longer holds: %s", msg.worker_id, unknown)
+
+    def handle_worker_bye(self, msg: p.Bye, identity: bytes) -> None:
+        worker = self.workers.pop(msg.worker_id, None)
+        self.identities.pop(msg.worker_id, None)
+        if worker is not None:
+            log.info("worker %s left (host %s)", msg.worker_id, worker.host_id)
+
+    def handle_worker_result(self, msg: p.Result, identity: bytes) -> None:
+        now_wall = time.time()
+        worker = self.workers.get(msg.worker_id)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+            worker.jobs.discard(msg.job_id)
+        job = self.scheduler.jobs.get(msg.job_id)
+        lease = self.scheduler.leases.get(msg.lease_id)
+        record = self.registry.by_uuid.get(job.uuid) if job is not None else None
+        reason = None
+        if job is None:
+            reason = f"unknown job {msg.job_id}"
+        elif lease is None or lease.job_id != msg.job_id:
+            reason = f"lease {msg.lease_id} is not current for job {msg.job_id} (job is {job.state})"
+        elif record is None or msg.epoch != lease.epoch or msg.epoch < record.epoch:
+            reason = f"stale epoch {msg.epoch} for {job.domain_name} (current {record.epoch if record else '-'})"
+        if reason is not None:
+            log.warning("refused result from worker %s for job %s: %s", msg.worker_id, msg.job_id, reason)
+            self.identities.setdefault(msg.worker_id, identity)
+            self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=False, reason=reason))
+            if record is not None and job.op != "reconcile":
+                # The late worker may have changed the guest after its lease ended: read the truth again.
+                self._queue_reconcile(record, f"late result for job {msg.job_id}")
+            return
+        ok_state = "succeeded" if msg.ok else "failed"
+        self.scheduler.finish(job, ok_state, now_wall, msg.error, msg.error_code if not msg.ok else None)
+        self.store.put_job(job)
+        self._emit_job(job)
+        if msg.domain_state in p.DOMAIN_STATES:
+            host = job.host_id if msg.domain_state != "shutoff" else None
+            self._set_state(record, msg.domain_state, host)
+        elif job.op == "start" and not msg.ok and record.state == "shutoff":
+            self._set_state(record, "shutoff", None)
+        self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=True))
+
+    def handle_worker_label(self, msg: p.LabelRequest, identity: bytes) -> None:
+        """Route a lifecycle worker's label request to a security worker of its host."""
+        candidates = [
+            w
+            for w in self.workers.values()
+            if w.role == "security" and w.host_id == msg.host_id and msg.driver in w.drivers
+        ]
+        if not candidates:
+            self._to_worker(
+                msg.worker_id,
+                p.LabelReply(
+                    worker_id="broker",
+                    label_id=msg.label_id,
+                    driver=msg.driver,
+                    ok=False,
+                    error=f"no {msg.driver} security worker on host {msg.host_id}",
+                ),
+            )
+            return
+        target = min(candidates, key=lambda w: len(w.jobs))
+        self.label_routes[msg.label_id] = msg.worker_id
+        self._to_worker(target.worker_id, msg)
+
+    def handle_worker_label_reply(self, msg: p.LabelReply, identity: bytes) -> None:
+        requester = self.label_routes.pop(msg.label_id, None)
+        if requester is None:
+            log.warning("label reply %s from %s has no requester (it left)", msg.label_id, msg.worker_id)
+            return
+        self._to_worker(requester, msg)
+
+    # ------------------------------------------------------------------ time
+    def tick(self, now: float) -> None:
+        now_wall = time.time()
+        for lease in self.scheduler.expired(now):
+            job = self.scheduler.jobs[lease.job_id]
+            worker = self.workers.get(lease.worker_id)
+            if worker is not None:
+                worker.jobs.discard(job.job_id)
+            log.warning(
+                "lease %s of job %d (%s %s) expired: worker %s stopped renewing; outcome unknown",
+                lease.lease_id,
+                job.job_id,
+                job.op,
+                job.domain_name,
+                lease.worker_id,
+            )
+            # RUNNING -> LOST (lease expired)
+            self.scheduler.finish(
+                job, "lost", now_wall, f"lease expired on worker {lease.worker_id}; outcome unknown", "lease"
+            )
+            self.store.put_job(job)
+            self._emit_job(job)
+            record = self.registry.by_uuid.get(job.uuid)
+            if record is not None and job.op != "reconcile":
+                self._queue_reconcile(record, f"job {job.job_id} lost")
+            elif record is not None:
+                # A lost reconcile is retried on another worker of the host.
+                self._queue_reconcile(record, f"reconcile job {job.job_id} lost")
+        deadline = now - self.config.lease_ttl_s
+        for worker_id in [w.worker_id for w in self.workers.values() if w.last_seen < deadline]:
+            worker = self.workers.pop(worker_id)
+            self.identities.pop(worker_id, None)
+            log.warning("worker %s (host %s) is gone: no heartbeat for %.1f s", worker_id, worker.host_id,
+                        now - worker.last_seen)
+
+    def _queue_reconcile(self, record: DomainRecord, why: str) -> None:
+        if any(j.op == "reconcile" for j in self.scheduler.pending_for(record.uuid)):
+            return
+        job = self.scheduler.new_job(record.uuid, record.name, "reconcile", time.time())
+        self.scheduler.enqueue(job)
+        self.store.put_job(job)
+        self._emit_job(job)
+        log.info("queued reconcile job %d for %s: %s", job.job_id, record.name, why)
+
+    # ------------------------------------------------------------------ dispatch
+    def dispatch(self, now: float) -> None:
+        """Give each domain's queue head to a worker, if one with a free slot can take it."""
+        if not self.scheduler.queues:
+            return
+        now_wall = time.time()
+        lifecycle = [w for w in self.workers.values() if w.role == "lifecycle"]
+        for uuid in self.scheduler.ready_domains():
+            job = self.scheduler.head(uuid)
+            record = self.registry.by_uuid.get(uuid)
+            refusal = self._refusal(job, record)
+            if refusal is not None:
+                self.scheduler.pop_head(uuid)
+                code, message = refusal
+                # QUEUED -> FAILED (not valid in the domain's state when its turn came)
+                self.scheduler.finish(job, "failed", now_wall, message, code)
+                self.store.put_job(job)
+                self._emit_job(job)
+                continue
+            if job.op == "undefine":
+                self.scheduler.pop_head(uuid)
+                self._undefine(record, job, now_wall)
+                continue
+            if job.op == "reconcile" and record.host_id is None:
+                self.scheduler.pop_head(uuid)
+                self.scheduler.finish(job, "succeeded", now_wall)
+                self.store.put_job(job)
+                self._emit_job(job)
+                continue
+            worker = self._pick_worker(lifecycle, job, record)
+            if worker is None:
+                continue  # waits in the broker, not in a worker slot
+            self.scheduler.pop_head(uuid)
+            record.epoch += 1
+            lease = self.scheduler.grant(job, worker, record.epoch, now, now_wall)
+            if job.op == "start":
+                record.host_id = worker.host_id  # so a lost start is reconciled on the right host
+                record.live_xml = record.xml
+            self.store.put_domain(record)
+            self.store.put_job(job)
+            self._emit_job(job)
+            self._to_worker(
+                worker.worker_id,
+                p.JobAssignment(
+                    job_id=job.job_id,
+                    op=job.op,
+                    lease_id=lease.lease_id,
+                    epoch=lease.epoch,
+                    lease_ttl_s=self.config.lease_ttl_s,
+                    domain_uuid=record.uuid,
+                    domain_name=record.name,
+                    xml=record.live_xml or record.xml,
+                    timeout_s=job.timeout_s,
+                    security=list(self.config.security) if job.op in ("start", "destroy", "shutdown") else [],
+                ),
+            )
+
+    def _refusal(self, job: Job, record: DomainRecord | None) -> tuple[str, str] | None:
+        """libvirt's operation-invalid checks, made when the job's turn comes."""
+        if record is None:
+            return "not-found", f"domain {job.domain_name} was undefined before job {job.job_id} ran"
+        state, op = record.state, job.op
+        if op == "start" and state != "shutoff":
+            return "operation-invalid", f"Requested operation is not valid: domain '{record.name}' is already active"
+        if op in ("shutdown", "destroy", "reboot", "suspend") and state == "shutoff":
+            return "operation-invalid", f"Requested operation is not valid: domain '{record.name}' is not running"
+        if op == "resume" and state != "paused":
+            return "operation-invalid", f"Requested operation is not valid: domain '{record.name}' is not paused"
+        if op == "undefine" and state != "shutoff":
+            return (
+                "operation-invalid",
+                f"Requested operation is not valid: domain '{record.name}' is {state}; destroy it before undefine",
+            )
+        return None
+
+    def _pick_worker(self, lifecycle: list[WorkerInfo], job: Job, record: DomainRecord) -> WorkerInfo | None:
+        if job.op == "start":
+            candidates = [w for w in lifecycle if w.free_slots > 0 and self._host_can_label(w.host_id)]
+            if not candidates:
+                return None
+            host_free: dict[str, int] = {}
+            for w in candidates:
+                host_free[w.host_id] = host_free.get(w.host_id, 0) + w.free_slots
+            return max(candidates, key=lambda w: (host_free[w.host_id], w.free_slots))
+        candidates = [w for w in lifecycle if w.host_id == record.host_id and w.free_slots > 0]
+        return max(candidates, key=lambda w: w.free_slots) if candidates else None
+
+    def _host_can_label(self, host_id: str) -> bool:
+        """A start needs every configured security driver on the host it lands on."""
+        if not self.config.security:
+            return True
+        present = {d for w in self.workers.values() if w.role == "security" and w.host_id == host_id for d in w.drivers}
+        return all(d in present for d in self.config.security)
+
+    def _undefine(self, record: DomainRecord, job: Job, now_wall: float) -> None:
+        self.registry.remove(record.uuid)
+        self.store.delete_domain(record.uuid)
+        self.scheduler.finish(job, "succeeded", now_wall)
+        self.store.put_job(job)
+        self._emit_job(job)
+        self._emit_domain(record, "undefined")
+        for later in self.scheduler.pending_for(record.uuid):
+            self.scheduler.pop_head(record.uuid)
+            self.scheduler.finish(later, "failed", now_wall, f"domain {record.name} was undefined", "not-found")
+            self.store.put_job(later)
+            self._emit_job(later)
+
+    # ------------------------------------------------------------------ state and events
+    def _set_state(self, record: DomainRecord, state: str, host_id: str | None) -> None:
+        changed = record.state != state or record.host_id != host_id
+        record.state = state
+        record.host_id = host_id
+        if state == "shutoff":
+            record.live_xml = None
+        self.store.put_domain(record)
+        if changed:
+            self._emit_domain(record, "state")
+
+    def _emit_domain(self, record: DomainRecord, event: str) -> None:
+        self.seq += 1
+        self.events.append(
+            p.DomainEvent(
+                seq=self.seq, uuid=record.uuid, name=record.name, event=event, state=record.state,
+                host_id=record.host_id,
+            )
+        )
+
+    def _emit_job(self, job: Job) -> None:
+        self.seq += 1
+        self.events.append(
+            p.JobEvent(seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error)
+        )
+
+
+def run_broker(config: Config) -> int:
+    """Entry point for one broker process (virtbroker broker, or a child of virtbroker up)."""
+    context = zmq.Context()
+    broker = Broker(config, context)
+    broker.bind()
+
+    def on_signal(signum, frame):
+        if broker.stopping:
+            os._exit(1)  # a second signal: leave at once
+        broker.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        broker.run()
+    finally:
+        context.term()
+    return EXIT_OK

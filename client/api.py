@@ -1,0 +1,131 @@
+"""Python client for the broker's client endpoint (one DEALER socket per Client)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Iterator
+
+import zmq
+
+from common import protocol as p
+from common.config import default_client_url
+from common.errors import TimeoutError_, UnavailableError, error_from_code
+
+
+class Client:
+    """A connection to one broker. Not thread-safe: use one Client per thread.
+
+    >>> with Client("ipc:///var/lib/virtbroker/client.sock") as c:
+    ...     c.define(open("guest.xml").read())
+    ...     job = c.submit("guest", "start")
+    ...     c.wait([job["job_id"]])
+    """
+
+    def __init__(self, url: str | None = None, timeout_s: float = 30.0, context: zmq.Context | None = None):
+        self.url = url or default_client_url()
+        self.timeout_s = timeout_s
+        self._own_context = context is None
+        self.context = context or zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(self.url)
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- transport
+    def call(self, msg_cls: type[p.Message], timeout_s: float | None = None, **fields) -> Any:
+        """Send one request and return its result, or raise the typed error the broker sent."""
+        request_id = next(self._ids)
+        self.sock.send_multipart(p.encode(msg_cls(request_id=request_id, **fields)))
+        return self._receive(request_id, timeout_s if timeout_s is not None else self.timeout_s)
+
+    def _receive(self, request_id: int, timeout_s: float) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
+                raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
+            reply = p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION)
+            if getattr(reply, "request_id", None) not in (request_id, None):
+                continue  # the answer to an earlier request that timed out
+            if isinstance(reply, p.Error):
+                raise error_from_code(reply.code, reply.message)
+            return reply.result
+
+    # -- requests
+    def ping(self, timeout_s: float | None = None) -> dict:
+        return self.call(p.Ping, timeout_s=timeout_s)
+
+    def define(self, xml: str) -> dict:
+        return self.call(p.Define, xml=xml)
+
+    def lookup(self, domain: str) -> dict:
+        return self.call(p.Lookup, domain=domain)
+
+    def list(self, all: bool = False, state: str | None = None) -> list[dict]:
+        return self.call(p.ListDomains, all=all, state=state)
+
+    def dumpxml(self, domain: str, inactive: bool = False) -> str:
+        return self.call(p.DumpXml, domain=domain, inactive=inactive)
+
+    def submit(self, domain: str, op: str, timeout_s: float | None = None, idempotency_key: str | None = None) -> dict:
+        return self.call(p.Submit, domain=domain, op=op, timeout_s=timeout_s, idempotency_key=idempotency_key)
+
+    def job(self, job_id: int) -> dict:
+        return self.call(p.GetJob, job_id=job_id)
+
+    def jobs(self, domain: str | None = None, state: str | None = None, limit: int = 100) -> list[dict]:
+        return self.call(p.ListJobs, domain=domain, state=state, limit=limit)
+
+    def wait(self, job_ids: list[int], timeout_s: float = 300.0) -> list[dict]:
+        """Block until every job is final; raise TimeoutError_ if some are not by timeout_s."""
+        result = self.wait_status(job_ids, timeout_s)
+        if result["timed_out"]:
+            pending = [j["job_id"] for j in result["jobs"] if j["state"] in ("queued", "running")]
+            raise TimeoutError_(f"jobs {pending} not finished after {timeout_s:g} s")
+        return result["jobs"]
+
+    def wait_status(self, job_ids: list[int], timeout_s: float) -> dict:
+        """{"jobs": [...], "timed_out": bool}: returns when all are final or at timeout_s."""
+        # The broker answers at timeout_s at the latest; allow the transport a margin on top.
+        request_id = next(self._ids)
+        self.sock.send_multipart(p.encode(p.Wait(request_id=request_id, job_ids=list(job_ids), timeout_s=timeout_s)))
+        return self._receive(request_id, timeout_s + 10)
+
+    def cancel(self, job_id: int) -> dict:
+        return self.call(p.Cancel, job_id=job_id)
+
+    def workers(self) -> list[dict]:
+        return self.call(p.ListWorkers)
+
+    def run(self, domain: str, op: str, timeout_s: float = 300.0, **kw) -> dict:
+        """Submit and wait: the job's final record (check its state)."""
+        job = self.submit(domain, op, **kw)
+        return self.wait([job["job_id"]], timeout_s)[0]
+
+    def events(self, timeout_s: float | None = None) -> Iterator[p.Message]:
+        """Domain and job events from the broker's PUB socket, as they happen."""
+        events_url = self.ping()["events_url"]
+        sub = self.context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(events_url)
+        try:
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            while deadline is None or time.monotonic() < deadline:
+                wait_ms = 500 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                if sub.poll(min(wait_ms, 500)):
+                    yield p.decode_event(sub.recv_multipart())
+        finally:
+            sub.close(linger=0)

@@ -1,0 +1,113 @@
+"""Configuration shared by every process: defaults, the ini file, and command-line overrides."""
+
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass, field, fields
+
+from common.errors import ConfigError
+
+
+def default_state_dir() -> str:
+    env = os.environ.get("VIRTBROKER_STATE_DIR")
+    if env:
+        return env
+    if os.geteuid() == 0:
+        return "/var/lib/virtbroker"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "virtbroker")
+
+
+def default_client_url() -> str:
+    """Where clients find the broker when neither --connect nor VIRTBROKER_URL is given."""
+    return os.environ.get("VIRTBROKER_URL") or f"ipc://{default_state_dir()}/client.sock"
+
+
+@dataclass
+class Config:
+    state_dir: str = field(default_factory=default_state_dir)
+    client_url: str = ""  # default: ipc://STATE_DIR/client.sock
+    worker_url: str = ""  # default: ipc://STATE_DIR/worker.sock
+    events_url: str = ""  # default: ipc://STATE_DIR/events.sock
+    uri: str = "test:///default"
+    workers: int = 2  # lifecycle workers started by `virtbroker up`
+    slots: int = 4  # jobs one lifecycle worker runs at once
+    lease_ttl_s: float = 10.0
+    heartbeat_interval_s: float = 0.0  # default: lease_ttl_s / 4
+    shutdown_timeout_s: float = 60.0  # ACPI shutdown before destroy, when the job names none
+    security: list[str] = field(default_factory=list)  # drivers: dac, apparmor
+    guest_user: str = ""  # USER[:GROUP] QEMU runs as when dac is on
+    storage_roots: list[str] = field(default_factory=list)
+    serialization: str = "per-resource"  # or global
+    security_slots: int = 8
+    log_level: str = "INFO"
+
+    def __post_init__(self):
+        self.finish()
+
+    def finish(self) -> "Config":
+        """Fill derived defaults and check values; call again after changing fields."""
+        self.state_dir = os.path.abspath(os.path.expanduser(self.state_dir))
+        if not self.client_url:
+            self.client_url = f"ipc://{self.state_dir}/client.sock"
+        if not self.worker_url:
+            self.worker_url = f"ipc://{self.state_dir}/worker.sock"
+        if not self.events_url:
+            self.events_url = f"ipc://{self.state_dir}/events.sock"
+        if self.heartbeat_interval_s <= 0:
+            self.heartbeat_interval_s = self.lease_ttl_s / 4
+        if self.lease_ttl_s <= 0:
+            raise ConfigError("lease_ttl_s must be positive")
+        if self.workers < 0 or self.slots < 1:
+            raise ConfigError("workers must be >= 0 and slots >= 1")
+        for driver in self.security:
+            if driver not in ("dac", "apparmor"):
+                raise ConfigError(f"unknown security driver '{driver}' (dac, apparmor)")
+        if self.serialization not in ("per-resource", "global"):
+            raise ConfigError(f"serialization must be per-resource or global, not '{self.serialization}'")
+        if "dac" in self.security and not self.guest_user:
+            raise ConfigError("the dac security driver needs guest_user (USER[:GROUP])")
+        return self
+
+    @classmethod
+    def load(cls, path: str | None = None, **overrides) -> "Config":
+        """Defaults, then the [virtbroker] section of PATH, then non-None overrides."""
+        values: dict = {}
+        if path:
+            parser = configparser.ConfigParser()
+            if not parser.read(path):
+                raise ConfigError(f"cannot read config file {path}")
+            if parser.has_section("virtbroker"):
+                values.update(_typed(dict(parser.items("virtbroker"))))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+
+
+_LISTS = ("security", "storage_roots")
+_INTS = ("workers", "slots", "security_slots")
+_FLOATS = ("lease_ttl_s", "heartbeat_interval_s", "shutdown_timeout_s")
+
+
+def _typed(raw: dict[str, str]) -> dict:
+    out: dict = {}
+    for key, value in raw.items():
+        try:
+            if key in _LISTS:
+                out[key] = [v.strip() for v in value.replace("\n", ",").split(",") if v.strip()]
+            elif key in _INTS:
+                out[key] = int(value)
+            elif key in _FLOATS:
+                out[key] = float(value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ConfigError(f"config option {key} = {value!r} is not a number") from None
+    return out

@@ -1,0 +1,123 @@
+"""Domain XML: safe parsing, name and UUID rules, and the edits the broker and workers make."""
+
+import re
+import uuid as uuidlib
+
+from lxml import etree
+
+from common.errors import InvalidError
+
+MAX_XML_BYTES = 1024 * 1024
+MAX_NAME_CHARS = 200
+
+# Entity expansion, DTD loading and network access are off: a definition is data, never a
+# program (billion laughs, external entities). huge_tree stays off so lxml's own depth and
+# size limits apply too.
+_PARSER = etree.XMLParser(
+    resolve_entities=False,
+    no_network=True,
+    load_dtd=False,
+    dtd_validation=False,
+    huge_tree=False,
+    remove_blank_text=False,
+)
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+def parse(xml: str | bytes) -> etree._Element:
+    """Parse domain XML or raise InvalidError; refuses DTDs and entities outright."""
+    data = xml.encode() if isinstance(xml, str) else xml
+    if len(data) > MAX_XML_BYTES:
+        raise InvalidError(f"definition is {len(data)} bytes, more than the limit of {MAX_XML_BYTES}")
+    if b"<!DOCTYPE" in data or b"<!ENTITY" in data:
+        raise InvalidError("definition contains a DOCTYPE or entity declaration, which is not allowed")
+    try:
+        root = etree.fromstring(data, _PARSER)
+    except etree.XMLSyntaxError as e:
+        raise InvalidError(f"definition is not well-formed XML: {e}") from e
+    if root.tag != "domain":
+        raise InvalidError(f"expected a <domain> root element, got <{root.tag}>")
+    if not root.get("type"):
+        raise InvalidError("<domain> needs a type attribute (kvm, qemu, test, ...)")
+    return root
+
+
+def check_name(name: str | None) -> str:
+    """Apply libvirt's rules for domain names, plus a length limit."""
+    if name is None or name.strip() == "":
+        raise InvalidError("domain name is missing or empty")
+    if "/" in name:
+        raise InvalidError(f"domain name {name!r} contains '/'")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidError(f"domain name {name!r} contains control characters")
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidError(f"domain name is {len(name)} characters, more than {MAX_NAME_CHARS}")
+    return name
+
+
+def normalize_uuid(text: str) -> str:
+    """Return a UUID in canonical lower-case dashed form, or raise InvalidError."""
+    text = text.strip()
+    if not _UUID_RE.match(text):
+        raise InvalidError(f"malformed UUID {text!r}")
+    return str(uuidlib.UUID(text))
+
+
+def looks_like_uuid(text: str) -> bool:
+    return bool(_UUID_RE.match(text.strip()))
+
+
+class Definition:
+    """A parsed, checked definition: name, UUID (generated if absent, as libvirt does) and XML."""
+
+    __slots__ = ("name", "uuid", "xml", "root")
+
+    def __init__(self, name: str, uuid: str, xml: str, root: etree._Element):
+        self.name = name
+        self.uuid = uuid
+        self.xml = xml
+        self.root = root
+
+
+def load_definition(xml: str | bytes) -> Definition:
+    root = parse(xml)
+    name_el = root.find("name")
+    name = check_name(name_el.text if name_el is not None else None)
+    uuid_el = root.find("uuid")
+    if uuid_el is None or not (uuid_el.text or "").strip():
+        if uuid_el is None:
+            uuid_el = etree.Element("uuid")
+            name_el.addnext(uuid_el)
+            uuid_el.tail = name_el.tail
+        uuid_el.text = str(uuidlib.uuid4())
+    uuid = normalize_uuid(uuid_el.text)
+    uuid_el.text = uuid
+    text = etree.tostring(root, encoding="unicode")
+    return Definition(name, uuid, text, root)
+
+
+def with_static_dac_label(xml: str, uid: int, gid: int) -> str:
+    """Add a static DAC seclabel with relabel='no', so libvirt runs QEMU as uid:gid and labels nothing.
+
+    virtbroker's security workers have labelled every resource already; libvirt must not
+    relabel (or later restore) what they did. Any existing DAC seclabel is replaced.
+    """
+    root = parse(xml)
+    for old in root.findall("seclabel"):
+        if old.get("model") == "dac":
+            root.remove(old)
+    label = etree.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
+    etree.SubElement(label, "label").text = f"+{uid}:+{gid}"
+    return etree.tostring(root, encoding="unicode")
+
+
+def with_static_label(xml: str, model: str, label_text: str) -> str:
+    """Add a static seclabel for another model (apparmor: the profile name), relabel='no'."""
+    root = parse(xml)
+    for old in root.findall("seclabel"):
+        if old.get("model") == model:
+            root.remove(old)
+    label = etree.SubElement(root, "seclabel", type="static", model=model, relabel="no")
+    etree.SubElement(label, "label").text = label_text
+    return etree.tostring(root, encoding="unicode")

@@ -1,0 +1,108 @@
+"""One error hierarchy for broker, workers and clients; each error carries a wire code."""
+
+
+class VirtbrokerError(Exception):
+    """Root of every error virtbroker raises on purpose."""
+
+    code = "internal"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(VirtbrokerError):
+    """A configuration file or command-line option is wrong."""
+
+    code = "config"
+
+
+class ProtocolError(VirtbrokerError):
+    """A message could not be decoded; carries what was received (dramatiq's DecodeError)."""
+
+    code = "protocol"
+
+    def __init__(self, message: str, received: object = None):
+        super().__init__(message)
+        self.received = received
+
+
+class InvalidError(VirtbrokerError):
+    """The request is well formed but its content is not acceptable (bad XML, bad name)."""
+
+    code = "invalid"
+
+
+class NotFoundError(VirtbrokerError):
+    """No domain, job or worker matches."""
+
+    code = "not-found"
+
+
+class ConflictError(VirtbrokerError):
+    """The request collides with existing state (name or UUID taken, idempotency clash)."""
+
+    code = "conflict"
+
+
+class OperationInvalidError(VirtbrokerError):
+    """The operation is not valid in the domain's current state (libvirt's VIR_ERR_OPERATION_INVALID)."""
+
+    code = "operation-invalid"
+
+
+class LeaseError(VirtbrokerError):
+    """A result or renewal named a lease that is not current (stale epoch, expired)."""
+
+    code = "lease"
+
+
+class DriverError(VirtbrokerError):
+    """A hypervisor or security driver failed; the libvirt or OS error is the cause."""
+
+    code = "driver"
+
+
+class SecurityError(DriverError):
+    """A security driver refused or failed to label a resource."""
+
+    code = "security"
+
+
+class TimeoutError_(VirtbrokerError):
+    """No answer within the deadline (the broker is down, or the job is still running)."""
+
+    code = "timeout"
+
+
+class UnavailableError(VirtbrokerError):
+    """The broker could not be reached, or no worker can take the job."""
+
+    code = "unavailable"
+
+
+ERRORS_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        VirtbrokerError,
+        ConfigError,
+        ProtocolError,
+        InvalidError,
+        NotFoundError,
+        ConflictError,
+        OperationInvalidError,
+        LeaseError,
+        DriverError,
+        SecurityError,
+        TimeoutError_,
+        UnavailableError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> VirtbrokerError:
+    """Rebuild the typed error a peer reported on the wire."""
+    return ERRORS_BY_CODE.get(code, VirtbrokerError)(message)

@@ -1,0 +1,454 @@
+"""Every message on virtbroker's sockets: frame layout, message kinds, encode and decode.
+
+Frames (after any ROUTER identity frame):  [version, kind, body]
+  version  b"VBC1" on the client socket, b"VBW1" on the worker socket
+  kind     ASCII message kind, e.g. b"define"
+  body     one msgpack map
+Events on the PUB socket are [topic, b"VBE1", body], topic b"domain" or b"job".
+
+A body's fields are checked against the kind's dataclass: a missing field, a wrong type or
+an unknown kind is a ProtocolError carrying what was received. Unknown extra fields are
+ignored, so a newer peer can add optional fields. docs/PROTOCOL.md documents each kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+from common.errors import ProtocolError
+
+CLIENT_VERSION = b"VBC1"
+WORKER_VERSION = b"VBW1"
+EVENT_VERSION = b"VBE1"
+
+MAX_FRAME_BYTES = 2 * 1024 * 1024  # a definition is at most 1 MiB; leave room for the envelope
+MAX_NESTING = 16
+MAX_INT = 2**63 - 1
+
+JOB_OPS = ("start", "shutdown", "destroy", "reboot", "suspend", "resume", "undefine")
+INTERNAL_OPS = ("reconcile",)
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
+FINAL_JOB_STATES = ("succeeded", "failed", "cancelled", "lost")
+DOMAIN_STATES = ("shutoff", "running", "paused")
+
+_KINDS: dict[tuple[bytes, str], type[Message]] = {}
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message kind; subclasses set KIND and VERSION."""
+
+    KIND: ClassVar[str] = ""
+    VERSION: ClassVar[bytes] = b""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            _KINDS[(cls.VERSION, cls.KIND)] = cls
+
+    def body(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# --------------------------------------------------------------------------- client -> broker
+# Every client request carries request_id (any int the client chooses); the reply echoes it.
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    KIND = "ping"
+    VERSION = CLIENT_VERSION
+    request_id: int
+
+
+@dataclass(frozen=True)
+class Define(Message):
+    KIND = "define"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    xml: str
+
+
+@dataclass(frozen=True)
+class Lookup(Message):
+    """Find a domain by name or UUID; the reply is its record (dominfo)."""
+
+    KIND = "lookup"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    domain: str
+
+
+@dataclass(frozen=True)
+class ListDomains(Message):
+    KIND = "list"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    all: bool = False  # like virsh list --all: include shut-off domains
+    state: str | None = None
+
+
+@dataclass(frozen=True)
+class DumpXml(Message):
+    KIND = "dumpxml"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    domain: str
+    inactive: bool = False
+
+
+@dataclass(frozen=True)
+class Submit(Message):
+    """Submit a lifecycle job for a domain (named by name or UUID)."""
+
+    KIND = "submit"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    domain: str
+    op: str
+    timeout_s: float | None = None  # shutdown: seconds of ACPI before destroy
+    idempotency_key: str | None = None
+
+
+@dataclass(frozen=True)
+class GetJob(Message):
+    KIND = "job"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    job_id: int
+
+
+@dataclass(frozen=True)
+class ListJobs(Message):
+    KIND = "jobs"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    domain: str | None = None
+    state: str | None = None
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class Wait(Message):
+    """Reply when every job is final, or at timeout_s with the jobs as they are."""
+
+    KIND = "wait"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    job_ids: list[int]
+    timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    KIND = "cancel"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    job_id: int
+
+
+@dataclass(frozen=True)
+class ListWorkers(Message):
+    KIND = "workers"
+    VERSION = CLIENT_VERSION
+    request_id: int
+
+
+# --------------------------------------------------------------------------- broker -> client
+
+
+@dataclass(frozen=True)
+class Ok(Message):
+    KIND = "ok"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    result: Any = None
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    KIND = "error"
+    VERSION = CLIENT_VERSION
+    request_id: int | None
+    code: str
+    message: str
+
+
+# --------------------------------------------------------------------------- worker -> broker
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """A worker joins (or rejoins after a broker restart) and says what it holds."""
+
+    KIND = "hello"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    role: str  # "lifecycle" or "security"
+    host_id: str
+    uri: str
+    slots: int
+    drivers: list[str] = field(default_factory=list)  # security workers: ["dac"], ["apparmor"]
+    guests: list[dict] = field(default_factory=list)  # [{uuid, name, state}] running on the host
+    leases: list[dict] = field(default_factory=list)  # [{lease_id, job_id, epoch}] still being worked
+
+
+@dataclass(frozen=True)
+class Heartbeat(Message):
+    KIND = "heartbeat"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    lease_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    """A job's outcome, carrying the lease it ran under."""
+
+    KIND = "result"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    job_id: int
+    lease_id: str
+    epoch: int
+    ok: bool
+    error: str | None = None
+    error_code: str | None = None
+    domain_state: str | None = None  # state the worker observed after the job
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    """A worker leaves on purpose (SIGTERM) after finishing its jobs."""
+
+    KIND = "bye"
+    VERSION = WORKER_VERSION
+    worker_id: str
+
+
+@dataclass(frozen=True)
+class LabelRequest(Message):
+    """Lifecycle worker -> broker -> security worker(s) of the same host: label or restore."""
+
+    KIND = "label"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    label_id: str
+    host_id: str
+    action: str  # "label" or "restore"
+    domain_uuid: str
+    domain_name: str
+    xml: str
+    driver: str = ""  # filled in by the broker for each security worker it forwards to
+
+
+@dataclass(frozen=True)
+class LabelReply(Message):
+    """Security worker -> broker -> lifecycle worker."""
+
+    KIND = "label-reply"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    label_id: str
+    driver: str
+    ok: bool
+    error: str | None = None
+    detail: dict = field(default_factory=dict)  # driver facts for the start: uid, gid, profile
+
+
+# --------------------------------------------------------------------------- broker -> worker
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    KIND = "welcome"
+    VERSION = WORKER_VERSION
+    heartbeat_interval_s: float
+    lease_ttl_s: float
+
+
+@dataclass(frozen=True)
+class Reregister(Message):
+    """Sent to a worker the broker does not know (it restarted): say hello again."""
+
+    KIND = "reregister"
+    VERSION = WORKER_VERSION
+
+
+@dataclass(frozen=True)
+class JobAssignment(Message):
+    KIND = "job"
+    VERSION = WORKER_VERSION
+    job_id: int
+    op: str
+    lease_id: str
+    epoch: int
+    lease_ttl_s: float
+    domain_uuid: str
+    domain_name: str
+    xml: str
+    timeout_s: float | None = None
+    security: list[str] = field(default_factory=list)  # security drivers to ask before start
+
+
+@dataclass(frozen=True)
+class ResultAck(Message):
+    KIND = "result-ack"
+    VERSION = WORKER_VERSION
+    job_id: int
+    accepted: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Shutdown(Message):
+    """Broker stopping: workers may finish and wait for it to come back."""
+
+    KIND = "shutdown"
+    VERSION = WORKER_VERSION
+
+
+# --------------------------------------------------------------------------- events (PUB)
+
+
+@dataclass(frozen=True)
+class DomainEvent(Message):
+    KIND = "domain"
+    VERSION = EVENT_VERSION
+    seq: int
+    uuid: str
+    name: str
+    event: str  # defined, undefined, state
+    state: str
+    host_id: str | None = None
+
+
+@dataclass(frozen=True)
+class JobEvent(Message):
+    KIND = "job"
+    VERSION = EVENT_VERSION
+    seq: int
+    job_id: int
+    uuid: str
+    op: str
+    state: str
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- encode / decode
+
+
+def encode(msg: Message) -> list[bytes]:
+    """Frames for one message: [version, kind, body]."""
+    return [msg.VERSION, msg.KIND.encode(), msgpack.packb(msg.body(), use_bin_type=True)]
+
+
+def encode_event(msg: Message) -> list[bytes]:
+    return [msg.KIND.encode(), msg.VERSION, msgpack.packb(msg.body(), use_bin_type=True)]
+
+
+def decode(frames: list[bytes], version: bytes) -> Message:
+    """Decode [version, kind, body] into its dataclass, or raise ProtocolError."""
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 frames (version, kind, body), got {len(frames)}", frames[:4])
+    got_version, kind_raw, raw = frames
+    if got_version != version:
+        raise ProtocolError(f"unsupported protocol version {bytes(got_version)[:16]!r}, expected {version!r}")
+    if len(raw) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"body of {len(raw)} bytes is over the limit of {MAX_FRAME_BYTES}")
+    try:
+        kind = bytes(kind_raw).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("message kind is not ASCII", bytes(kind_raw)[:64]) from None
+    cls = _KINDS.get((version, kind))
+    if cls is None:
+        raise ProtocolError(f"unknown message kind {kind!r}", kind)
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"{kind}: body is not valid msgpack ({type(e).__name__})", bytes(raw)[:64]) from None
+    return from_body(cls, body)
+
+
+def decode_event(frames: list[bytes]) -> Message:
+    if len(frames) != 3:
+        raise ProtocolError(f"expected 3 event frames, got {len(frames)}")
+    topic, version, raw = frames
+    return decode([version, topic, raw], EVENT_VERSION)
+
+
+def from_body(cls: type[Message], body: Any) -> Message:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{cls.KIND}: body must be a map, got {type(body).__name__}", body)
+    hints = _hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in body:
+            value = body[f.name]
+            if not _conforms(value, hints[f.name], 0):
+                raise ProtocolError(
+                    f"{cls.KIND}: field {f.name!r} has the wrong type ({type(value).__name__})", {f.name: value}
+                )
+            values[f.name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"{cls.KIND}: missing field {f.name!r}", sorted(map(str, body))[:20])
+    return cls(**values)
+
+
+_HINT_CACHE: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINT_CACHE.get(cls)
+    if hints is None:
+        hints = _HINT_CACHE[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _conforms(value: Any, hint: Any, depth: int) -> bool:
+    """Structural type check of a decoded msgpack value against a field annotation."""
+    if depth > MAX_NESTING:
+        return False
+    if hint is Any:
+        return _bounded(value, depth)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, h, depth) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list or hint is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and all(_conforms(v, args[0] if args else Any, depth + 1) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict) and _bounded(value, depth)
+    return False
+
+
+def _bounded(value: Any, depth: int) -> bool:
+    """Free-form values (maps, results) may nest, but not without limit."""
+    if depth > MAX_NESTING:
+        return False
+    if isinstance(value, dict):
+        return all(_bounded(k, depth + 1) and _bounded(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_bounded(v, depth + 1) for v in value)
+    return True
+
+
+def kinds() -> dict[tuple[bytes, str], type[Message]]:
+    """Every registered message kind, for documentation and round-trip tests."""
+    return dict(_KINDS)

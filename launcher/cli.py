@@ -1,0 +1,202 @@
+"""`virtbroker`: run the broker, workers, or all of them together (`up`), and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+
+from common.config import Config
+from common.errors import VirtbrokerError
+from common.logsetup import setup_logging
+
+log = logging.getLogger("virtbroker")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", help="ini file with a [virtbroker] section (configs/virtbroker.ini)")
+    parser.add_argument("--state-dir", help="where the broker keeps its database and ipc sockets")
+    parser.add_argument("--client-url", help="client endpoint (default ipc://STATE_DIR/client.sock)")
+    parser.add_argument("--worker-url", help="worker endpoint (default ipc://STATE_DIR/worker.sock)")
+    parser.add_argument("--events-url", help="event endpoint (default ipc://STATE_DIR/events.sock)")
+    parser.add_argument("--uri", help="libvirt URI of the lifecycle workers (default test:///default)")
+    parser.add_argument("--slots", type=int, help="jobs one lifecycle worker runs at once (default 4)")
+    parser.add_argument("--lease-ttl", type=float, dest="lease_ttl_s", help="lease TTL in seconds (default 10)")
+    parser.add_argument("--security", help="security drivers, comma-separated: dac,apparmor")
+    parser.add_argument("--guest-user", help="USER[:GROUP] QEMU runs as when dac is on")
+    parser.add_argument("--storage-root", action="append", dest="storage_roots", help="a directory guests' files may live in (repeatable)")
+    parser.add_argument("--serialization", choices=("per-resource", "global"), help="security driver locking")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides = {
+        key: getattr(args, key, None)
+        for key in (
+            "state_dir", "client_url", "worker_url", "events_url", "uri", "slots", "lease_ttl_s",
+            "guest_user", "storage_roots", "serialization", "log_level", "workers",
+        )
+    }
+    if getattr(args, "security", None) is not None:
+        overrides["security"] = [d.strip() for d in args.security.split(",") if d.strip()]
+    return Config.load(args.config, **overrides)
+
+
+def cmd_broker(args) -> int:
+    from broker.server import run_broker
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    return run_broker(config)
+
+
+def cmd_worker(args) -> int:
+    from workers.lifecycle import run_worker
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    return run_worker(config)
+
+
+def cmd_security_worker(args) -> int:
+    from workers.security.service import run_security_worker
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    return run_security_worker(config, args.driver)
+
+
+def _child(target, config: Config, *extra):
+    # Children of `up` log through the parent's handler (multiprocessing-logging) and
+    # leave Ctrl-C to the parent, which stops them in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(target(config, *extra))
+
+
+def cmd_up(args) -> int:
+    """The broker, N lifecycle workers and the security workers, in the foreground, one merged log."""
+    import multiprocessing_logging
+
+    from broker.server import run_broker
+    from workers.lifecycle import run_worker
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    multiprocessing_logging.install_mp_handler()
+    ctx = multiprocessing.get_context("fork")
+
+    specs: list[tuple[str, object, tuple]] = [("broker", run_broker, ())]
+    if config.security:
+        from workers.security.service import run_security_worker
+
+        specs += [(f"security-{d}", run_security_worker, (d,)) for d in config.security]
+    specs += [(f"worker-{i + 1}", run_worker, ()) for i in range(config.workers)]
+
+    children: dict[str, multiprocessing.Process] = {}
+
+    def spawn(name, target, extra):
+        proc = ctx.Process(target=_child, args=(target, config, *extra), name=name, daemon=False)
+        proc.start()
+        children[name] = proc
+
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        if stopping:
+            for proc in children.values():
+                if proc.is_alive():
+                    proc.kill()
+            os._exit(EXIT_ERROR)
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for name, target, extra in specs:
+        spawn(name, target, extra)
+    log.info("virtbroker up: clients connect at %s", config.client_url)
+    by_name = {name: (target, extra) for name, target, extra in specs}
+    while not stopping:
+        time.sleep(0.2)
+        for name, proc in list(children.items()):
+            if not proc.is_alive() and not stopping:
+                log.error("%s exited with code %s; restarting it", name, proc.exitcode)
+                spawn(name, *by_name[name])
+    # Workers first, so they hand back their jobs while the broker still listens.
+    log.info("stopping")
+    order = [n for n in children if n.startswith("worker")] + [n for n in children if n.startswith("security")] + ["broker"]
+    for name in order:
+        proc = children[name]
+        if proc.is_alive():
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.join(timeout=40)
+        if proc.is_alive():
+            log.warning("%s did not stop in time; killing it", name)
+            proc.kill()
+            proc.join()
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from launcher.demo import run_demo
+
+    return run_demo(guests=args.guests, workers=args.workers, uri=args.uri)
+
+
+def cmd_keygen(args) -> int:
+    from launcher.keys import keygen
+
+    return keygen(args.directory, args.name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virtbroker", description="VM control plane for busy libvirt hosts")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the broker and workers in the foreground")
+    _common_options(up)
+    up.add_argument("--workers", type=int, help="lifecycle workers to start (default 2)")
+    up.set_defaults(func=cmd_up)
+
+    broker = sub.add_parser("broker", help="run the broker alone (for supervisord)")
+    _common_options(broker)
+    broker.set_defaults(func=cmd_broker)
+
+    worker = sub.add_parser("worker", help="run one lifecycle worker (for supervisord)")
+    _common_options(worker)
+    worker.set_defaults(func=cmd_worker)
+
+    sec = sub.add_parser("security-worker", help="run one security worker (for supervisord)")
+    _common_options(sec)
+    sec.add_argument("--driver", required=True, choices=("dac", "apparmor"))
+    sec.set_defaults(func=cmd_security_worker)
+
+    demo = sub.add_parser("demo", help="define, start, list and destroy guests on the embedded default")
+    demo.add_argument("--guests", type=int, default=20)
+    demo.add_argument("--workers", type=int, default=4)
+    demo.add_argument("--uri", default="test:///default")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except VirtbrokerError as e:
+        print(f"virtbroker: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if e.code == "config" else EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,455 @@
+"""Lifecycle worker: runs domain jobs through libvirt-python under the broker's leases.
+
+The main thread owns the DEALER socket to the broker. Jobs run in a thread pool; each pool
+thread talks to the main thread over its own inproc DEALER (never a shared socket), and
+the main thread forwards results and label requests to the broker and label replies back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
+
+import libvirt
+import zmq
+
+from common import domxml, protocol as p
+from common.config import Config
+from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
+
+log = logging.getLogger("virtbroker.worker")
+
+INPROC_URL = "inproc://jobs"
+LABEL_TIMEOUT_S = 120.0
+STOP_GRACE_S = 30.0
+SHUTDOWN_POLL_S = 0.25
+
+_STATE_NAMES = {
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "running",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "running",  # shutting down, still there
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "paused",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "shutoff",
+}
+
+
+def _quiet_libvirt(_ctx, _err):
+    """libvirt prints every error to stderr by default; we raise and log them instead."""
+
+
+def host_id_for(conn: libvirt.virConnect, uri: str) -> str:
+    """Workers of one machine on qemu:///system share a host; test:///default lives in each process."""
+    host = f"{conn.getHostname()}/{conn.getType().lower()}"
+    if uri.startswith("test:///"):
+        host += f"/pid{os.getpid()}"
+    return host
+
+
+class Hypervisor:
+    """libvirt-python for one URI; reopens the connection when libvirtd restarts."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self._lock = threading.Lock()
+        self.conn = self._open()
+
+    def _open(self) -> libvirt.virConnect:
+        try:
+            return libvirt.open(self.uri)
+        except libvirt.libvirtError as e:
+            raise DriverError(f"cannot connect to {self.uri}: {e.get_error_message()}") from e
+
+    def connection(self) -> libvirt.virConnect:
+        with self._lock:
+            try:
+                alive = self.conn.isAlive()
+            except libvirt.libvirtError:
+                alive = False
+            if not alive:
+                log.warning("connection to %s lost; reconnecting", self.uri)
+                self.conn = self._open()
+            return self.conn
+
+    def lookup(self, uuid: str):
+        try:
+            return self.connection().lookupByUUIDString(uuid)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            raise
+
+    def state(self, uuid: str) -> str:
+        dom = self.lookup(uuid)
+        if dom is None:
+            return "shutoff"
+        try:
+            return _STATE_NAMES.get(dom.state()[0], "running")
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "shutoff"
+            raise
+
+    def guests(self) -> list[dict]:
+        out = []
+        for dom in self.connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                out.append(
+                    {"uuid": dom.UUIDString(), "name": dom.name(), "state": _STATE_NAMES.get(dom.state()[0], "running")}
+                )
+            except libvirt.libvirtError:
+                continue  # it went away while we listed
+        return out
+
+
+class JobRunner:
+    """What one pool thread does for one job. Holds the thread's inproc socket."""
+
+    def __init__(self, worker: LifecycleWorker, sock: zmq.Socket):
+        self.worker = worker
+        self.hv = worker.hv
+        self.sock = sock
+
+    def run(self, job: p.JobAssignment) -> p.Result:
+        try:
+            state = getattr(self, "op_" + job.op)(job)
+            return self._result(job, ok=True, state=state)
+        except libvirt.libvirtError as e:
+            error, code = e.get_error_message(), "driver"
+        except VirtbrokerError as e:
+            error, code = e.message, e.code
+        except Exception as e:  # a bug in this worker: the job fails, the worker goes on
+            log.exception("job %d (%s %s) crashed", job.job_id, job.op, job.domain_name)
+            error, code = f"internal error: {e}", "internal"
+        try:
+            state = self.hv.state(job.domain_uuid)
+        except Exception:
+            state = None
+        return self._result(job, ok=False, state=state, error=error, code=code)
+
+    def _result(self, job, ok, state, error=None, code=None) -> p.Result:
+        return p.Result(
+            worker_id=self.worker.worker_id,
+            job_id=job.job_id,
+            lease_id=job.lease_id,
+            epoch=job.epoch,
+            ok=ok,
+            error=error,
+            error_code=code,
+            domain_state=state,
+        )
+
+    # -- operations; each returns the domain state it leaves behind
+    def op_start(self, job: p.JobAssignment) -> str:
+        xml = job.xml
+        if job.security:
+            facts = self._label(job, "label")
+            try:
+                if "dac" in facts:
+                    xml = domxml.with_static_dac_label(xml, facts["dac"]["uid"], facts["dac"]["gid"])
+                if facts.get("apparmor", {}).get("static_label"):
+                    xml = domxml.with_static_label(xml, "apparmor", facts["apparmor"]["profile"])
+                self.hv.connection().createXML(xml, 0)
+            except BaseException:
+                self._restore_quietly(job)  # a failed start leaves no label behind
+                raise
+        else:
+            self.hv.connection().createXML(xml, 0)
+        return "running"
+
+    def op_destroy(self, job: p.JobAssignment) -> str:
+        dom = self.hv.lookup(job.domain_uuid)
+        if dom is not None:
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                    raise
+        self._after_stop(job)
+        return "shutoff"
+
+    def op_shutdown(self, job: p.JobAssignment) -> str:
+        """ACPI shutdown, then destroy after timeout_s: `virsh shutdown` followed by `virsh destroy`."""
+        dom = self.hv.lookup(job.domain_uuid)
+        if dom is not None:
+            try:
+                dom.shutdown()
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+            deadline = time.monotonic() + (job.timeout_s or 60.0)
+            while time.monotonic() < deadline and self.hv.state(job.domain_uuid) != "shutoff":
+                time.sleep(SHUTDOWN_POLL_S)
+            if self.hv.state(job.domain_uuid) != "shutoff":
+                log.info("%s ignored ACPI shutdown for %.0f s; destroying", job.domain_name, job.timeout_s or 60)
+                dom = self.hv.lookup(job.domain_uuid)
+                if dom is not None:
+                    dom.destroy()
+        self._after_stop(job)
+        return "shutoff"
+
+    def op_reboot(self, job: p.JobAssignment) -> str:
+        self._must_exist(job).reboot(0)
+        return self.hv.state(job.domain_uuid)
+
+    def op_suspend(self, job: p.JobAssignment) -> str:
+        self._must_exist(job).suspend()
+        return "paused"
+
+    def op_resume(self, job: p.JobAssignment) -> str:
+        self._must_exist(job).resume()
+        return "running"
+
+    def op_reconcile(self, job: p.JobAssignment) -> str:
+        state = self.hv.state(job.domain_uuid)
+        if state == "shutoff" and job.security:
+            self._after_stop(job)
+        log.info("reconciled %s: %s", job.domain_name, state)
+        return state
+
+    def _must_exist(self, job):
+        dom = self.hv.lookup(job.domain_uuid)
+        if dom is None:
+            raise OperationInvalidError(f"Requested operation is not valid: domain '{job.domain_name}' is not running")
+        return dom
+
+    # -- security, through the broker to this host's security workers
+    def _after_stop(self, job: p.JobAssignment) -> None:
+        if job.security:
+            self._label(job, "restore")
+
+    def _restore_quietly(self, job: p.JobAssignment) -> None:
+        try:
+            self._label(job, "restore")
+        except VirtbrokerError as e:
+            log.error("restoring labels of %s after a failed start: %s", job.domain_name, e)
+
+    def _label(self, job: p.JobAssignment, action: str) -> dict:
+        """Ask every driver in job.security to label or restore; returns their facts by driver.
+
+        Drivers are asked in order (dac before apparmor) so the AppArmor profile is made for
+        files that already carry the guest's owner. A failure restores what was labelled.
+        """
+        facts: dict[str, dict] = {}
+        done: list[str] = []
+        for driver in job.security:
+            reply = self._ask(job, action, driver)
+            if not reply.ok:
+                if action == "label" and done:
+                    for d in reversed(done):
+                        self._ask(job, "restore", d)
+                raise SecurityError(f"{driver}: {reply.error}")
+            done.append(driver)
+            facts[driver] = reply.detail
+        return facts
+
+    def _ask(self, job: p.JobAssignment, action: str, driver: str) -> p.LabelReply:
+        label_id = uuidlib.uuid4().hex
+        request = p.LabelRequest(
+            worker_id=self.worker.worker_id,
+            label_id=label_id,
+            host_id=self.worker.host_id,
+            action=action,
+            domain_uuid=job.domain_uuid,
+            domain_name=job.domain_name,
+            xml=job.xml,
+            driver=driver,
+        )
+        self.sock.send_multipart([b"label", label_id.encode(), *p.encode(request)])
+        deadline = time.monotonic() + LABEL_TIMEOUT_S
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
+                raise SecurityError(f"{driver} security worker did not answer {action} within {LABEL_TIMEOUT_S:g} s")
+            frames = self.sock.recv_multipart()
+            reply = p.decode(frames, p.WORKER_VERSION)
+            if isinstance(reply, p.LabelReply) and reply.label_id == label_id:
+                return reply
+            # a late reply to an earlier request of this thread: ignore
+
+
+class LifecycleWorker:
+    def __init__(self, config: Config, context: zmq.Context, worker_id: str | None = None):
+        self.config = config
+        self.context = context
+        self.worker_id = worker_id or f"lw-{uuidlib.uuid4().hex[:12]}"
+        libvirt.registerErrorHandler(_quiet_libvirt, None)
+        self.hv = Hypervisor(config.uri)
+        self.host_id = host_id_for(self.hv.conn, config.uri)
+        self.slots = config.slots
+        self.running: dict[int, p.JobAssignment] = {}
+        self.unacked: dict[int, list[bytes]] = {}  # job_id -> encoded Result awaiting the broker's ack
+        self.label_threads: dict[str, bytes] = {}  # label_id -> inproc identity of the asking thread
+        self.stopping = False
+        self.broker_gone = False
+        self.heartbeat_interval_s = config.heartbeat_interval_s
+        self._local = threading.local()
+        self.pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="job")
+
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
+        self.sock.connect(config.worker_url)
+        self.inproc = context.socket(zmq.ROUTER)
+        self.inproc.setsockopt(zmq.LINGER, 0)
+        self.inproc.bind(INPROC_URL + "-" + self.worker_id)
+
+    # -- the main thread
+    def hello(self) -> None:
+        leases = [{"lease_id": j.lease_id, "job_id": j.job_id, "epoch": j.epoch} for j in self.running.values()]
+        msg = p.Hello(
+            worker_id=self.worker_id,
+            role="lifecycle",
+            host_id=self.host_id,
+            uri=self.config.uri,
+            slots=self.slots,
+            guests=self.hv.guests(),
+            leases=leases,
+        )
+        self.sock.send_multipart(p.encode(msg))
+
+    def run(self) -> None:
+        self.hello()
+        log.info("lifecycle worker %s on %s (%s), %d slots", self.worker_id, self.host_id, self.config.uri, self.slots)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.inproc, zmq.POLLIN)
+        next_beat = time.monotonic() + self.heartbeat_interval_s
+        stop_deadline = None
+        while True:
+            if self.stopping and stop_deadline is None:
+                stop_deadline = time.monotonic() + STOP_GRACE_S
+                self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))
+                log.info("stopping: finishing %d running job(s)", len(self.running))
+            if stop_deadline is not None and (
+                (not self.running and not self.unacked) or time.monotonic() > stop_deadline
+            ):
+                break
+            timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
+            ready = dict(poller.poll(min(timeout_ms, 200)))
+            if self.sock in ready:
+                self._drain_broker()
+            if self.inproc in ready:
+                self._drain_threads()
+            if time.monotonic() >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + self.heartbeat_interval_s
+        if self.running:
+            log.warning("leaving with %d job(s) unfinished; their leases will expire", len(self.running))
+        self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.sock.close(linger=0)
+        self.inproc.close(linger=0)
+
+    def _heartbeat(self) -> None:
+        lease_ids = [j.lease_id for j in self.running.values()]
+        self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids)))
+
+    def _drain_broker(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = p.decode(frames, p.WORKER_VERSION)
+            except Exception as e:
+                log.warning("bad message from broker dropped: %s", e)
+                continue
+            if isinstance(msg, p.JobAssignment):
+                self._start_job(msg)
+            elif isinstance(msg, p.ResultAck):
+                self.unacked.pop(msg.job_id, None)
+                if not msg.accepted:
+                    log.warning("broker refused the result of job %d: %s", msg.job_id, msg.reason)
+            elif isinstance(msg, p.LabelReply):
+                identity = self.label_threads.pop(msg.label_id, None)
+                if identity is not None:
+                    self.inproc.send_multipart([identity, *p.encode(msg)])
+            elif isinstance(msg, p.Reregister):
+                # The broker restarted: say hello with the leases we still work under, and
+                # send again every result it may not have committed.
+                log.info("broker asks us to register again (it restarted)")
+                self.hello()
+                for frames_out in self.unacked.values():
+                    self.sock.send_multipart(frames_out)
+            elif isinstance(msg, p.Welcome):
+                self.heartbeat_interval_s = msg.heartbeat_interval_s
+            elif isinstance(msg, p.Shutdown):
+                log.info("broker is stopping; will reconnect when it is back")
+
+    def _start_job(self, job: p.JobAssignment) -> None:
+        if job.job_id in self.running:
+            return
+        self.running[job.job_id] = job
+        log.info("job %d: %s %s (epoch %d)", job.job_id, job.op, job.domain_name, job.epoch)
+        self.pool.submit(self._in_thread, job)
+
+    def _drain_threads(self) -> None:
+        while True:
+            try:
+                identity, tag, *rest = self.inproc.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if tag == b"result":
+                job_id = int(rest[0])
+                frames = rest[1:]
+                self.running.pop(job_id, None)
+                self.unacked[job_id] = frames
+                self.sock.send_multipart(frames)
+            elif tag == b"label":
+                self.label_threads[rest[0].decode()] = identity
+                self.sock.send_multipart(rest[1:])
+
+    # -- pool threads
+    def _thread_socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self.context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(INPROC_URL + "-" + self.worker_id)
+            self._local.sock = sock
+        return sock
+
+    def _in_thread(self, job: p.JobAssignment) -> None:
+        sock = self._thread_socket()
+        started = time.monotonic()
+        result = JobRunner(self, sock).run(job)
+        log.info(
+            "job %d: %s %s %s in %.2f s%s",
+            job.job_id,
+            job.op,
+            job.domain_name,
+            "succeeded" if result.ok else "failed",
+            time.monotonic() - started,
+            f": {result.error}" if result.error else "",
+        )
+        sock.send_multipart([b"result", str(job.job_id).encode(), *p.encode(result)])
+
+
+def run_worker(config: Config, worker_id: str | None = None) -> int:
+    context = zmq.Context()
+    worker = LifecycleWorker(config, context, worker_id)
+
+    def on_signal(signum, frame):
+        if worker.stopping:
+            os._exit(1)
+        worker.stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        worker.run()
+    finally:
+        context.destroy(linger=0)
+    return 0
+
+
+__all__ = ["LifecycleWorker", "run_worker", "Hypervisor", "host_id_for"]
