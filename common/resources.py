@@ -79,7 +79,9 @@ class _Collector:
     def __init__(self) -> None:
         self.by_path: dict[str, Resource] = {}
 
-    def add(self, path: str | None, kind: str, readonly: bool, shared: bool = False, may_be_absent: bool = False) -> None:
+    def add(
+        self, path: str | None, kind: str, readonly: bool, shared: bool = False, may_be_absent: bool = False
+    ) -> None:
         if not path:
             return
         if not path.startswith("/"):

@@ -63,7 +63,7 @@ def cmd_worker(args) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
-    return run_worker(config)
+    return run_worker(config, args.worker_id)
 
 
 def cmd_security_worker(args) -> int:
@@ -71,7 +71,7 @@ def cmd_security_worker(args) -> int:
 
     config = _config(args)
     setup_logging(config.log_level)
-    return run_security_worker(config, args.driver)
+    return run_security_worker(config, args.driver, args.worker_id)
 
 
 def _child(target, config: Config, *extra):
@@ -172,11 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run one lifecycle worker (for supervisord)")
     _common_options(worker)
+    worker.add_argument("--worker-id", help="stable id for this worker (default: random)")
     worker.set_defaults(func=cmd_worker)
 
     sec = sub.add_parser("security-worker", help="run one security worker (for supervisord)")
     _common_options(sec)
     sec.add_argument("--driver", required=True, choices=("dac", "apparmor"))
+    sec.add_argument("--worker-id", help="stable id for this worker (default: random)")
     sec.set_defaults(func=cmd_security_worker)
 
     demo = sub.add_parser("demo", help="define, start, list and destroy guests on the embedded default")

@@ -1,0 +1,345 @@
+"""The broker and workers as real processes on ipc sockets, on libvirt's embedded test driver."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from client.api import Client
+from client.templates import minimal_domain_xml
+from common import protocol as p
+from common.errors import ConflictError, InvalidError, NotFoundError, OperationInvalidError
+from tests.procs import ROOT, Proc
+
+
+def wait_until(predicate, timeout_s=20.0, interval_s=0.05):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def cluster(cluster_factory):
+    c = cluster_factory()
+    c.start_broker()
+    c.start_worker("w1")
+    c.wait_workers(1)
+    return c
+
+
+def test_embedded_up_runs_50_guests(tmp_path):
+    """`virtbroker up` with no libvirtd: 50 guests through define, start, list, destroy, undefine."""
+    up = Proc("up", [sys.executable, "-m", "launcher", "up", "--state-dir", str(tmp_path), "--workers", "4"], tmp_path)
+    up.start()
+    try:
+        with Client(f"ipc://{tmp_path}/client.sock", timeout_s=30) as c:
+            wait_until(lambda: _ping_workers(c) >= 4)
+            names = [f"g{i:02d}" for i in range(50)]
+            for name in names:
+                c.define(minimal_domain_xml(name))
+            starts = c.wait([c.submit(n, "start")["job_id"] for n in names], 60)
+            assert {j["state"] for j in starts} == {"succeeded"}
+            running = c.list()
+            assert sorted(d["name"] for d in running) == names
+            assert len({d["host"] for d in running}) > 1  # spread over the workers' hosts
+            destroys = c.wait([c.submit(n, "destroy")["job_id"] for n in names], 60)
+            assert {j["state"] for j in destroys} == {"succeeded"}
+            assert c.list() == [] and len(c.list(all=True)) == 50
+            undefines = c.wait([c.submit(n, "undefine")["job_id"] for n in names], 60)
+            assert {j["state"] for j in undefines} == {"succeeded"}
+            assert c.list(all=True) == []
+    finally:
+        code = up.stop(timeout_s=60)
+    assert code == 0, up.log()[-3000:]
+
+
+def _ping_workers(c):
+    try:
+        return c.ping(timeout_s=1)["workers"]
+    except Exception:
+        return 0
+
+
+def test_fifty_concurrent_defines_of_one_name_one_wins(cluster):
+    results: list[object] = []
+    barrier = threading.Barrier(50)
+
+    def define():
+        with Client(cluster.client_url) as c:
+            barrier.wait()
+            try:
+                results.append(c.define(minimal_domain_xml("contested")))
+            except ConflictError as e:
+                results.append(e)
+
+    threads = [threading.Thread(target=define) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wins = [r for r in results if isinstance(r, dict)]
+    conflicts = [r for r in results if isinstance(r, ConflictError)]
+    assert len(wins) == 1 and len(conflicts) == 49
+    assert all(wins[0]["uuid"] in str(e) for e in conflicts)
+    assert [d["name"] for d in cluster.client().list(all=True)] == ["contested"]
+
+
+def test_define_rules_and_errors(cluster):
+    c = cluster.client()
+    uuid = "11111111-2222-3333-4444-555555555555"
+    assert c.define(minimal_domain_xml("a", uuid=uuid))["created"]
+    again = c.define(minimal_domain_xml("a", uuid=uuid, memory_mib=128))
+    assert not again["created"] and again["generation"] == 2
+    with pytest.raises(ConflictError):
+        c.define(minimal_domain_xml("b", uuid=uuid))
+    with pytest.raises(InvalidError):
+        c.define("<domain type='test'><name>x</name>")
+    with pytest.raises(NotFoundError):
+        c.lookup("nope")
+    with pytest.raises(InvalidError):
+        c.submit("a", "explode")
+    assert [d["name"] for d in c.list(all=True)] == ["a"]
+
+
+def test_lifecycle_verbs_follow_libvirt_state_rules(cluster):
+    c = cluster.client()
+    c.define(minimal_domain_xml("life"))
+    assert c.run("life", "start")["state"] == "succeeded"
+    assert c.run("life", "start")["error"].endswith("is already active")
+    assert c.run("life", "resume")["state"] == "failed"
+    assert c.run("life", "suspend")["state"] == "succeeded"
+    assert c.lookup("life")["state"] == "paused"
+    assert c.run("life", "resume")["state"] == "succeeded"
+    assert c.run("life", "reboot")["state"] == "succeeded"
+    assert c.run("life", "undefine")["error"].endswith("destroy it before undefine")
+    assert c.run("life", "shutdown", timeout_s=5)["state"] == "succeeded"
+    assert c.lookup("life")["state"] == "shutoff"
+    assert c.run("life", "destroy")["error"].endswith("is not running")
+    assert "<name>life</name>" in c.dumpxml("life")
+    assert c.run("life", "undefine")["state"] == "succeeded"
+    with pytest.raises(NotFoundError):
+        c.lookup("life")
+
+
+def test_queue_order_destroy_priority_cancel_and_idempotency(cluster_factory):
+    cluster = cluster_factory()
+    cluster.start_broker()  # no worker yet: jobs wait in the broker
+    c = cluster.client()
+    c.define(minimal_domain_xml("q"))
+    start = c.submit("q", "start", idempotency_key="k1")
+    assert c.submit("q", "start", idempotency_key="k1")["job_id"] == start["job_id"]
+    with pytest.raises(ConflictError):
+        c.submit("q", "reboot", idempotency_key="k1")
+    reboot = c.submit("q", "reboot")
+    suspend = c.submit("q", "suspend")
+    destroy = c.submit("q", "destroy")
+    # destroy jumped ahead of the queued start: its turn came at once, on a shut-off domain,
+    # so it failed without waiting for a worker, while start, reboot and suspend still wait.
+    assert c.wait([destroy["job_id"]], 5)[0]["error"].endswith("is not running")
+    assert c.lookup("q")["pending_jobs"] == [start["job_id"], reboot["job_id"], suspend["job_id"]]
+    assert c.cancel(suspend["job_id"])["state"] == "cancelled"
+    with pytest.raises(OperationInvalidError):
+        c.cancel(destroy["job_id"])
+    cluster.start_worker("w1")
+    jobs = {j["job_id"]: j for j in c.wait([start["job_id"], reboot["job_id"]], 30)}
+    assert jobs[start["job_id"]]["state"] == "succeeded"
+    assert jobs[reboot["job_id"]]["state"] == "succeeded"
+    assert jobs[start["job_id"]]["finished_at"] <= jobs[reboot["job_id"]]["started_at"]
+    assert c.job(suspend["job_id"])["state"] == "cancelled"
+    # On a running domain a destroy goes ahead of jobs queued before it.
+    c.submit("q", "suspend")
+    c.submit("q", "resume")
+    late_destroy = c.submit("q", "destroy")
+    finals = c.wait([late_destroy["job_id"]], 30)
+    assert finals[0]["state"] == "succeeded"
+
+
+def test_events_carry_increasing_sequence_numbers(cluster):
+    c = cluster.client()
+    seen = []
+    ready = threading.Event()
+
+    def listen():
+        with Client(cluster.client_url) as sub_client:
+            stream = sub_client.events(timeout_s=15)
+            ready.set()
+            for event in stream:
+                seen.append(event)
+                if event.KIND == "domain" and event.event == "state" and event.state == "shutoff":
+                    return
+
+    t = threading.Thread(target=listen)
+    t.start()
+    ready.wait(5)
+    time.sleep(0.5)  # a SUB socket needs a moment to join after connect (ZeroMQ's slow joiner)
+    c.define(minimal_domain_xml("ev"))
+    c.run("ev", "start")
+    c.run("ev", "destroy")
+    t.join(20)
+    kinds = [(e.KIND, getattr(e, "event", None) or e.state) for e in seen]
+    assert ("domain", "defined") in kinds and ("job", "succeeded") in kinds
+    seqs = [e.seq for e in seen]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def test_broker_kill9_loses_no_acknowledged_define_or_job(cluster_factory):
+    cluster = cluster_factory()
+    cluster.start_broker()
+    c = cluster.client()
+    acked = []
+    for i in range(200):
+        acked.append(c.define(minimal_domain_xml(f"d{i:03d}"))["uuid"])
+    jobs = [c.submit(f"d{i:03d}", "start")["job_id"] for i in range(20)]
+    cluster.broker.kill9()
+    cluster.start_broker()
+    c2 = cluster.client()
+    assert sorted(d["uuid"] for d in c2.list(all=True)) == sorted(acked)
+    assert [c2.job(j)["state"] for j in jobs] == ["queued"] * 20
+    cluster.start_worker("w1")
+    finals = c2.wait(jobs, 30)
+    assert {j["state"] for j in finals} == {"succeeded"}
+    c2.wait([c2.submit(f"d{i:03d}", "destroy")["job_id"] for i in range(20)], 30)
+
+
+def test_broker_kill9_while_jobs_run_then_workers_rejoin(cluster):
+    c = cluster.client()
+    for i in range(10):
+        c.define(minimal_domain_xml(f"r{i}"))
+    jobs = [c.submit(f"r{i}", "start")["job_id"] for i in range(10)]
+    c.wait(jobs, 30)
+    cluster.broker.kill9()
+    cluster.start_broker()
+    c2 = cluster.client()
+    assert {d["state"] for d in c2.list(all=True)} == {"running"}
+    cluster.wait_workers(1)  # the worker re-registered by itself
+    finals = c2.wait([c2.submit(f"r{i}", "destroy")["job_id"] for i in range(10)], 30)
+    assert {j["state"] for j in finals} == {"succeeded"}
+
+
+class FakeWorker:
+    """A worker speaking the wire protocol by hand, to send what a real one would not."""
+
+    def __init__(self, url: str, worker_id: str, host_id: str):
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+        self.sock.connect(url)
+        self.worker_id = worker_id
+        self.host_id = host_id
+
+    def send(self, msg: p.Message) -> None:
+        self.sock.send_multipart(p.encode(msg))
+
+    def beat(self) -> None:
+        """Stay alive without renewing any lease: a worker that lost track of its job."""
+        self.send(p.Heartbeat(worker_id=self.worker_id, lease_ids=[]))
+
+    def recv(self, kind: type[p.Message], timeout_s: float = 10.0) -> p.Message:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.beat()
+            if self.sock.poll(100):
+                msg = p.decode(self.sock.recv_multipart(), p.WORKER_VERSION)
+                if isinstance(msg, kind):
+                    return msg
+        raise AssertionError(f"no {kind.KIND} within {timeout_s} s")
+
+    def close(self):
+        self.sock.close(0)
+        self.context.term()
+
+
+def test_result_with_stale_epoch_is_refused(cluster_factory):
+    cluster = cluster_factory(lease_ttl_s=1.0)
+    cluster.start_broker()
+    c = cluster.client()
+    c.define(minimal_domain_xml("stale"))
+    fake = FakeWorker(f"ipc://{cluster.state_dir}/worker.sock", "fake-1", "fakehost")
+    try:
+        fake.send(p.Hello(worker_id="fake-1", role="lifecycle", host_id="fakehost", uri="test:///default", slots=1))
+        fake.recv(p.Welcome)
+        job = c.submit("stale", "start")
+        assignment = fake.recv(p.JobAssignment)
+        assert assignment.job_id == job["job_id"] and assignment.epoch == 1
+        # No heartbeat: the lease expires, the job ends lost and a reconcile job (epoch 2) follows.
+        wait_until(lambda: fake.beat() or c.job(job["job_id"])["state"] == "lost", timeout_s=5)
+        reconcile = fake.recv(p.JobAssignment)
+        assert reconcile.op == "reconcile" and reconcile.epoch == 2
+        # The late result of the first lease is refused and changes nothing.
+        fake.send(p.Result(worker_id="fake-1", job_id=job["job_id"], lease_id=assignment.lease_id,
+                           epoch=assignment.epoch, ok=True, domain_state="running"))
+        ack = fake.recv(p.ResultAck)
+        assert not ack.accepted and ack.job_id == job["job_id"]
+        # A result naming the current lease but an old epoch is refused too.
+        fake.send(p.Result(worker_id="fake-1", job_id=reconcile.job_id, lease_id=reconcile.lease_id,
+                           epoch=1, ok=True, domain_state="running"))
+        ack = fake.recv(p.ResultAck)
+        assert not ack.accepted and "stale epoch" in ack.reason
+        assert c.job(job["job_id"])["state"] == "lost"
+        assert c.lookup("stale")["state"] == "shutoff"
+        # The current lease and epoch are accepted.
+        fake.send(p.Result(worker_id="fake-1", job_id=reconcile.job_id, lease_id=reconcile.lease_id,
+                           epoch=reconcile.epoch, ok=True, domain_state="shutoff"))
+        assert fake.recv(p.ResultAck).accepted
+        assert "refused result" in cluster.broker.log()
+    finally:
+        fake.close()
+
+
+def test_bad_frames_get_an_error_and_the_broker_keeps_serving(cluster):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.client_url)
+    try:
+        for frames in ([b"VBC1", b"define", b"\xc1"], [b"junk"], [b"VBC1", b"nope", msgpack.packb({})]):
+            sock.send_multipart(frames)
+            assert sock.poll(5000)
+            reply = p.decode(sock.recv_multipart(), p.CLIENT_VERSION)
+            assert isinstance(reply, p.Error) and reply.code == "protocol"
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert cluster.client().ping()["domains"] == 0
+
+
+def vbctl(cluster, *args, check=True):
+    proc = subprocess.run(
+        [sys.executable, "-m", "client.vbctl", "--connect", cluster.client_url, *args],
+        capture_output=True, text=True, cwd=str(ROOT), timeout=60,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def test_vbctl_verbs(cluster, tmp_path):
+    xml = tmp_path / "cli.xml"
+    xml.write_text(minimal_domain_xml("cli"))
+    assert "defined" in vbctl(cluster, "define", str(xml)).stdout
+    assert "started" in vbctl(cluster, "start", "cli").stdout
+    listing = json.loads(vbctl(cluster, "list", "--all", "--json").stdout)
+    assert [(d["name"], d["state"]) for d in listing] == [("cli", "running")]
+    assert {"name", "uuid", "state", "host"} <= set(listing[0])
+    job_id = int(vbctl(cluster, "destroy", "--no-wait", "cli").stdout.strip())
+    assert vbctl(cluster, "wait", str(job_id), "--json").returncode == 0
+    assert "shut off" in vbctl(cluster, "dominfo", listing[0]["uuid"]).stdout
+    failed = vbctl(cluster, "destroy", "cli", check=False)
+    assert failed.returncode == 1
+    assert failed.stderr.strip().count("\n") == 0 and "is not running" in failed.stderr
+    missing = vbctl(cluster, "dominfo", "ghost", check=False)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr and "ghost" in missing.stderr
+    assert "lifecycle" in vbctl(cluster, "workers").stdout
+    vbctl(cluster, "undefine", "cli")

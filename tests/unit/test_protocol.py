@@ -1,0 +1,78 @@
+"""Every message kind round-trips; bad frames become one typed ProtocolError."""
+
+import dataclasses
+import typing
+
+import msgpack
+import pytest
+
+from common import protocol as p
+from common.errors import ProtocolError
+
+SAMPLES = {str: "x", int: 7, float: 1.5, bool: True, list: [], dict: {"a": 1}}
+
+
+def _sample(hint):
+    if hint is typing.Any:
+        return {"nested": [1, "two"]}
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, __import__("types").UnionType):
+        return _sample(typing.get_args(hint)[0])
+    if origin is list:
+        arg = typing.get_args(hint)[0]
+        return [_sample(arg)]
+    if origin is dict:
+        return {"k": "v"}
+    return SAMPLES[hint]
+
+
+@pytest.mark.parametrize("key", sorted(p.kinds(), key=lambda k: (k[0], k[1])), ids=lambda k: f"{k[0].decode()}-{k[1]}")
+def test_every_kind_round_trips(key):
+    cls = p.kinds()[key]
+    hints = typing.get_type_hints(cls)
+    msg = cls(**{f.name: _sample(hints[f.name]) for f in dataclasses.fields(cls)})
+    if cls.VERSION == p.EVENT_VERSION:
+        assert p.decode_event(p.encode_event(msg)) == msg
+    else:
+        assert p.decode(p.encode(msg), cls.VERSION) == msg
+
+
+def test_defaults_fill_missing_optional_fields():
+    frames = [p.CLIENT_VERSION, b"list", msgpack.packb({"request_id": 3})]
+    assert p.decode(frames, p.CLIENT_VERSION) == p.ListDomains(request_id=3, all=False, state=None)
+
+
+def test_extra_fields_are_ignored():
+    frames = [p.CLIENT_VERSION, b"ping", msgpack.packb({"request_id": 1, "future": "field"})]
+    assert p.decode(frames, p.CLIENT_VERSION) == p.Ping(request_id=1)
+
+
+@pytest.mark.parametrize(
+    "frames, fragment",
+    [
+        ([p.CLIENT_VERSION, b"ping"], "expected 3 frames"),
+        ([b"VBX9", b"ping", msgpack.packb({"request_id": 1})], "unsupported protocol version"),
+        ([p.CLIENT_VERSION, b"nope", msgpack.packb({})], "unknown message kind"),
+        ([p.CLIENT_VERSION, b"\xff", msgpack.packb({})], "not ASCII"),
+        ([p.CLIENT_VERSION, b"ping", b"\xc1"], "not valid msgpack"),
+        ([p.CLIENT_VERSION, b"ping", msgpack.packb([1, 2])], "must be a map"),
+        ([p.CLIENT_VERSION, b"define", msgpack.packb({"request_id": 1})], "missing field 'xml'"),
+        ([p.CLIENT_VERSION, b"define", msgpack.packb({"request_id": "1", "xml": ""})], "wrong type"),
+        ([p.CLIENT_VERSION, b"job", msgpack.packb({"request_id": 1, "job_id": True})], "wrong type"),
+        ([p.CLIENT_VERSION, b"job", msgpack.packb({"request_id": 1, "job_id": 2**64 - 1})], "wrong type"),
+        ([p.CLIENT_VERSION, b"wait", msgpack.packb({"request_id": 1, "job_ids": ["a"]})], "wrong type"),
+        ([p.CLIENT_VERSION, b"ping", b"\x00" * (p.MAX_FRAME_BYTES + 1)], "over the limit"),
+    ],
+)
+def test_bad_frames_raise_protocol_error(frames, fragment):
+    with pytest.raises(ProtocolError, match=fragment):
+        p.decode(frames, p.CLIENT_VERSION)
+
+
+def test_deep_nesting_is_refused():
+    deep = "leaf"
+    for _ in range(p.MAX_NESTING + 5):
+        deep = [deep]
+    frames = [p.CLIENT_VERSION, b"ok", msgpack.packb({"request_id": 1, "result": deep})]
+    with pytest.raises(ProtocolError, match="wrong type"):
+        p.decode(frames, p.CLIENT_VERSION)

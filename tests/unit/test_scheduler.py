@@ -1,0 +1,67 @@
+"""Per-domain queues and leases, driven by an explicit clock (no sleeping)."""
+
+import pytest
+
+from broker.scheduler import Scheduler, WorkerInfo
+from common.errors import OperationInvalidError
+
+U = "11111111-2222-3333-4444-555555555555"
+
+
+def worker(worker_id="w1", slots=2):
+    return WorkerInfo(worker_id=worker_id, role="lifecycle", host_id="h", uri="test:///default", slots=slots)
+
+
+def submit(s, op, uuid=U):
+    job = s.new_job(uuid, "d", op, 0.0)
+    s.enqueue(job)
+    return job
+
+
+def test_fifo_with_destroy_jumping_ahead():
+    s = Scheduler(lease_ttl_s=5)
+    start, reboot, destroy1, destroy2 = (submit(s, op) for op in ("start", "reboot", "destroy", "destroy"))
+    assert list(s.queues[U]) == [destroy1.job_id, destroy2.job_id, start.job_id, reboot.job_id]
+
+
+def test_one_job_per_domain_at_a_time():
+    s = Scheduler(lease_ttl_s=5)
+    submit(s, "start")
+    submit(s, "reboot")
+    w = worker()
+    job = s.pop_head(U)
+    s.grant(job, w, epoch=1, now=100.0, now_wall=0)
+    assert s.ready_domains() == []
+    assert job.state == "running" and w.free_slots == 1
+
+
+def test_lease_expires_unless_renewed():
+    s = Scheduler(lease_ttl_s=5)
+    submit(s, "start")
+    w = worker()
+    lease = s.grant(s.pop_head(U), w, epoch=1, now=100.0, now_wall=0)
+    assert s.expired(104.9) == []
+    assert s.renew("w1", [lease.lease_id], now=104.0) == []
+    assert s.expired(108.9) == []
+    assert s.expired(109.0) == [lease]
+    assert s.renew("other", [lease.lease_id], now=105.0) == [lease.lease_id]
+
+
+def test_cancel_only_queued():
+    s = Scheduler(lease_ttl_s=5)
+    first, second = submit(s, "start"), submit(s, "reboot")
+    s.grant(s.pop_head(U), worker(), epoch=1, now=0, now_wall=0)
+    with pytest.raises(OperationInvalidError):
+        s.cancel(first.job_id, 0)
+    assert s.cancel(second.job_id, 0).state == "cancelled"
+    assert U not in s.queues
+
+
+def test_finish_releases_the_domain():
+    s = Scheduler(lease_ttl_s=5)
+    submit(s, "start")
+    submit(s, "destroy")
+    job = s.pop_head(U)  # destroy first
+    s.grant(job, worker(), epoch=1, now=0, now_wall=0)
+    s.finish(job, "succeeded", 1.0)
+    assert s.ready_domains() == [U] and s.leases == {}

@@ -1,0 +1,370 @@
+"""DAC labelling: chown a domain's files to the guest user, remember and restore their owners."""
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from common.domxml import normalize_uuid
+from common.errors import ConfigError, SecurityError
+from common.resources import Resource
+from workers.security.locks import PathLocks
+from workers.security.store import PHASE_ROLLED_BACK, SecurityStore
+
+log = logging.getLogger(__name__)
+
+DRIVER = "dac"
+# The original owner, mode and the referencing domains travel with the inode, like
+# libvirt's trusted.libvirt.security.* attributes; trusted.* is readable by root only.
+XATTR_NAME = "trusted.virtbroker.dac"
+JOURNAL_KEEP_S = 7 * 24 * 3600.0
+_NO_XATTR_ERRNOS = (errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+@dataclass
+class _Target:
+    path: str  # resolved: no symlink in any component
+    readonly: bool
+    kind: str
+
+
+class DacDriver:
+    """Labels host files for one guest uid:gid, with a journal so a crash is undone by recover().
+
+    A file's first reference records its original uid, gid and mode and chowns it to
+    the guest; later references only add the domain's UUID; the last restore puts the
+    original back. Each label() is one transaction: journalled before any file is
+    touched, rolled back completely on the first failure.
+
+    Callers must not run label() and restore() for the same domain at the same time
+    (the broker's per-domain queue already orders them); any number of domains may be
+    labelled concurrently, sharing files or not.
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        uid: int,
+        gid: int,
+        storage_roots: list[str],
+        serialization: str = "per-resource",
+        *,
+        force_store: bool = False,
+        pause_after_each_s: float = 0.0,
+    ):
+        self.uid = uid
+        self.gid = gid
+        self.roots = [self._check_root(r) for r in storage_roots]
+        if not self.roots:
+            raise ConfigError("the DAC driver needs at least one storage root")
+        self.store = SecurityStore(state_dir)
+        self.locks = PathLocks(os.path.join(os.fspath(state_dir), "locks"), serialization)
+        # Keep owner records in the store even where trusted.* xattrs work (tests, and
+        # filesystems that accept xattrs but lose them, such as some network mounts).
+        self.force_store = force_store
+        # Test hook for crash tests: sleep after each file labelled, so that a test can
+        # kill the process in the middle of a transaction.
+        self.pause_after_each_s = pause_after_each_s
+
+    @staticmethod
+    def _check_root(root: str) -> str:
+        if not os.path.isabs(root):
+            raise ConfigError(f"storage root {root!r} is not an absolute path")
+        real = os.path.realpath(root)
+        if real == "/":
+            raise ConfigError("'/' cannot be a storage root: it would allow labelling any file")
+        if not os.path.isdir(real):
+            raise ConfigError(f"storage root {root!r} is not a directory")
+        return real
+
+    # -- public API --
+
+    def label(self, domain_uuid: str, resources: list[Resource]) -> list[str]:
+        """Label every resource for the domain; returns the resolved paths it now holds.
+
+        Raises SecurityError, with nothing changed, if any path is outside the storage
+        roots, missing or hard-linked, or if labelling one file fails (the files labelled
+        before it are rolled back).
+        """
+        dom = normalize_uuid(domain_uuid)
+        if any(txn.op == "restore" for txn in self.store.pending(DRIVER, dom)):
+            # Some of its files may be given back and others not: finish that first.
+            raise SecurityError(f"domain {dom} has an unfinished restore; restore it before labelling again")
+        targets = self._resolve(resources)
+        held = set(self.store.domain_paths(DRIVER, dom))
+        new = [t for t in targets if t.path not in held]
+        if new:
+            self._label_new(dom, new)
+        return [t.path for t in targets]
+
+    def restore(self, domain_uuid: str) -> list[str]:
+        """Drop the domain's references, giving files whose last reference this was back.
+
+        Idempotent; also undoes an unfinished label() of this domain. Returns the paths
+        whose reference was dropped. On failure the restore stays in the journal, and
+        recover() or a later restore() finishes it.
+        """
+        dom = normalize_uuid(domain_uuid)
+        paths = set(self.store.domain_paths(DRIVER, dom))
+        pending = self.store.pending(DRIVER, dom)
+        for txn in pending:
+            paths.update(txn.paths)
+        if not paths and not pending:
+            return []
+        ordered = sorted(paths)
+        with self.locks.locked(ordered):
+            txn_id = self.store.begin(DRIVER, dom, "restore", ordered)
+            dropped, failures = self._drop_all(dom, ordered)
+            if failures:
+                raise SecurityError(f"cannot restore {_describe(failures)}; will retry on recovery")
+            self.store.commit_restore(txn_id, DRIVER, dom, ordered)
+        return dropped
+
+    def recover(self) -> list[str]:
+        """Undo every unfinished transaction (called at startup, after a crash).
+
+        Returns the paths whose reference an interrupted domain held and now dropped. A
+        failure is logged and its journal entry stays pending for the next recovery.
+        """
+        restored: list[str] = []
+        for txn in self.store.pending(DRIVER):
+            paths = list(txn.paths)
+            if txn.op == "label":
+                # A later committed label() of the same domain may have taken over a path.
+                held = set(self.store.domain_paths(DRIVER, txn.domain_uuid))
+                paths = [p for p in paths if p not in held]
+            with self.locks.locked(paths):
+                dropped, failures = self._drop_all(txn.domain_uuid, paths)
+                if failures:
+                    log.error("recovery of %s of domain %s failed: %s", txn.op, txn.domain_uuid, _describe(failures))
+                    continue
+                if txn.op == "label":
+                    # PENDING -> ROLLED_BACK (crashed mid-label)
+                    self.store.finish(txn.txn_id, PHASE_ROLLED_BACK)
+                else:
+                    # PENDING -> COMMITTED (crashed mid-restore, now finished)
+                    self.store.commit_restore(txn.txn_id, DRIVER, txn.domain_uuid, paths)
+            log.info("recovered %s of domain %s: %d path(s) restored", txn.op, txn.domain_uuid, len(dropped))
+            restored.extend(dropped)
+        self.store.prune(time.time() - JOURNAL_KEEP_S)
+        return restored
+
+    def labelled(self, domain_uuid: str) -> list[str]:
+        """The resolved paths a committed label() gave this domain."""
+        return self.store.domain_paths(DRIVER, normalize_uuid(domain_uuid))
+
+    def domains(self) -> list[str]:
+        """Every domain that holds at least one labelled path."""
+        return self.store.domains(DRIVER)
+
+    # -- checks, before anything is touched --
+
+    def _under_roots(self, real: str) -> bool:
+        # Strictly below a root: chowning the root itself would hand every image to the guest.
+        return any(real.startswith(root + "/") for root in self.roots)
+
+    def _resolve(self, resources: list[Resource]) -> list[_Target]:
+        targets: dict[str, _Target] = {}
+        for res in resources:
+            if not res.path.startswith("/") or "\0" in res.path:
+                raise SecurityError(f"refusing {res.kind} path {res.path!r}: not an absolute path")
+            # Resolved once; from here on only the resolved path is used, and _open()
+            # checks that it still names the same file when it is touched.
+            real = os.path.realpath(res.path)
+            if not self._under_roots(real):
+                raise SecurityError(
+                    f"refusing {res.kind} path {res.path!r}: it resolves to {real!r}, "
+                    f"outside the storage roots {', '.join(self.roots)}"
+                )
+            try:
+                st = os.lstat(real)
+            except FileNotFoundError:
+                if res.may_be_absent:
+                    continue  # QEMU creates it (a listening socket); nothing to label yet
+                raise SecurityError(f"refusing {res.kind} path {res.path!r}: {real!r} does not exist") from None
+            _check_labelable(real, st)
+            old = targets.get(real)
+            if old is None:
+                targets[real] = _Target(real, res.readonly, res.kind)
+            elif old.readonly and not res.readonly:
+                targets[real] = _Target(real, False, res.kind)
+        return list(targets.values())
+
+    # -- the transaction --
+
+    def _label_new(self, dom: str, targets: list[_Target]) -> None:
+        paths = [t.path for t in targets]
+        with self.locks.locked(paths):
+            # Durable before the first chown: a crash from here on is undone by recover().
+            txn_id = self.store.begin(DRIVER, dom, "label", paths)
+            added: list[str] = []
+            for target in targets:
+                try:
+                    self._add_ref(target, dom, added)
+                except Exception as e:
+                    self._roll_back(txn_id, dom, added, target.path, e)
+                if self.pause_after_each_s:
+                    time.sleep(self.pause_after_each_s)
+            # PENDING -> COMMITTED
+            self.store.commit_label(txn_id, DRIVER, dom, paths)
+
+    def _roll_back(self, txn_id: int, dom: str, added: list[str], failed_path: str, cause: Exception) -> None:
+        _, failures = self._drop_all(dom, list(reversed(added)))
+        reason = _os_reason(cause)
+        if failures:
+            # The journal entry stays PENDING, so recover() retries the rollback.
+            raise SecurityError(
+                f"cannot label {failed_path}: {reason}; rolling back also failed for {_describe(failures)}"
+            ) from cause
+        # PENDING -> ROLLED_BACK
+        self.store.finish(txn_id, PHASE_ROLLED_BACK)
+        raise SecurityError(f"cannot label {failed_path}: {reason}") from cause
+
+    def _drop_all(self, dom: str, paths: list[str]) -> tuple[list[str], list[tuple[str, Exception]]]:
+        dropped: list[str] = []
+        failures: list[tuple[str, Exception]] = []
+        for path in paths:
+            try:
+                if self._drop_ref(path, dom):
+                    dropped.append(path)
+            except Exception as e:  # keep going: restore as much as possible
+                failures.append((path, e))
+        return dropped, failures
+
+    # -- one file --
+
+    @contextmanager
+    def _open(self, path: str) -> Iterator[tuple[os.stat_result, str]]:
+        """An O_PATH descriptor of exactly `path`, and a /proc path that acts on its inode.
+
+        Working through the descriptor, not the name, closes the window in which a
+        component could be swapped for a symlink between our check and our chown.
+        """
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            proc_path = f"/proc/self/fd/{fd}"
+            st = os.fstat(fd)
+            if stat.S_ISLNK(st.st_mode):
+                raise SecurityError(f"{path} became a symbolic link")
+            if os.readlink(proc_path) != path:
+                raise SecurityError(f"{path} was moved or replaced while being labelled")
+            yield st, proc_path
+        finally:
+            os.close(fd)
+
+    def _read_record(self, proc_path: str, path: str) -> tuple[dict | None, str | None]:
+        if not self.force_store:
+            try:
+                raw = os.getxattr(proc_path, XATTR_NAME)
+            except OSError as e:
+                if e.errno != errno.ENODATA and e.errno not in _NO_XATTR_ERRNOS:
+                    raise
+            else:
+                try:
+                    return json.loads(raw), "xattr"
+                except ValueError:
+                    raise SecurityError(f"{path} has a corrupt {XATTR_NAME} attribute: {raw[:80]!r}") from None
+        # Also consulted when xattrs work: the record may date from a force_store driver.
+        record = self.store.get_owner(path)
+        return (record, "store") if record is not None else (None, None)
+
+    def _write_record(self, proc_path: str, path: str, record: dict, where: str | None) -> str:
+        if where == "xattr" or (where is None and not self.force_store):
+            try:
+                os.setxattr(proc_path, XATTR_NAME, json.dumps(record, sort_keys=True).encode())
+                return "xattr"
+            except OSError as e:
+                if where == "xattr" or e.errno not in _NO_XATTR_ERRNOS:
+                    raise
+                log.debug("%s: no trusted.* xattrs on this filesystem, remembering the owner in the store", path)
+        self.store.put_owner(path, record)
+        return "store"
+
+    def _delete_record(self, proc_path: str, path: str, where: str) -> None:
+        if where == "xattr":
+            try:
+                os.removexattr(proc_path, XATTR_NAME)
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+        else:
+            self.store.delete_owner(path)
+
+    def _add_ref(self, target: _Target, dom: str, added: list[str]) -> None:
+        with self._open(target.path) as (st, proc_path):
+            _check_labelable(target.path, st)
+            record, where = self._read_record(proc_path, target.path)
+            if record is None:
+                record = {"uid": st.st_uid, "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode), "refs": []}
+            if dom not in record["refs"]:
+                record["refs"] = sorted(set(record["refs"]) | {dom})
+                # Remembered before the first change, so the original owner is never lost.
+                self._write_record(proc_path, target.path, record, where)
+                added.append(target.path)  # from here on a rollback must drop this reference
+            self._grant(proc_path, st, target)
+
+    def _grant(self, proc_path: str, st: os.stat_result, target: _Target) -> None:
+        if (st.st_uid, st.st_gid) != (self.uid, self.gid):
+            os.chown(proc_path, self.uid, self.gid)
+        # Owner bits only: the guest owns the file now. Later references only ever add
+        # bits (a read-write user after a read-only one); the last restore resets all.
+        needed = stat.S_IRUSR
+        if not target.readonly:
+            needed |= stat.S_IWUSR
+        if stat.S_ISDIR(st.st_mode):
+            needed |= stat.S_IXUSR
+        # chown() clears set-id bits, so read the mode again rather than trusting `st`.
+        mode_now = stat.S_IMODE(os.stat(proc_path).st_mode)
+        if mode_now & needed != needed:
+            os.chmod(proc_path, mode_now | needed)
+
+    def _drop_ref(self, path: str, dom: str) -> bool:
+        if not os.path.lexists(path):
+            # The file is gone (an overlay deleted after shutdown): nothing to give back.
+            self.store.delete_owner(path)
+            return False
+        with self._open(path) as (st, proc_path):
+            record, where = self._read_record(proc_path, path)
+            if record is None or dom not in record.get("refs", []):
+                return False
+            refs = [r for r in record["refs"] if r != dom]
+            if refs:
+                record["refs"] = refs
+                self._write_record(proc_path, path, record, where)
+                return True
+            # Last reference: owner first (chown clears set-id bits), then the mode, and
+            # forget the record only then, so a crash in between just repeats this.
+            # Untouched files (the label failed before its chown) are left alone: an
+            # immutable file would refuse even a no-op chown.
+            if (st.st_uid, st.st_gid) != (record["uid"], record["gid"]):
+                os.chown(proc_path, record["uid"], record["gid"])
+            if stat.S_IMODE(os.stat(proc_path).st_mode) != record["mode"]:
+                os.chmod(proc_path, record["mode"])
+            self._delete_record(proc_path, path, where)
+            return True
+
+
+def _check_labelable(path: str, st: os.stat_result) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise SecurityError(f"refusing {path}: it is a symbolic link")
+    # A second name for a regular file may sit outside the roots (a hard link to
+    # /etc/shadow made inside a root); realpath() cannot see that, so refuse them all.
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        raise SecurityError(f"refusing {path}: it has {st.st_nlink} hard links")
+
+
+def _os_reason(e: Exception) -> str:
+    if isinstance(e, SecurityError):
+        return e.message
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+def _describe(failures: list[tuple[str, Exception]]) -> str:
+    return "; ".join(f"{path}: {_os_reason(e)}" for path, e in failures)
