@@ -38,7 +38,7 @@ def minimal_domain_xml(
     if domain_type != "test":
         devices = (
             "<devices><emulator>/usr/bin/qemu-system-x86_64</emulator>"
-            f"{disk_els}{extra_devices}<graphics type='none'/><video><model type='none'/></video>"
+            f"{disk_els}{extra_devices}<video><model type='none'/></video>"
             "<memballoon model='none'/></devices>"
         )
     return (
