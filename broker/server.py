@@ -58,7 +58,8 @@ class Broker:
         self.workers: dict[str, WorkerInfo] = {}
         self.identities: dict[str, bytes] = {}  # worker_id -> ROUTER identity
         self.waiters: list[Waiter] = []
-        self.label_routes: dict[str, str] = {}  # label_id -> lifecycle worker_id awaiting the reply
+        # label_id -> (lifecycle worker awaiting the reply, security worker asked)
+        self.label_routes: dict[str, tuple[str, str]] = {}
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.events: list[p.Message] = []
         self.stopping = False
@@ -413,10 +414,16 @@ class Broker:
             log.debug("worker %s renews leases it no longer holds: %s", msg.worker_id, unknown)
 
     def handle_worker_bye(self, msg: p.Bye, identity: bytes) -> None:
-        worker = self.workers.pop(msg.worker_id, None)
-        self.identities.pop(msg.worker_id, None)
-        if worker is not None:
-            log.info("worker %s left (host %s)", msg.worker_id, worker.host_id)
+        worker = self.workers.get(msg.worker_id)
+        if worker is None:
+            return
+        if worker.jobs:
+            # Draining: no new work, but its results are still accepted and its leases renewed.
+            worker.slots = 0
+            log.info("worker %s is stopping after %d job(s)", msg.worker_id, len(worker.jobs))
+            return
+        del self.workers[msg.worker_id]
+        log.info("worker %s left (host %s)", msg.worker_id, worker.host_id)
 
     def handle_worker_result(self, msg: p.Result, identity: bytes) -> None:
         now_wall = time.time()
@@ -473,15 +480,29 @@ class Broker:
             )
             return
         target = min(candidates, key=lambda w: len(w.jobs))
-        self.label_routes[msg.label_id] = msg.worker_id
+        self.label_routes[msg.label_id] = (msg.worker_id, target.worker_id)
+        target.jobs.add(msg.label_id)
         self._to_worker(target.worker_id, msg)
 
     def handle_worker_label_reply(self, msg: p.LabelReply, identity: bytes) -> None:
-        requester = self.label_routes.pop(msg.label_id, None)
-        if requester is None:
+        route = self.label_routes.pop(msg.label_id, None)
+        if route is None:
             log.warning("label reply %s from %s has no requester (it left)", msg.label_id, msg.worker_id)
             return
+        requester, target = route
+        if target in self.workers:
+            self.workers[target].jobs.discard(msg.label_id)
         self._to_worker(requester, msg)
+
+    def _fail_label_routes(self, worker: WorkerInfo) -> None:
+        """A security worker left: its unanswered requests fail now instead of at the requester's timeout."""
+        for label_id, (requester, target) in list(self.label_routes.items()):
+            if target == worker.worker_id:
+                del self.label_routes[label_id]
+                self._to_worker(requester, p.LabelReply(
+                    worker_id="broker", label_id=label_id, driver=",".join(worker.drivers), ok=False,
+                    error=f"security worker {worker.worker_id} went away before answering",
+                ))
 
     # ------------------------------------------------------------------ time
     def tick(self, now: float) -> None:
@@ -514,6 +535,7 @@ class Broker:
         deadline = now - self.config.lease_ttl_s
         for worker_id in [w.worker_id for w in self.workers.values() if w.last_seen < deadline]:
             worker = self.workers.pop(worker_id)
+            self._fail_label_routes(worker)
             self.identities.pop(worker_id, None)
             log.warning("worker %s (host %s) is gone: no heartbeat for %.1f s", worker_id, worker.host_id,
                         now - worker.last_seen)
@@ -580,7 +602,7 @@ class Broker:
                     domain_name=record.name,
                     xml=record.live_xml or record.xml,
                     timeout_s=job.timeout_s,
-                    security=list(self.config.security) if job.op in ("start", "destroy", "shutdown") else [],
+                    security=list(self.config.security) if job.op in ("start", "destroy", "shutdown", "reconcile") else [],
                 ),
             )
 

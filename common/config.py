@@ -41,6 +41,8 @@ class Config:
     storage_roots: list[str] = field(default_factory=list)
     serialization: str = "per-resource"  # or global
     security_slots: int = 8
+    # Fault injection for crash tests only: seconds a security driver sleeps after each file.
+    label_pause_s: float = 0.0
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -66,6 +68,11 @@ class Config:
                 raise ConfigError(f"unknown security driver '{driver}' (dac, apparmor)")
         if self.serialization not in ("per-resource", "global"):
             raise ConfigError(f"serialization must be per-resource or global, not '{self.serialization}'")
+        if self.security and self.uri.startswith("test:///"):
+            raise ConfigError(
+                f"security drivers need a hypervisor the host's workers share (qemu:///system); {self.uri} "
+                "lives inside each worker process"
+            )
         if "dac" in self.security and not self.guest_user:
             raise ConfigError("the dac security driver needs guest_user (USER[:GROUP])")
         return self
@@ -93,7 +100,7 @@ class Config:
 
 _LISTS = ("security", "storage_roots")
 _INTS = ("workers", "slots", "security_slots")
-_FLOATS = ("lease_ttl_s", "heartbeat_interval_s", "shutdown_timeout_s")
+_FLOATS = ("lease_ttl_s", "heartbeat_interval_s", "shutdown_timeout_s", "label_pause_s")
 
 
 def _typed(raw: dict[str, str]) -> dict:
