@@ -1,0 +1,199 @@
+"""What every benchmark section shares: settings, statistics, libvirt cleanup and virtbroker clusters."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import libvirt
+
+from client.api import Client
+from client.templates import minimal_domain_xml
+from tests.procs import Cluster
+
+URI = "qemu:///system"
+# Every guest a benchmark makes is named with this prefix, so cleanup can find them all
+# and never touches anyone else's (the test suite uses vbt-).
+PREFIX = "vbb-"
+DOMAIN_TYPE = "kvm" if os.path.exists("/dev/kvm") else "qemu"
+ROOT = Path(__file__).resolve().parents[1]
+SETTLE_S = 1.0  # pause between measurements, so QEMU processes of the last one have exited
+
+
+@dataclass
+class Settings:
+    """How much to run: --short keeps the whole suite under a few minutes."""
+
+    short: bool
+    reps: int = 3
+    storm_ns: list[int] = field(default_factory=list)
+    worker_counts: list[int] = field(default_factory=list)
+    sequential_max_n: int = 20  # one-after-another destroys cost 1-2 s per guest; not run above this N
+    latency_ns: list[int] = field(default_factory=list)
+    security_n: int = 20
+    scale_sizes: list[int] = field(default_factory=list)
+    noop_worker_counts: list[int] = field(default_factory=list)
+
+    @classmethod
+    def make(cls, short: bool) -> "Settings":
+        if short:
+            return cls(
+                short=True,
+                storm_ns=[20],
+                worker_counts=[4],
+                sequential_max_n=0,
+                latency_ns=[20],
+                scale_sizes=[1000, 10000],
+                noop_worker_counts=[1, 4],
+            )
+        return cls(
+            short=False,
+            storm_ns=[1, 5, 20, 40],
+            worker_counts=[1, 2, 4, 8],
+            sequential_max_n=20,
+            latency_ns=[20],
+            scale_sizes=[1000, 10000, 100000],
+            noop_worker_counts=[1, 2, 4, 8],
+        )
+
+
+def say(text: str) -> None:
+    """Progress on stderr; results go to the JSON file."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- statistics
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100): a value that was actually observed."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ratio(value: float | None, baseline: float | None) -> float | None:
+    if value is None or not baseline:
+        return None
+    return value / baseline
+
+
+def summary_ms(samples_s: list[float]) -> dict:
+    """p50, p99 and max of one repetition's latencies, in milliseconds."""
+    return {
+        "count": len(samples_s),
+        "p50_ms": _ms(percentile(samples_s, 50)),
+        "p99_ms": _ms(percentile(samples_s, 99)),
+        "max_ms": _ms(max(samples_s) if samples_s else None),
+    }
+
+
+def _ms(value_s: float | None) -> float | None:
+    return None if value_s is None else value_s * 1000.0
+
+
+# ---------------------------------------------------------------------------- libvirt
+def _quiet_libvirt(_ctx, _err):
+    """libvirt prints every error to stderr by default; the benchmarks raise them instead."""
+
+
+def open_libvirt(uri: str = URI) -> libvirt.virConnect:
+    libvirt.registerErrorHandler(_quiet_libvirt, None)
+    return libvirt.open(uri)
+
+
+def guest_xml(name: str, **kw) -> str:
+    return minimal_domain_xml(name, DOMAIN_TYPE, **kw)
+
+
+def cleanup_guests(conn: libvirt.virConnect, prefix: str = PREFIX) -> int:
+    """Destroy and undefine every guest whose name starts with prefix; returns how many were found.
+
+    Destroys run one thread per guest: one after another takes 1-2 s per guest.
+    """
+    import threading
+
+    doms = [d for d in conn.listAllDomains() if d.name().startswith(prefix)]
+
+    def remove(dom):
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isActive():
+                dom.destroy()
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.isPersistent():
+                dom.undefine()
+
+    threads = [threading.Thread(target=remove, args=(d,)) for d in doms]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(doms)
+
+
+# ---------------------------------------------------------------------------- virtbroker
+@contextlib.contextmanager
+def vb_cluster(
+    workers: int,
+    slots: int,
+    uri: str = URI,
+    extra: list[str] = (),
+    security_drivers: list[str] = (),
+    lease_ttl_s: float = 10.0,
+) -> Iterator[Cluster]:
+    """A broker and lifecycle workers as real processes on a fresh state dir, stopped afterwards."""
+    # ipc:// paths are limited to ~107 bytes, so the state dir stays short.
+    state_dir = Path(tempfile.mkdtemp(prefix="vbb-", dir="/tmp"))
+    cluster = Cluster(state_dir, uri=uri, lease_ttl_s=lease_ttl_s, extra=list(extra))
+    try:
+        cluster.start_broker()
+        for driver in security_drivers:
+            cluster.start_security_worker(driver)
+        for i in range(workers):
+            cluster.start_worker(f"w{i}", slots=slots)
+        cluster.wait_workers(workers)
+        if security_drivers:
+            cluster.wait_workers(len(security_drivers), role="security")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def vb_client(cluster: Cluster, timeout_s: float = 120.0) -> Client:
+    return cluster.client(timeout_s=timeout_s)
+
+
+def run_jobs(client: Client, names: list[str], op: str, timeout_s: float = 300.0) -> list[dict]:
+    """Submit op for every name, wait for all, and raise if any did not succeed."""
+    job_ids = [client.submit(name, op)["job_id"] for name in names]
+    finals = client.wait(job_ids, timeout_s)
+    check_jobs(finals, op)
+    return finals
+
+
+def check_jobs(finals: list[dict], op: str) -> None:
+    failed = [f"{j['domain']}: {j['state']} {j['error']}" for j in finals if j["state"] != "succeeded"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} {op} job(s) failed: " + "; ".join(failed[:5]))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
