@@ -1,5 +1,7 @@
 """Domain XML: safe parsing, name and UUID rules, and the edits the broker and workers make."""
 
+import functools
+import os
 import re
 import uuid as uuidlib
 
@@ -21,6 +23,8 @@ _PARSER = etree.XMLParser(
     huge_tree=False,
     remove_blank_text=False,
 )
+
+SCHEMA_PATH = os.environ.get("VIRTBROKER_DOMAIN_SCHEMA", "/usr/share/libvirt/schemas/domain.rng")
 
 _UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
 
@@ -68,6 +72,26 @@ def looks_like_uuid(text: str) -> bool:
     return bool(_UUID_RE.match(text.strip()))
 
 
+@functools.lru_cache(maxsize=1)
+def _schema(path: str) -> etree.RelaxNG:
+    # libvirt0 ships the schema beside the library libvirt-python links against. It is
+    # loaded once per process (about 10 ms); validating a definition takes well under 1 ms.
+    try:
+        return etree.RelaxNG(etree.parse(path, _PARSER))
+    except (OSError, etree.LxmlError) as e:
+        raise InvalidError(f"cannot load libvirt's domain schema {path}: {e}") from e
+
+
+def validate(root: etree._Element, schema_path: str = SCHEMA_PATH) -> None:
+    """Check a definition against libvirt's RelaxNG schema, so it fails at define, not at start."""
+    schema = _schema(schema_path)
+    if not schema.validate(root):
+        first = schema.error_log[0] if len(schema.error_log) else None
+        where = f" (at {first.path})" if first is not None and first.path else ""
+        detail = first.message if first is not None else "invalid"
+        raise InvalidError(f"definition does not match libvirt's domain schema: {detail}{where}")
+
+
 class Definition:
     """A parsed, checked definition: name, UUID (generated if absent, as libvirt does) and XML."""
 
@@ -93,6 +117,7 @@ def load_definition(xml: str | bytes) -> Definition:
         uuid_el.text = str(uuidlib.uuid4())
     uuid = normalize_uuid(uuid_el.text)
     uuid_el.text = uuid
+    validate(root)
     text = etree.tostring(root, encoding="unicode")
     return Definition(name, uuid, text, root)
 

@@ -88,3 +88,18 @@ def test_list_filters_like_virsh():
     assert [r.name for r in reg.list(state="paused")] == ["zz"]
     with pytest.raises(InvalidError):
         reg.list(state="bogus")
+
+
+@pytest.mark.parametrize(
+    "xml, fragment",
+    [
+        ("<domain type='kvm'><name>a</name><memory>1</memory><vcpu>abc</vcpu><os><type>hvm</type></os></domain>",
+         "vcpu"),
+        ("<domain type='kvm'><name>a</name><memory>1</memory><os><type>hvm</type></os><devices><bogus/></devices>"
+         "</domain>", "devices"),
+    ],
+)
+def test_definitions_are_checked_against_libvirts_schema(xml, fragment):
+    with pytest.raises(InvalidError, match="schema") as info:
+        domxml.load_definition(xml)
+    assert fragment in str(info.value)

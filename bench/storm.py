@@ -1,0 +1,165 @@
+"""Sections 1 and 2: start and destroy storms of N KVM guests, libvirt-python against virtbroker."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import libvirt
+
+from bench.common import (
+    PREFIX,
+    SETTLE_S,
+    Settings,
+    check_jobs,
+    cleanup_guests,
+    guest_xml,
+    median,
+    ratio,
+    say,
+    vb_client,
+    vb_cluster,
+)
+
+BASELINE_WAY = "libvirt-threads"
+
+
+def _names(n: int, tag: str) -> list[str]:
+    return [f"{PREFIX}{tag}{i:02d}" for i in range(n)]
+
+
+def parallel(fn, items: list) -> None:
+    """One thread per item, released together; re-raises the first error after all have ended."""
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(items) + 1)
+
+    def body(item):
+        gate.wait()
+        try:
+            fn(item)
+        except BaseException as e:  # collected and raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=body, args=(item,), daemon=True) for item in items]
+    for t in threads:
+        t.start()
+    gate.wait()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+# ---------------------------------------------------------------------------- libvirt-python
+def libvirt_storm(conn: libvirt.virConnect, names: list[str], threaded: bool) -> tuple[float, float]:
+    """Define and start every guest, then destroy them all: (start_s, destroy_s)."""
+    xml = {name: guest_xml(name) for name in names}  # built before the clock starts
+
+    def start(name):
+        conn.defineXML(xml[name]).create()
+
+    def destroy(name):
+        conn.lookupByName(name).destroy()
+
+    try:
+        started = time.monotonic()
+        if threaded:
+            parallel(start, names)
+        else:
+            for name in names:
+                start(name)
+        start_s = time.monotonic() - started
+        # The threaded baseline destroys in parallel too: the guests of a storm are
+        # independent, and one after another costs 1-2 s per guest while QEMU exits.
+        started = time.monotonic()
+        if threaded:
+            parallel(destroy, names)
+        else:
+            for name in names:
+                destroy(name)
+        destroy_s = time.monotonic() - started
+        return start_s, destroy_s
+    finally:
+        cleanup_guests(conn)
+
+
+# ---------------------------------------------------------------------------- virtbroker
+def vb_storm(conn: libvirt.virConnect, names: list[str], workers: int) -> tuple[float, float]:
+    """The same storm through a broker and `workers` lifecycle workers (real processes)."""
+    # Enough slots in total for every guest at once, as one thread per guest has.
+    slots = max(1, math.ceil(len(names) / workers))
+    xml = {name: guest_xml(name) for name in names}
+    try:
+        with vb_cluster(workers, slots) as cluster:
+            c = vb_client(cluster)
+            started = time.monotonic()
+            # Define (durable at the broker) and submit each guest's start right away, as a
+            # client would; the workers start guests while later ones are still defined.
+            job_ids = []
+            for name in names:
+                c.define(xml[name])
+                job_ids.append(c.submit(name, "start")["job_id"])
+            finals = c.wait(job_ids, 300)
+            start_s = time.monotonic() - started
+            check_jobs(finals, "start")
+            started = time.monotonic()
+            finals = c.wait([c.submit(name, "destroy")["job_id"] for name in names], 300)
+            destroy_s = time.monotonic() - started
+            check_jobs(finals, "destroy")
+            return start_s, destroy_s
+    finally:
+        cleanup_guests(conn)
+
+
+# ---------------------------------------------------------------------------- the section
+def ways_for(settings: Settings, n: int) -> list[tuple[str, int | None]]:
+    ways: list[tuple[str, int | None]] = []
+    if n <= settings.sequential_max_n:
+        ways.append(("libvirt-sequential", None))
+    ways.append((BASELINE_WAY, None))
+    ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts]
+    return ways
+
+
+def run(settings: Settings, conn: libvirt.virConnect) -> dict:
+    raw: dict[tuple[int, str], dict] = {}
+    for rep in range(settings.reps):
+        for n in settings.storm_ns:
+            # Interleaved by repetition, so slow drift of the host (other guests, page
+            # cache) spreads over every way instead of landing on one.
+            for way, workers in ways_for(settings, n):
+                names = _names(n, "s")
+                entry = raw.setdefault((n, way), {"n": n, "way": way, "workers": workers, "start_s": [], "destroy_s": [], "errors": []})
+                say(f"storm rep {rep + 1}/{settings.reps}: N={n} {way}")
+                try:
+                    if workers is None:
+                        start_s, destroy_s = libvirt_storm(conn, names, threaded=(way == BASELINE_WAY))
+                    else:
+                        start_s, destroy_s = vb_storm(conn, names, workers)
+                except Exception as e:
+                    say(f"  failed: {e}")
+                    entry["errors"].append(str(e)[:500])
+                    continue
+                entry["start_s"].append(start_s)
+                entry["destroy_s"].append(destroy_s)
+                say(f"  start {start_s:.2f} s, destroy {destroy_s:.2f} s")
+                time.sleep(SETTLE_S)
+    rows = list(raw.values())
+    for row in rows:
+        row["start_median_s"] = median(row["start_s"])
+        row["destroy_median_s"] = median(row["destroy_s"])
+    for row in rows:
+        base = raw.get((row["n"], BASELINE_WAY), {})
+        row["start_ratio"] = ratio(row["start_median_s"], base.get("start_median_s"))
+        row["destroy_ratio"] = ratio(row["destroy_median_s"], base.get("destroy_median_s"))
+    return {
+        "status": "ok",
+        "baseline": BASELINE_WAY,
+        "note": (
+            "Wall time from the first define until every guest runs (start) and from the first "
+            "destroy until every destroy returned (destroy). libvirt-python shares one connection; "
+            "virtbroker gets ceil(N/workers) slots per worker, so every way can have all N in flight."
+        ),
+        "rows": rows,
+    }
