@@ -36,6 +36,8 @@ class Registry:
     def __init__(self):
         self.by_uuid: dict[str, DomainRecord] = {}
         self.by_name: dict[str, str] = {}
+        # Kept as records change, so metrics never walk 100,000 records.
+        self.state_counts: dict[str, int] = {"shutoff": 0, "running": 0, "paused": 0}
 
     def __len__(self) -> int:
         return len(self.by_uuid)
@@ -43,6 +45,12 @@ class Registry:
     def add(self, record: DomainRecord) -> None:
         self.by_uuid[record.uuid] = record
         self.by_name[record.name] = record.uuid
+        self.state_counts[record.state] = self.state_counts.get(record.state, 0) + 1
+
+    def set_state(self, record: DomainRecord, state: str) -> None:
+        self.state_counts[record.state] -= 1
+        self.state_counts[state] = self.state_counts.get(state, 0) + 1
+        record.state = state
 
     def resolve(self, ref: str) -> DomainRecord:
         """A domain by name or UUID (names win, as virsh tries the name first)."""
@@ -82,6 +90,7 @@ class Registry:
     def remove(self, uuid: str) -> DomainRecord:
         record = self.by_uuid.pop(uuid)
         self.by_name.pop(record.name, None)
+        self.state_counts[record.state] -= 1
         return record
 
     def list(self, include_inactive: bool = False, state: str | None = None) -> list[DomainRecord]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from broker.metrics import BrokerMetrics
 from broker.registry import DomainRecord, Registry
 from broker.scheduler import Job, Scheduler, WorkerInfo
 from broker.store import Store
@@ -63,6 +64,8 @@ class Broker:
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.events: list[p.Message] = []
         self.stopping = False
+        self.metrics = BrokerMetrics()
+        self._gauges_at = 0.0
         self.store = Store(config.state_dir)
         self.seq = int(self.store.meta("event_seq", "0"))
         self._load()
@@ -134,12 +137,16 @@ class Broker:
         while not self.stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
             now = time.monotonic()
+            handled = 0
             if self.worker_sock in ready:
-                self._drain(self.worker_sock, self._on_worker_frames)
+                handled += self._drain(self.worker_sock, self._on_worker_frames)
             if self.client_sock in ready:
-                self._drain(self.client_sock, self._on_client_frames)
+                handled += self._drain(self.client_sock, self._on_client_frames)
+            if handled:
+                self.metrics.batch_messages.observe(handled)
             self.tick(now)
             self.dispatch(now)
+            self.refresh_gauges(now)
             self._answer_waiters(now)
             if self.events:
                 self.store.set_meta("event_seq", str(self.seq))
@@ -154,13 +161,14 @@ class Broker:
             timeout_s = min(timeout_s, lease.expires_at - now)
         return max(0, int(timeout_s * 1000))
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(BATCH_MAX_MESSAGES):
+    def _drain(self, sock: zmq.Socket, handler) -> int:
+        for count in range(BATCH_MAX_MESSAGES):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
-                return
+                return count
             handler(frames)
+        return BATCH_MAX_MESSAGES
 
     def _flush(self) -> None:
         for sock, frames in self.outbox:
@@ -186,6 +194,7 @@ class Broker:
     def _on_client_frames(self, frames: list[bytes]) -> None:
         identity, body = frames[0], frames[1:]
         request_id = None
+        msg = None
         try:
             msg = p.decode(body, p.CLIENT_VERSION)
             request_id = getattr(msg, "request_id", None)
@@ -193,10 +202,12 @@ class Broker:
             if handler is None or msg.KIND in ("ok", "error"):
                 raise ProtocolError(f"'{msg.KIND}' is not a request")
             result = handler(msg, identity)
+            self.metrics.requests.labels(msg.KIND, "ok").inc()
             if result is _DEFERRED:
                 return
             self._reply(identity, p.Ok(request_id=request_id, result=result))
         except VirtbrokerError as e:
+            self.metrics.requests.labels(msg.KIND if msg is not None else "undecodable", e.code).inc()
             if isinstance(e, ProtocolError):
                 log.warning("bad client message: %s", e)
             self._reply(identity, p.Error(request_id=request_id, code=e.code, message=e.message))
@@ -443,6 +454,7 @@ class Broker:
             reason = f"stale epoch {msg.epoch} for {job.domain_name} (current {record.epoch if record else '-'})"
         if reason is not None:
             log.warning("refused result from worker %s for job %s: %s", msg.worker_id, msg.job_id, reason)
+            self.metrics.refused_results.inc()
             self.identities.setdefault(msg.worker_id, identity)
             self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=False, reason=reason))
             if record is not None and job.op != "reconcile":
@@ -520,6 +532,7 @@ class Broker:
                 job.domain_name,
                 lease.worker_id,
             )
+            self.metrics.lease_expiries.inc()
             # RUNNING -> LOST (lease expired)
             self.scheduler.finish(
                 job, "lost", now_wall, f"lease expired on worker {lease.worker_id}; outcome unknown", "lease"
@@ -539,6 +552,20 @@ class Broker:
             self.identities.pop(worker_id, None)
             log.warning("worker %s (host %s) is gone: no heartbeat for %.1f s", worker_id, worker.host_id,
                         now - worker.last_seen)
+
+    def refresh_gauges(self, now: float) -> None:
+        """Gauges are recomputed at most once a second: their sums walk whole tables."""
+        if now - self._gauges_at < 1.0:
+            return
+        self._gauges_at = now
+        m = self.metrics
+        m.queue_depth.set(sum(len(q) for q in self.scheduler.queues.values()))
+        m.running.set(len(self.scheduler.active))
+        for role in ("lifecycle", "security"):
+            m.workers.labels(role).set(sum(1 for w in self.workers.values() if w.role == role))
+        m.hosts.set(len({w.host_id for w in self.workers.values() if w.role == "lifecycle"}))
+        for state, count in self.registry.state_counts.items():
+            m.domains.labels(state).set(count)
 
     def _queue_reconcile(self, record: DomainRecord, why: str) -> None:
         if any(j.op == "reconcile" for j in self.scheduler.pending_for(record.uuid)):
@@ -659,7 +686,7 @@ class Broker:
     # ------------------------------------------------------------------ state and events
     def _set_state(self, record: DomainRecord, state: str, host_id: str | None) -> None:
         changed = record.state != state or record.host_id != host_id
-        record.state = state
+        self.registry.set_state(record, state)
         record.host_id = host_id
         if state == "shutoff":
             record.live_xml = None
@@ -677,6 +704,11 @@ class Broker:
         )
 
     def _emit_job(self, job: Job) -> None:
+        self.metrics.jobs.labels(job.op, job.state).inc()
+        if job.final and job.finished_at is not None:
+            self.metrics.job_latency.labels(job.op).observe(max(0.0, job.finished_at - job.submitted_at))
+            if job.started_at is not None:
+                self.metrics.job_run.labels(job.op).observe(max(0.0, job.finished_at - job.started_at))
         self.seq += 1
         self.events.append(
             p.JobEvent(seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error)
@@ -688,6 +720,9 @@ def run_broker(config: Config) -> int:
     context = zmq.Context()
     broker = Broker(config, context)
     broker.bind()
+    if config.metrics_port:
+        broker.metrics.serve(config.metrics_port, config.metrics_addr)
+        log.info("metrics at http://%s:%d/metrics", config.metrics_addr, config.metrics_port)
 
     def on_signal(signum, frame):
         if broker.stopping:

@@ -43,6 +43,8 @@ class Config:
     security_slots: int = 8
     # Fault injection for crash tests only: seconds a security driver sleeps after each file.
     label_pause_s: float = 0.0
+    metrics_port: int = 0  # Prometheus metrics of the broker over HTTP; 0 = off
+    metrics_addr: str = "127.0.0.1"
     log_level: str = "INFO"
 
     def __post_init__(self):
@@ -99,7 +101,7 @@ class Config:
 
 
 _LISTS = ("security", "storage_roots")
-_INTS = ("workers", "slots", "security_slots")
+_INTS = ("workers", "slots", "security_slots", "metrics_port")
 _FLOATS = ("lease_ttl_s", "heartbeat_interval_s", "shutdown_timeout_s", "label_pause_s")
 
 

@@ -34,6 +34,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest-user", help="USER[:GROUP] QEMU runs as when dac is on")
     parser.add_argument("--storage-root", action="append", dest="storage_roots", help="a directory guests' files may live in (repeatable)")
     parser.add_argument("--serialization", choices=("per-resource", "global"), help="security driver locking")
+    parser.add_argument("--metrics-port", type=int, help="serve the broker's Prometheus metrics on this port")
     parser.add_argument("--label-pause", type=float, dest="label_pause_s", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
 
@@ -43,7 +44,7 @@ def _config(args: argparse.Namespace) -> Config:
         key: getattr(args, key, None)
         for key in (
             "state_dir", "client_url", "worker_url", "events_url", "uri", "slots", "lease_ttl_s",
-            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s",
+            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s", "metrics_port",
         )
     }
     if getattr(args, "security", None) is not None:
