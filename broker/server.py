@@ -21,8 +21,10 @@ from broker.scheduler import Job, Scheduler, WorkerInfo
 from broker.store import Store
 from common import domxml, protocol as p
 from common.config import Config
+from common.curve import CurveServer
 from common.errors import (
     ConflictError,
+    PermissionError_,
     InvalidError,
     NotFoundError,
     OperationInvalidError,
@@ -37,6 +39,8 @@ TICK_S = 0.2
 MAX_WAIT_S = 3600.0
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0
 _DEFERRED = object()  # a handler's "no reply yet" (wait)
+# What the read-only endpoint answers; everything else there is refused.
+READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers"})
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
@@ -48,6 +52,7 @@ class Waiter:
     request_id: int
     job_ids: list[int]
     deadline: float
+    sock: zmq.Socket | None = None  # the endpoint the wait came in on
 
 
 class Broker:
@@ -69,7 +74,8 @@ class Broker:
         self.store = Store(config.state_dir)
         self.seq = int(self.store.meta("event_seq", "0"))
         self._load()
-        self.client_sock = self.worker_sock = self.pub_sock = None
+        self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
+        self.curve = CurveServer(context, config.curve_dir) if config.curve_dir else None
 
     # ------------------------------------------------------------------ startup
     def _load(self) -> None:
@@ -101,9 +107,11 @@ class Broker:
         # ipc sockets are created owner-only: only this user may connect.
         old_umask = os.umask(0o077)
         try:
-            self.client_sock = self._socket(zmq.ROUTER, self.config.client_url)
-            self.worker_sock = self._socket(zmq.ROUTER, self.config.worker_url)
-            self.pub_sock = self._socket(zmq.PUB, self.config.events_url)
+            self.client_sock = self._socket(zmq.ROUTER, self.config.client_url, "clients")
+            self.worker_sock = self._socket(zmq.ROUTER, self.config.worker_url, "workers")
+            self.pub_sock = self._socket(zmq.PUB, self.config.events_url, "events")
+            if self.config.readonly_url:
+                self.readonly_sock = self._socket(zmq.ROUTER, self.config.readonly_url, "readonly")
         finally:
             os.umask(old_umask)
         log.info(
@@ -113,9 +121,11 @@ class Broker:
             self.config.events_url,
         )
 
-    def _socket(self, kind: int, url: str) -> zmq.Socket:
+    def _socket(self, kind: int, url: str, zap_domain: str) -> zmq.Socket:
         sock = self.context.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.curve is not None:
+            self.curve.secure(sock, zap_domain)
         if kind == zmq.ROUTER:
             # The socket refuses oversize messages before they reach the decoder.
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
@@ -134,6 +144,8 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
+        if self.readonly_sock is not None:
+            poller.register(self.readonly_sock, zmq.POLLIN)
         while not self.stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
             now = time.monotonic()
@@ -142,6 +154,8 @@ class Broker:
                 handled += self._drain(self.worker_sock, self._on_worker_frames)
             if self.client_sock in ready:
                 handled += self._drain(self.client_sock, self._on_client_frames)
+            if self.readonly_sock is not None and self.readonly_sock in ready:
+                handled += self._drain(self.readonly_sock, self._on_readonly_frames)
             if handled:
                 self.metrics.batch_messages.observe(handled)
             self.tick(now)
@@ -187,36 +201,46 @@ class Broker:
             self.worker_sock.send_multipart([identity, *p.encode(p.Shutdown())], zmq.NOBLOCK)
         self.store.commit()
         self.store.close()
-        for sock in (self.client_sock, self.worker_sock, self.pub_sock):
-            sock.close(linger=0)
+        for sock in (self.client_sock, self.worker_sock, self.pub_sock, self.readonly_sock):
+            if sock is not None:
+                sock.close(linger=0)
+        if self.curve is not None:
+            self.curve.stop()
 
     # ------------------------------------------------------------------ client side
-    def _on_client_frames(self, frames: list[bytes]) -> None:
+    def _on_readonly_frames(self, frames: list[bytes]) -> None:
+        self._on_client_frames(frames, self.readonly_sock)
+
+    def _on_client_frames(self, frames: list[bytes], sock: zmq.Socket | None = None) -> None:
+        sock = sock or self.client_sock
         identity, body = frames[0], frames[1:]
         request_id = None
         msg = None
         try:
             msg = p.decode(body, p.CLIENT_VERSION)
             request_id = getattr(msg, "request_id", None)
+            if sock is self.readonly_sock and msg.KIND not in READONLY_KINDS:
+                raise PermissionError_(f"'{msg.KIND}' is not allowed on the read-only endpoint")
             handler = getattr(self, "handle_" + msg.KIND.replace("-", "_"), None)
             if handler is None or msg.KIND in ("ok", "error"):
                 raise ProtocolError(f"'{msg.KIND}' is not a request")
             result = handler(msg, identity)
             self.metrics.requests.labels(msg.KIND, "ok").inc()
             if result is _DEFERRED:
+                self.waiters[-1].sock = sock
                 return
-            self._reply(identity, p.Ok(request_id=request_id, result=result))
+            self._reply(identity, p.Ok(request_id=request_id, result=result), sock)
         except VirtbrokerError as e:
             self.metrics.requests.labels(msg.KIND if msg is not None else "undecodable", e.code).inc()
             if isinstance(e, ProtocolError):
                 log.warning("bad client message: %s", e)
-            self._reply(identity, p.Error(request_id=request_id, code=e.code, message=e.message))
+            self._reply(identity, p.Error(request_id=request_id, code=e.code, message=e.message), sock)
         except Exception as e:  # a bug: report it and keep serving everyone else
             log.exception("internal error handling a client request")
-            self._reply(identity, p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"))
+            self._reply(identity, p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"), sock)
 
-    def _reply(self, identity: bytes, msg: p.Message) -> None:
-        self.outbox.append((self.client_sock, [identity, *p.encode(msg)]))
+    def _reply(self, identity: bytes, msg: p.Message, sock: zmq.Socket | None = None) -> None:
+        self.outbox.append((sock or self.client_sock, [identity, *p.encode(msg)]))
 
     def handle_ping(self, msg: p.Ping, identity: bytes):
         return {
@@ -327,7 +351,7 @@ class Broker:
             done = all(job.final for job in jobs)
             if done or now >= waiter.deadline:
                 result = {"jobs": [job.summary() for job in jobs], "timed_out": not done}
-                self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result))
+                self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result), waiter.sock)
             else:
                 still.append(waiter)
         self.waiters = still

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Any, Iterator
 
@@ -10,6 +11,7 @@ import zmq
 
 from common import protocol as p
 from common.config import default_client_url
+from common.curve import use_as_client
 from common.errors import TimeoutError_, UnavailableError, error_from_code
 
 
@@ -22,14 +24,32 @@ class Client:
     ...     c.wait([job["job_id"]])
     """
 
-    def __init__(self, url: str | None = None, timeout_s: float = 30.0, context: zmq.Context | None = None):
+    def __init__(
+        self,
+        url: str | None = None,
+        timeout_s: float = 30.0,
+        context: zmq.Context | None = None,
+        server_key: str | None = None,
+        secret_key: str | None = None,
+    ):
+        """server_key and secret_key (files, see `virtbroker keygen`) turn on CURVE; they default
+        to $VIRTBROKER_SERVER_KEY and $VIRTBROKER_CLIENT_KEY."""
         self.url = url or default_client_url()
         self.timeout_s = timeout_s
         self._own_context = context is None
         self.context = context or zmq.Context()
-        self.sock = self.context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.url)
+        self.server_key = server_key or os.environ.get("VIRTBROKER_SERVER_KEY")
+        self.secret_key = secret_key or os.environ.get("VIRTBROKER_CLIENT_KEY")
+        self._ids = itertools.count(1)
+        self.sock = self._connect(zmq.DEALER, self.url)
+
+    def _connect(self, kind: int, url: str) -> zmq.Socket:
+        sock = self.context.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if self.server_key and self.secret_key:
+            use_as_client(sock, self.server_key, self.secret_key)
+        sock.connect(url)
+        return sock
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -117,10 +137,8 @@ class Client:
     def events(self, timeout_s: float | None = None) -> Iterator[p.Message]:
         """Domain and job events from the broker's PUB socket, as they happen."""
         events_url = self.ping()["events_url"]
-        sub = self.context.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
+        sub = self._connect(zmq.SUB, events_url)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(events_url)
         try:
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while deadline is None or time.monotonic() < deadline:

@@ -209,6 +209,8 @@ def cmd_events(c: Client, args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbctl", description="virsh-like control of a virtbroker broker")
     parser.add_argument("--connect", "-c", default=None, help=f"broker client URL (default $VIRTBROKER_URL or {default_client_url()})")
+    parser.add_argument("--server-key", help="the broker's public CURVE key file (default $VIRTBROKER_SERVER_KEY)")
+    parser.add_argument("--client-key", help="this client's secret CURVE key file (default $VIRTBROKER_CLIENT_KEY)")
     parser.add_argument("--timeout-connect", type=float, default=30.0, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", required=True)
 
@@ -281,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.connect, timeout_s=args.timeout_connect) as c:
+        with Client(args.connect, timeout_s=args.timeout_connect, server_key=args.server_key,
+                    secret_key=args.client_key) as c:
             return args.func(c, args)
     except VirtbrokerError as e:
         print(f"error: {e}", file=sys.stderr)

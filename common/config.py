@@ -43,6 +43,12 @@ class Config:
     security_slots: int = 8
     # Fault injection for crash tests only: seconds a security driver sleeps after each file.
     label_pause_s: float = 0.0
+    readonly_url: str = ""  # optional endpoint that serves lookups, lists and job status only
+    # CURVE: the broker's key directory (see common/curve.py) turns authentication on for
+    # every endpoint; workers and clients name the broker's public key and their own secret.
+    curve_dir: str = ""
+    curve_server_key: str = ""
+    curve_secret_key: str = ""
     metrics_port: int = 0  # Prometheus metrics of the broker over HTTP; 0 = off
     metrics_addr: str = "127.0.0.1"
     log_level: str = "INFO"

@@ -60,6 +60,12 @@ class LeaseError(VirtbrokerError):
     code = "lease"
 
 
+class PermissionError_(VirtbrokerError):
+    """The endpoint or key used may not make this request (read-only endpoint, wrong key)."""
+
+    code = "permission"
+
+
 class DriverError(VirtbrokerError):
     """A hypervisor or security driver failed; the libvirt or OS error is the cause."""
 
@@ -95,6 +101,7 @@ ERRORS_BY_CODE = {
         ConflictError,
         OperationInvalidError,
         LeaseError,
+        PermissionError_,
         DriverError,
         SecurityError,
         TimeoutError_,

@@ -34,6 +34,10 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest-user", help="USER[:GROUP] QEMU runs as when dac is on")
     parser.add_argument("--storage-root", action="append", dest="storage_roots", help="a directory guests' files may live in (repeatable)")
     parser.add_argument("--serialization", choices=("per-resource", "global"), help="security driver locking")
+    parser.add_argument("--readonly-url", help="an extra endpoint that serves lookups, lists and job status only")
+    parser.add_argument("--curve-dir", help="broker: CURVE key directory (virtbroker keygen); turns on authentication")
+    parser.add_argument("--curve-server-key", help="worker: the broker's public key file")
+    parser.add_argument("--curve-secret-key", help="worker: this worker's secret key file")
     parser.add_argument("--metrics-port", type=int, help="serve the broker's Prometheus metrics on this port")
     parser.add_argument("--label-pause", type=float, dest="label_pause_s", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
@@ -44,7 +48,8 @@ def _config(args: argparse.Namespace) -> Config:
         key: getattr(args, key, None)
         for key in (
             "state_dir", "client_url", "worker_url", "events_url", "uri", "slots", "lease_ttl_s",
-            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s", "metrics_port",
+            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s", "metrics_port", "readonly_url", "curve_dir", "curve_server_key",
+            "curve_secret_key",
         )
     }
     if getattr(args, "security", None) is not None:
@@ -154,9 +159,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from launcher.keys import keygen
+    from common.curve import keygen
 
-    return keygen(args.directory, args.name)
+    role = next((r for r in ("client", "worker", "readonly") if getattr(args, r)), None)
+    name = getattr(args, role) if role else None
+    for path in keygen(args.curve_dir, role, name):
+        print(path)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--driver", required=True, choices=("dac", "apparmor"))
     sec.add_argument("--worker-id", help="stable id for this worker (default: random)")
     sec.set_defaults(func=cmd_security_worker)
+
+    keygen = sub.add_parser("keygen", help="make CURVE keys: the broker's, or a client's or worker's")
+    keygen.add_argument("curve_dir", help="the broker's key directory (made if absent, with the server key)")
+    who = keygen.add_mutually_exclusive_group()
+    who.add_argument("--client", metavar="NAME", help="a key allowed on the client endpoint")
+    who.add_argument("--worker", metavar="NAME", help="a key allowed on the worker endpoint")
+    who.add_argument("--readonly", metavar="NAME", help="a key allowed on the read-only and event endpoints")
+    keygen.set_defaults(func=cmd_keygen)
 
     demo = sub.add_parser("demo", help="define, start, list and destroy guests on the embedded default")
     demo.add_argument("--guests", type=int, default=20)

@@ -20,6 +20,7 @@ import zmq
 
 from common import domxml, protocol as p
 from common.config import Config
+from common.curve import use_as_client
 from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
 log = logging.getLogger("virtbroker.worker")
@@ -296,6 +297,8 @@ class LifecycleWorker:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
+        if config.curve_secret_key:
+            use_as_client(self.sock, config.curve_server_key, config.curve_secret_key)
         self.sock.connect(config.worker_url)
         self.inproc = context.socket(zmq.ROUTER)
         self.inproc.setsockopt(zmq.LINGER, 0)

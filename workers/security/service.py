@@ -24,6 +24,7 @@ import zmq
 
 from common import protocol as p
 from common.config import Config
+from common.curve import use_as_client
 from common.errors import ConfigError, VirtbrokerError
 from common.resources import Resource, emulator_path, find_resources
 from workers.lifecycle import host_id_for
@@ -134,6 +135,8 @@ class SecurityWorker:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
+        if config.curve_secret_key:
+            use_as_client(self.sock, config.curve_server_key, config.curve_secret_key)
         self.sock.connect(config.worker_url)
         self.inproc = context.socket(zmq.PULL)
         self.inproc.setsockopt(zmq.LINGER, 0)
