@@ -206,6 +206,43 @@ def cmd_events(c: Client, args) -> int:
     return EXIT_OK
 
 
+def _top_frame(c: Client) -> None:
+    running = c.jobs(state="running", limit=1000)
+    queued = c.jobs(state="queued", limit=1000)
+    workers = c.workers()
+    info = c.ping()
+    hosts = {w["host"] for w in workers if w["role"] == "lifecycle"}
+    busy = sum(w["busy"] for w in workers if w["role"] == "lifecycle")
+    slots = sum(w["slots"] for w in workers if w["role"] == "lifecycle")
+    print(
+        f"virtbroker {time.strftime('%H:%M:%S')}  domains {info['domains']}  workers {len(workers)} on "
+        f"{len(hosts)} host(s)  slots {busy}/{slots}  jobs running {len(running)} queued {len(queued)}\n"
+    )
+    now = time.time()
+    _table(
+        ["Job", "Op", "Domain", "State", "Age", "Worker"],
+        [[j["job_id"], j["op"], j["domain"], j["state"], f"{now - j['submitted_at']:.1f}s", j["worker_id"] or "-"]
+         for j in running + queued][:40],
+    )
+    _table(
+        ["Worker", "Role", "Host", "Busy"],
+        [[w["worker_id"], w["role"], w["host"], f"{w['busy']}/{w['slots']}"] for w in workers],
+    )
+
+
+def cmd_top(c: Client, args) -> int:
+    """Live jobs and workers, refreshed every --interval seconds (Ctrl-C to leave)."""
+    clear = sys.stdout.isatty() and not args.once
+    while True:
+        if clear:
+            sys.stdout.write("\x1b[H\x1b[2J")
+        _top_frame(c)
+        sys.stdout.flush()
+        if args.once:
+            return EXIT_OK
+        time.sleep(args.interval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbctl", description="virsh-like control of a virtbroker broker")
     parser.add_argument("--connect", "-c", default=None, help=f"broker client URL (default $VIRTBROKER_URL or {default_client_url()})")
@@ -273,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
+
+    p = sub.add_parser("top", help="live jobs and workers")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("workers", help="connected workers")
     p.add_argument("--json", action="store_true")

@@ -342,4 +342,6 @@ def test_vbctl_verbs(cluster, tmp_path):
     missing = vbctl(cluster, "dominfo", "ghost", check=False)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and "ghost" in missing.stderr
     assert "lifecycle" in vbctl(cluster, "workers").stdout
+    top = vbctl(cluster, "top", "--once").stdout
+    assert "w1" in top and "domains 1 " in top and "workers 1 on 1 host(s)" in top
     vbctl(cluster, "undefine", "cli")
