@@ -152,7 +152,7 @@ class Scheduler:
         if job.state != "queued":
             raise OperationInvalidError(f"job {job_id} is {job.state}; only queued jobs can be cancelled")
         self.queues[job.uuid].remove(job_id)
-        self._drop_empty_queue(job.uuid)
+        self.drop_empty_queue(job.uuid)
         # QUEUED -> CANCELLED
         job.state = "cancelled"
         job.finished_at = now_wall
@@ -167,10 +167,10 @@ class Scheduler:
 
     def pop_head(self, uuid: str) -> Job:
         job = self.jobs[self.queues[uuid].popleft()]
-        self._drop_empty_queue(uuid)
+        self.drop_empty_queue(uuid)
         return job
 
-    def _drop_empty_queue(self, uuid: str) -> None:
+    def drop_empty_queue(self, uuid: str) -> None:
         if not self.queues.get(uuid):
             self.queues.pop(uuid, None)
 
@@ -180,7 +180,8 @@ class Scheduler:
     # -- leases
     def grant(self, job: Job, worker: WorkerInfo, epoch: int, now: float, now_wall: float) -> Lease:
         """QUEUED -> RUNNING under a new lease with the domain's next epoch."""
-        assert job.uuid not in self.active, "one job per domain"
+        if job.uuid in self.active:
+            raise OperationInvalidError(f"domain {job.domain_name} already has job {self.active[job.uuid]} running")
         lease = Lease(
             lease_id=uuidlib.uuid4().hex,
             job_id=job.job_id,

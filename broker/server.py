@@ -458,10 +458,14 @@ class Broker:
             log.info("worker %s is stopping after %d job(s)", msg.worker_id, len(worker.jobs))
             return
         del self.workers[msg.worker_id]
+        self.identities.pop(msg.worker_id, None)
         log.info("worker %s left (host %s)", msg.worker_id, worker.host_id)
+        self._worker_gone(worker)
 
     def handle_worker_result(self, msg: p.Result, identity: bytes) -> None:
         now_wall = time.time()
+        # A result may arrive before the hello of a worker that outlived a broker restart.
+        self.identities[msg.worker_id] = identity
         worker = self.workers.get(msg.worker_id)
         if worker is not None:
             worker.last_seen = time.monotonic()
@@ -479,7 +483,6 @@ class Broker:
         if reason is not None:
             log.warning("refused result from worker %s for job %s: %s", msg.worker_id, msg.job_id, reason)
             self.metrics.refused_results.inc()
-            self.identities.setdefault(msg.worker_id, identity)
             self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=False, reason=reason))
             if record is not None and job.op != "reconcile":
                 # The late worker may have changed the guest after its lease ended: read the truth again.
@@ -501,7 +504,7 @@ class Broker:
         candidates = [
             w
             for w in self.workers.values()
-            if w.role == "security" and w.host_id == msg.host_id and msg.driver in w.drivers
+            if w.role == "security" and w.host_id == msg.host_id and msg.driver in w.drivers and w.slots > 0
         ]
         if not candidates:
             self._to_worker(
@@ -576,6 +579,29 @@ class Broker:
             self.identities.pop(worker_id, None)
             log.warning("worker %s (host %s) is gone: no heartbeat for %.1f s", worker_id, worker.host_id,
                         now - worker.last_seen)
+            self._worker_gone(worker)
+
+    def _worker_gone(self, worker: WorkerInfo) -> None:
+        """An embedded hypervisor (test:///default) lives inside its worker: when the last worker
+        of such a host is gone, so are its guests. A real host's guests outlive their workers and
+        wait, with their queued jobs, for a worker of that host to return."""
+        if worker.role != "lifecycle" or not worker.uri.startswith("test:///"):
+            return
+        if any(w.host_id == worker.host_id for w in self.workers.values()):
+            return
+        now_wall = time.time()
+        for record in self.registry.by_uuid.values():
+            if record.host_id != worker.host_id or record.uuid in self.scheduler.active:
+                continue
+            for job in self.scheduler.pending_for(record.uuid):
+                if job.op == "reconcile":
+                    self.scheduler.queues[record.uuid].remove(job.job_id)
+                    self.scheduler.finish(job, "succeeded", now_wall)
+                    self.store.put_job(job)
+                    self._emit_job(job)
+            self.scheduler.drop_empty_queue(record.uuid)
+            log.info("%s: its embedded host %s is gone with its worker; now shut off", record.name, worker.host_id)
+            self._set_state(record, "shutoff", None)
 
     def refresh_gauges(self, now: float) -> None:
         """Gauges are recomputed at most once a second: their sums walk whole tables."""

@@ -62,7 +62,10 @@ def cmd_lifecycle(c: Client, args) -> int:
     jobs = []
     for domain in args.domains:
         timeout = getattr(args, "timeout", None)
-        jobs.append(c.submit(domain, args.verb, timeout_s=timeout, idempotency_key=args.idempotency_key))
+        key = args.idempotency_key
+        if key and len(args.domains) > 1:
+            key = f"{key}:{domain}"  # one key per job: a key names exactly one submission
+        jobs.append(c.submit(domain, args.verb, timeout_s=timeout, idempotency_key=key))
     if args.no_wait:
         for job in jobs:
             print(job["job_id"])

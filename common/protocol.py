@@ -245,7 +245,7 @@ class LabelRequest(Message):
     domain_uuid: str
     domain_name: str
     xml: str
-    driver: str = ""  # filled in by the broker for each security worker it forwards to
+    driver: str = ""  # which driver must answer; the broker routes to a security worker serving it
 
 
 @dataclass(frozen=True)

@@ -131,13 +131,22 @@ def cmd_up(args) -> int:
         spawn(name, target, extra)
     log.info("virtbroker up: clients connect at %s", config.client_url)
     by_name = {name: (target, extra) for name, target, extra in specs}
+    backoff_s = {name: 0.5 for name in by_name}
+    restart_at: dict[str, float] = {}
     while not stopping:
         time.sleep(0.2)
+        now = time.monotonic()
         for name, proc in list(children.items()):
-            if not proc.is_alive() and not stopping:
-                log.error("%s exited with code %s; restarting it", name, proc.exitcode)
+            if proc.is_alive() or stopping:
+                continue
+            if name not in restart_at:
+                # Like supervisord's backoff: a child that keeps failing is retried less often.
+                restart_at[name] = now + backoff_s[name]
+                log.error("%s exited with code %s; restarting it in %.1f s", name, proc.exitcode, backoff_s[name])
+                backoff_s[name] = min(backoff_s[name] * 2, 30.0)
+            elif now >= restart_at.pop(name):
                 spawn(name, *by_name[name])
-    # Workers first, so they hand back their jobs while the broker still listens.
+    # Workers first, so they finish their jobs while the broker still listens.
     log.info("stopping")
     order = [n for n in children if n.startswith("worker")] + [n for n in children if n.startswith("security")] + ["broker"]
     for name in order:

@@ -240,12 +240,21 @@ class JobRunner:
         facts: dict[str, dict] = {}
         done: list[str] = []
         for driver in job.security:
-            reply = self._ask(job, action, driver)
-            if not reply.ok:
-                if action == "label" and done:
-                    for d in reversed(done):
-                        self._ask(job, "restore", d)
-                raise SecurityError(f"{driver}: {reply.error}")
+            try:
+                reply = self._ask(job, action, driver)
+                error = reply.error
+            except SecurityError as e:
+                reply, error = None, e.message
+            if reply is None or not reply.ok:
+                if action == "label":
+                    # A driver that refused rolled its own transaction back; one that never
+                    # answered may have labelled some files, so it is asked to restore too.
+                    for d in reversed(done + ([driver] if reply is None else [])):
+                        try:
+                            self._ask(job, "restore", d)
+                        except SecurityError as e:
+                            log.error("restoring %s labels of %s: %s", d, job.domain_name, e)
+                raise SecurityError(f"{driver}: {error}")
             done.append(driver)
             facts[driver] = reply.detail
         return facts

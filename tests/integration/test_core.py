@@ -345,3 +345,21 @@ def test_vbctl_verbs(cluster, tmp_path):
     top = vbctl(cluster, "top", "--once").stdout
     assert "w1" in top and "domains 1 " in top and "workers 1 on 1 host(s)" in top
     vbctl(cluster, "undefine", "cli")
+
+
+def test_embedded_host_dies_with_its_worker_and_its_domains_start_elsewhere(cluster_factory):
+    cluster = cluster_factory(lease_ttl_s=1.0)
+    cluster.start_broker()
+    cluster.start_worker("w1")
+    cluster.wait_workers(1)
+    c = cluster.client()
+    c.define(minimal_domain_xml("orphan"))
+    assert c.run("orphan", "start")["worker_id"] == "w1"
+    cluster.start_worker("w2")
+    cluster.wait_workers(2)
+    cluster.workers["w1"].kill9()
+    # The test hypervisor lived inside w1: once w1 is declared gone, the guest is gone too.
+    wait_until(lambda: c.lookup("orphan")["state"] == "shutoff", timeout_s=10)
+    again = c.run("orphan", "start")
+    assert again["state"] == "succeeded" and again["worker_id"] == "w2"
+    c.run("orphan", "destroy")

@@ -228,6 +228,7 @@ class SecurityWorker:
                 self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=[])))
                 next_beat = time.monotonic() + interval_s
         self.pool.shutdown(wait=True)
+        self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))  # now with nothing in flight
         self.sock.close(linger=0)
         self.inproc.close(linger=0)
 

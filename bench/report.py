@@ -1,0 +1,419 @@
+"""Results JSON -> target verdicts, Markdown tables and PNG plots in docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+from bench.common import ROOT
+
+DOC_PATH = ROOT / "docs" / "BENCHMARKS.md"
+PLOT_DIR = ROOT / "docs" / "benchmarks"
+ANALYSIS_PATH = ROOT / "bench" / "analysis.md"
+TARGET_N = 20
+TARGET_WORKERS = 4
+TARGET_SIZE = 100000
+
+
+# ---------------------------------------------------------------------------- machine
+def machine() -> dict:
+    """Cores, memory, KVM or TCG, libvirt and QEMU versions: what the numbers depend on."""
+    cpu_model = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kb = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    kvm = os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+    versions = {}
+    try:
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True, timeout=30).stdout
+        for key, pattern in (
+            ("libvirt", r"Using library: libvirt ([\d.]+)"),
+            ("libvirt_api", r"Using API: QEMU ([\d.]+)"),
+            ("qemu", r"Running hypervisor: QEMU ([\d.]+)"),
+        ):
+            m = re.search(pattern, out)
+            versions[key] = m.group(1) if m else None
+    except (OSError, subprocess.SubprocessError) as e:
+        versions["error"] = str(e)
+    import zmq
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "accelerator": "KVM" if kvm else "TCG (no usable /dev/kvm)",
+        "libvirt": versions.get("libvirt"),
+        "qemu": versions.get("qemu"),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+    }
+
+
+# ---------------------------------------------------------------------------- targets
+def _section(results: dict, name: str) -> dict | None:
+    section = results.get("sections", {}).get(name)
+    return section if section and section.get("status") == "ok" else None
+
+
+def _target(name: str, measured, limit: str, met: bool | None, note: str = "") -> dict:
+    return {"target": name, "measured": measured, "limit": limit, "met": met, "note": note}
+
+
+def evaluate(results: dict) -> list[dict]:
+    """Each issue target, met (True), missed (False) or not measured (None), with the number."""
+    out = []
+    storm = _section(results, "storm")
+    row = None
+    if storm:
+        row = next((r for r in storm["rows"] if r["n"] == TARGET_N and r["workers"] == TARGET_WORKERS), None)
+    if row and row.get("start_ratio") is not None:
+        out.append(_target("Start storm N=20: virtbroker (4 workers) / libvirt one-thread-per-guest",
+                           f"{row['start_ratio']:.2f}x ({row['start_median_s']:.2f} s)", "<= 1.05x", row["start_ratio"] <= 1.05))
+        out.append(_target("Destroy storm N=20: virtbroker (4 workers) / libvirt one-thread-per-guest",
+                           f"{row['destroy_ratio']:.2f}x ({row['destroy_median_s']:.2f} s)", "<= 1.10x", row["destroy_ratio"] <= 1.10))
+    else:
+        out.append(_target("Start storm N=20", None, "<= 1.05x", None, "not measured"))
+        out.append(_target("Destroy storm N=20", None, "<= 1.10x", None, "not measured"))
+
+    latency = _section(results, "latency")
+    row = None
+    if latency:
+        row = next((r for r in latency["rows"] if r["way"].startswith("virtbroker") and r["n"] == TARGET_N), None)
+    if row and row.get("lookup_p99_ms") is not None:
+        out.append(_target("During the storm: virtbroker lookup p99", f"{row['lookup_p99_ms']:.2f} ms", "<= 1 ms", row["lookup_p99_ms"] <= 1.0))
+        note = f"raw fsync p99 on the same disk during the storm: {row['fsync_p99_ms']:.2f} ms" if row.get("fsync_p99_ms") else ""
+        out.append(_target("During the storm: virtbroker durable define p99", f"{row['define_p99_ms']:.2f} ms", "<= 2 ms",
+                           row["define_p99_ms"] <= 2.0, note))
+    else:
+        out.append(_target("During the storm: lookup p99", None, "<= 1 ms", None, "not measured"))
+        out.append(_target("During the storm: durable define p99", None, "<= 2 ms", None, "not measured"))
+
+    security = _section(results, "security")
+    if security:
+        by_way = {r["way"]: r for r in security["rows"]}
+        both = by_way.get("virtbroker-dac+apparmor", {})
+        if both.get("start_ratio_none") is not None:
+            out.append(_target("DAC and AppArmor on: start storm / no labelling",
+                               f"{both['start_ratio_none']:.2f}x", "<= 1.10x", both["start_ratio_none"] <= 1.10))
+        else:
+            out.append(_target("DAC and AppArmor on: start storm / no labelling", None, "<= 1.10x", None, "not measured"))
+        speedup = security.get("driver_speedup")
+        span_note = ""
+        g, pr = by_way.get("virtbroker-dac-global", {}), by_way.get("virtbroker-dac", {})
+        if g.get("dac_label_span_median_s") and pr.get("dac_label_span_median_s"):
+            span_note = f"in the storm: {g['dac_label_span_median_s'] / pr['dac_label_span_median_s']:.2f}x"
+        out.append(_target("Labelling part N=20: global / per-resource (DAC driver)",
+                           f"{speedup:.2f}x" if speedup else None, ">= 3x", speedup >= 3.0 if speedup else None, span_note))
+        dac = by_way.get("virtbroker-dac", {})
+        if dac.get("start_ratio_libvirt") is not None:
+            met = dac["start_ratio_libvirt"] <= 1.0 and bool(dac.get("base_restored")) and bool(dac.get("outside_root_refused"))
+            lv = by_way.get("libvirt-dac", {})
+            note = (f"base restored: virtbroker {dac.get('base_restored')}, libvirt {lv.get('base_restored')} "
+                    f"(libvirt left it {lv.get('base_owner_after')}); outside-root disk refused: {dac.get('outside_root_refused')}")
+            out.append(_target("DAC N=20: virtbroker / libvirt labelling itself",
+                               f"{dac['start_ratio_libvirt']:.2f}x", "<= 1.0x, base restored, roots enforced", met, note))
+        else:
+            out.append(_target("DAC N=20: virtbroker / libvirt labelling itself", None, "<= 1.0x", None, "not measured"))
+    else:
+        status = results.get("sections", {}).get("security", {}).get("status", "not run")
+        for name, limit in (("DAC and AppArmor on: start storm / no labelling", "<= 1.10x"),
+                            ("Labelling part N=20: global / per-resource", ">= 3x"),
+                            ("DAC N=20: virtbroker / libvirt labelling itself", "<= 1.0x")):
+            out.append(_target(name, None, limit, None, status))
+
+    scale = _section(results, "scale")
+    if scale and scale["registry"]:
+        row = max(scale["registry"], key=lambda r: r["size"])
+        note = "" if row["size"] >= TARGET_SIZE else f"measured at {row['size']:,} domains (short run), not {TARGET_SIZE:,}"
+        full = row["size"] >= TARGET_SIZE
+        out.append(_target(f"{row['size']:,} domains: lookup p99", f"{row['lookup_p99_ms']:.3f} ms", "<= 0.5 ms",
+                           row["lookup_p99_ms"] <= 0.5 if full else None, note))
+        out.append(_target(f"{row['size']:,} domains: list all", f"{row['list_all_s']:.3f} s", "<= 0.5 s",
+                           row["list_all_s"] <= 0.5 if full else None, note))
+        out.append(_target(f"{row['size']:,} domains: broker RSS", f"{row['broker_rss_mb']:.0f} MB", "<= 400 MB",
+                           row["broker_rss_mb"] <= 400 if full else None, note))
+        noop = next((r for r in scale["noop"] if r["workers"] == TARGET_WORKERS), None)
+        if noop:
+            out.append(_target("No-op jobs with 4 workers", f"{noop['jobs_per_s']:,.0f} /s", ">= 10,000 /s",
+                               noop["jobs_per_s"] >= 10000))
+    else:
+        out.append(_target("Broker scale and no-op jobs", None, "", None, "not measured"))
+    return out
+
+
+# ---------------------------------------------------------------------------- Markdown
+def _f(value, fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def _verdict(met) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[met]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def targets_markdown(targets: list[dict]) -> str:
+    return _table(
+        ["Target", "Measured", "Limit", "Verdict", "Note"],
+        [[t["target"], t["measured"] or "-", t["limit"], _verdict(t["met"]), t["note"]] for t in targets],
+    )
+
+
+def storm_markdown(section: dict) -> str:
+    rows = sorted(section["rows"], key=lambda r: (r["n"], r["workers"] or 0, r["way"]))
+    return _table(
+        ["N", "way", "start median (s)", "start / baseline", "destroy median (s)", "destroy / baseline", "reps", "errors"],
+        [
+            [r["n"], r["way"], _f(r["start_median_s"]), _f(r["start_ratio"], "{:.2f}x"), _f(r["destroy_median_s"]),
+             _f(r["destroy_ratio"], "{:.2f}x"), len(r["start_s"]), len(r["errors"])]
+            for r in rows
+        ],
+    )
+
+
+def latency_markdown(section: dict) -> str:
+    return _table(
+        ["N", "way", "lookup p50 / p99 / max (ms)", "define p50 / p99 / max (ms)", "lookup p99 / baseline",
+         "define p99 / baseline", "raw fsync p50 / p99 / max (ms)", "samples", "probe errors"],
+        [
+            [r["n"], r["way"],
+             f"{_f(r['lookup_p50_ms'])} / {_f(r['lookup_p99_ms'])} / {_f(r['lookup_max_ms'])}",
+             f"{_f(r['define_p50_ms'])} / {_f(r['define_p99_ms'])} / {_f(r['define_max_ms'])}",
+             _f(r.get("lookup_p99_ratio"), "{:.2f}x"), _f(r.get("define_p99_ratio"), "{:.2f}x"),
+             f"{_f(r.get('fsync_p50_ms'))} / {_f(r.get('fsync_p99_ms'))} / {_f(r.get('fsync_max_ms'))}" if r.get("fsync_p99_ms") else "-",
+             r["samples"],
+             sum(x["probe_errors"] for x in r["reps"])]
+            for r in section["rows"]
+        ],
+    )
+
+
+def security_markdown(section: dict) -> str:
+    main = _table(
+        ["way", "serialization", "start (s)", "/ libvirt-dac", "/ no labelling", "destroy (s)", "/ libvirt-dac",
+         "DAC labelling span (s)", "label request median (ms)", "base restored", "reps"],
+        [
+            [r["way"], r["serialization"] or "-", _f(r.get("start_median_s")), _f(r.get("start_ratio_libvirt"), "{:.2f}x"),
+             _f(r.get("start_ratio_none"), "{:.2f}x"), _f(r.get("destroy_median_s")), _f(r.get("destroy_ratio_libvirt"), "{:.2f}x"),
+             _f(r.get("dac_label_span_median_s"), "{:.3f}"), _f(r.get("dac_label_median_ms"), "{:.1f}"),
+             {True: "yes", False: f"no (left {r.get('base_owner_after')})", None: "-"}[r.get("base_restored")], len(r["reps"])]
+            for r in section["rows"]
+        ],
+    )
+    driver = _table(
+        ["N", "serialization", "DacDriver.label() for all (s)", "global / per-resource"],
+        [[r["n"], r["serialization"], _f(r["label_s"], "{:.3f}"),
+          _f(section["driver_speedup"], "{:.2f}x") if r["serialization"] == "global" else "1.00x"] for r in section["driver"]],
+    )
+    return main + "\n\nThe labelling part alone (the DAC driver, in process):\n\n" + driver
+
+
+def scale_markdown(section: dict) -> str:
+    t = section["transport"]
+    transport = _table(
+        ["transport (raw pyzmq ROUTER/DEALER, ipc://)", "value"],
+        [["round trip p50", f"{t['rtt_p50_ms']:.3f} ms"], ["round trip p99", f"{t['rtt_p99_ms']:.3f} ms"],
+         ["one at a time", f"{t['pingpong_per_s']:,.0f} round trips/s"],
+         ["pipelined (200 in flight)", f"{t['pipelined_per_s']:,.0f} round trips/s"]],
+    )
+    registry = _table(
+        ["domains", "define (durable, pipelined) /s", "lookup p99 (ms)", "lookup p99 / zmq round trip p99",
+         "list all (s)", "list all / smallest", "broker RSS (MB)"],
+        [[f"{r['size']:,}", f"{r['define_per_s']:,.0f}", _f(r["lookup_p99_ms"], "{:.3f}"), _f(r["lookup_p99_ratio"], "{:.2f}x"),
+          _f(r["list_all_s"], "{:.3f}"), _f(r["list_all_ratio"], "{:.1f}x"), _f(r["broker_rss_mb"], "{:.0f}")]
+         for r in section["registry"]],
+    )
+    noop = _table(
+        ["lifecycle workers", "no-op jobs /s", "/ raw zmq pipelined round trips"],
+        [[r["workers"], f"{r['jobs_per_s']:,.0f}", _f(r["ratio_to_zmq"], "{:.3f}x")] for r in section["noop"]],
+    )
+    return transport + "\n\n" + registry + "\n\n" + noop
+
+
+# ---------------------------------------------------------------------------- plots
+def plots(results: dict) -> list[str]:
+    """PNG files under docs/benchmarks/; returns their paths relative to docs/."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOT_DIR.mkdir(parents=True, exist_ok=True)
+    made = []
+
+    storm = _section(results, "storm")
+    if storm:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, title in ((axes[0], "start_median_s", "Start storm"), (axes[1], "destroy_median_s", "Destroy storm")):
+            ways = sorted({r["way"] for r in storm["rows"]})
+            for way in ways:
+                points = sorted((r["n"], r[key]) for r in storm["rows"] if r["way"] == way and r[key] is not None)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=way)
+            ax.set_title(title)
+            ax.set_xlabel("guests (N)")
+            ax.set_ylabel("wall time, median (s)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        made.append(_save(fig, "storm.png"))
+
+    latency = _section(results, "latency")
+    if latency:
+        fig, ax = plt.subplots(figsize=(9, 4))
+        labels = ["lookup p50", "lookup p99", "lookup max", "define p50", "define p99", "define max"]
+        keys = ["lookup_p50_ms", "lookup_p99_ms", "lookup_max_ms", "define_p50_ms", "define_p99_ms", "define_max_ms"]
+        width = 0.8 / max(1, len(latency["rows"]))
+        for i, row in enumerate(latency["rows"]):
+            ax.bar([x + i * width for x in range(len(keys))], [row[k] or 0 for k in keys], width, label=f"{row['way']} (N={row['n']})")
+        ax.set_xticks([x + width * (len(latency["rows"]) - 1) / 2 for x in range(len(keys))], labels)
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (log scale)")
+        ax.set_title("Control-plane latency during the start storm")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+        made.append(_save(fig, "latency.png"))
+
+    security = _section(results, "security")
+    if security:
+        fig, ax = plt.subplots(figsize=(10, 4))
+        rows = security["rows"]
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r.get("start_median_s") or 0 for r in rows], 0.4, label="start")
+        ax.bar([x + 0.2 for x in xs], [r.get("destroy_median_s") or 0 for r in rows], 0.4, label="destroy")
+        ax.set_xticks(list(xs), [r["way"] for r in rows], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("wall time, median (s)")
+        ax.set_title(f"Storms with labelling, N={rows[0]['n'] if rows else '?'}")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+        made.append(_save(fig, "security.png"))
+
+    scale = _section(results, "scale")
+    if scale:
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+        sizes = [r["size"] for r in scale["registry"]]
+        for ax, key, title, limit in (
+            (axes[0], "lookup_p99_ms", "lookup p99 (ms)", 0.5),
+            (axes[1], "list_all_s", "list all (s)", 0.5),
+            (axes[2], "broker_rss_mb", "broker RSS (MB)", 400),
+        ):
+            ax.plot(sizes, [r[key] for r in scale["registry"]], marker="o")
+            ax.axhline(limit, color="red", linestyle="--", linewidth=1, label="target")
+            ax.set_xscale("log")
+            ax.set_xlabel("defined domains")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        axes[0].axhline(scale["transport"]["rtt_p99_ms"], color="gray", linestyle=":", label="zmq round trip p99")
+        axes[0].legend(fontsize=8)
+        noop = scale["noop"]
+        axes[3].plot([r["workers"] for r in noop], [r["jobs_per_s"] for r in noop], marker="o", label="no-op jobs/s")
+        axes[3].axhline(10000, color="red", linestyle="--", linewidth=1, label="target (4 workers)")
+        axes[3].axhline(scale["transport"]["pipelined_per_s"], color="gray", linestyle=":", label="zmq round trips/s")
+        axes[3].set_yscale("log")
+        axes[3].set_xlabel("lifecycle workers")
+        axes[3].set_title("no-op job throughput")
+        axes[3].grid(alpha=0.3)
+        axes[3].legend(fontsize=8)
+        made.append(_save(fig, "scale.png"))
+    return made
+
+
+def _save(fig, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(PLOT_DIR / name, dpi=100)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return f"benchmarks/{name}"
+
+
+# ---------------------------------------------------------------------------- the document
+INTRO = """# Benchmarks
+
+`python -m bench` runs the whole suite (about 20 minutes); `python -m bench --short` a
+reduced one (N=20 only, fewer configurations, 10,000 domains instead of 100,000) in a few
+minutes. `--only storm|latency|security|scale` runs one section and merges it into the
+results file; `--report` only renders this page from `bench/results/latest.json`.
+Every figure is the median of at least 3 repetitions, interleaved so that drift of the
+host spreads over every configuration, and is shown next to its ratio to a baseline
+measured in the same run. Guests are real KVM guests through libvirtd on
+`qemu:///system`, named `vbb-*`, and every run destroys and undefines what it made, also
+on failure or Ctrl-C. Each virtbroker measurement gets a fresh state directory and real
+broker and worker processes (`python -m launcher broker|worker|security-worker`).
+
+This page is generated by `bench/report.py`; the analysis at the end is
+`bench/analysis.md`. Numbers move from run to run on a shared 2-core machine: compare
+within one run.
+"""
+
+
+def render(results: dict) -> str:
+    targets = results.get("targets") or evaluate(results)
+    m = results.get("meta", {}).get("machine", {})
+    meta = results.get("meta", {})
+    parts = [INTRO]
+    parts.append("## Machine\n")
+    parts.append(_table(["", ""], [
+        ["cores", f"{m.get('cores')} ({m.get('cpu_model')})"],
+        ["memory", f"{m.get('memory_gib')} GiB"],
+        ["accelerator", m.get("accelerator")],
+        ["libvirt / QEMU", f"{m.get('libvirt')} / {m.get('qemu')}"],
+        ["kernel", m.get("kernel")],
+        ["Python / pyzmq / libzmq", f"{m.get('python')} / {m.get('pyzmq')} / {m.get('libzmq')}"],
+        ["run", f"{meta.get('started')}, {'--short' if meta.get('short') else 'full'}, {meta.get('duration_s', 0):.0f} s, "
+                f"{meta.get('reps')} repetitions"],
+    ]))
+    parts.append("\n## Targets\n")
+    parts.append(targets_markdown(targets))
+    sections = results.get("sections", {})
+    titles = {
+        "storm": "1-2. Start and destroy storms",
+        "latency": "3. Control-plane latency during the start storm",
+        "security": "4. Security labelling",
+        "scale": "5. Broker scale and no-op jobs",
+    }
+    renderers = {"storm": storm_markdown, "latency": latency_markdown, "security": security_markdown, "scale": scale_markdown}
+    images = {"storm": "storm.png", "latency": "latency.png", "security": "security.png", "scale": "scale.png"}
+    for name, title in titles.items():
+        parts.append(f"\n## {title}\n")
+        section = sections.get(name)
+        if not section:
+            parts.append("Not run in this results file.")
+            continue
+        if section.get("status") != "ok":
+            parts.append(f"{section.get('status')}")
+            continue
+        parts.append(f"Baseline: {section.get('baseline')}. {section.get('note', '')}\n")
+        parts.append(renderers[name](section))
+        if (PLOT_DIR / images[name]).exists():
+            parts.append(f"\n![{title}](benchmarks/{images[name]})")
+    if ANALYSIS_PATH.exists():
+        parts.append("\n" + ANALYSIS_PATH.read_text().strip())
+    return "\n".join(parts) + "\n"
+
+
+def write(results: dict) -> Path:
+    plots(results)
+    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DOC_PATH.write_text(render(results))
+    return DOC_PATH
+
+
+if __name__ == "__main__":
+    # python -m bench.report: re-render docs/BENCHMARKS.md from the latest results.
+    path = ROOT / "bench" / "results" / "latest.json"
+    print(write(json.loads(path.read_text())))
