@@ -18,6 +18,7 @@ class DomainRecord:
     epoch: int = 0  # grows with every lease granted for this domain
     generation: int = 1  # grows with every redefine
     live_xml: str | None = None  # the definition the running guest was started from
+    changed_at: float = 0.0  # monotonic time of the last state change (not stored)
 
     def summary(self) -> dict:
         return {

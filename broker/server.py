@@ -40,6 +40,7 @@ MAX_WAIT_S = 3600.0
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0
 _DEFERRED = object()  # a handler's "no reply yet" (wait)
 # What the read-only endpoint answers; everything else there is refused.
+RESYNC_QUIET_S = 5.0
 READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers"})
 
 EXIT_OK = 0
@@ -418,8 +419,11 @@ class Broker:
         """Make the registry agree with what a worker sees running on its host.
 
         Domains with a job running or queued are left alone: their job will settle them.
-        Guests the registry does not know are someone else's and are left alone too.
+        So are domains whose state changed in the last RESYNC_QUIET_S: the worker's list may
+        have been taken just before another worker's job changed them. Guests the registry
+        does not know are someone else's and are left alone too.
         """
+        quiet_since = time.monotonic() - RESYNC_QUIET_S
         seen = {}
         for guest in guests:
             try:
@@ -428,7 +432,7 @@ class Broker:
                 continue
         for record in self.registry.by_uuid.values():
             busy = record.uuid in self.scheduler.active or record.uuid in self.scheduler.queues
-            if busy:
+            if busy or record.changed_at > quiet_since:
                 continue
             state = seen.get(record.uuid)
             if state in ("running", "paused"):
@@ -445,6 +449,8 @@ class Broker:
             return
         worker.last_seen = time.monotonic()
         unknown = self.scheduler.renew(msg.worker_id, msg.lease_ids, worker.last_seen)
+        if msg.guests is not None and worker.role == "lifecycle":
+            self._reconcile_host(worker.host_id, msg.guests)
         if unknown:
             log.debug("worker %s renews leases it no longer holds: %s", msg.worker_id, unknown)
 
@@ -736,6 +742,7 @@ class Broker:
     # ------------------------------------------------------------------ state and events
     def _set_state(self, record: DomainRecord, state: str, host_id: str | None) -> None:
         changed = record.state != state or record.host_id != host_id
+        record.changed_at = time.monotonic()
         self.registry.set_state(record, state)
         record.host_id = host_id
         if state == "shutoff":

@@ -35,6 +35,7 @@ class Config:
     slots: int = 4  # jobs one lifecycle worker runs at once
     lease_ttl_s: float = 10.0
     heartbeat_interval_s: float = 0.0  # default: lease_ttl_s / 4
+    resync_interval_s: float = 15.0  # lifecycle workers report their host's guests this often
     shutdown_timeout_s: float = 60.0  # ACPI shutdown before destroy, when the job names none
     security: list[str] = field(default_factory=list)  # drivers: dac, apparmor
     guest_user: str = ""  # USER[:GROUP] QEMU runs as when dac is on
@@ -108,7 +109,7 @@ class Config:
 
 _LISTS = ("security", "storage_roots")
 _INTS = ("workers", "slots", "security_slots", "metrics_port")
-_FLOATS = ("lease_ttl_s", "heartbeat_interval_s", "shutdown_timeout_s", "label_pause_s")
+_FLOATS = ("lease_ttl_s", "resync_interval_s", "heartbeat_interval_s", "shutdown_timeout_s", "label_pause_s")
 
 
 def _typed(raw: dict[str, str]) -> dict:

@@ -205,6 +205,9 @@ class Heartbeat(Message):
     VERSION = WORKER_VERSION
     worker_id: str
     lease_ids: list[str]
+    # Every resync_interval_s a lifecycle worker also sends the guests running on its host
+    # ([{uuid, name, state}]), so guests that stopped by themselves are noticed.
+    guests: list[dict] | None = None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guest-user", help="USER[:GROUP] QEMU runs as when dac is on")
     parser.add_argument("--storage-root", action="append", dest="storage_roots", help="a directory guests' files may live in (repeatable)")
     parser.add_argument("--serialization", choices=("per-resource", "global"), help="security driver locking")
+    parser.add_argument("--resync-interval", type=float, dest="resync_interval_s",
+                        help="seconds between lifecycle workers' reports of their host's guests (default 15)")
     parser.add_argument("--readonly-url", help="an extra endpoint that serves lookups, lists and job status only")
     parser.add_argument("--curve-dir", help="broker: CURVE key directory (virtbroker keygen); turns on authentication")
     parser.add_argument("--curve-server-key", help="worker: the broker's public key file")
@@ -48,7 +50,7 @@ def _config(args: argparse.Namespace) -> Config:
         key: getattr(args, key, None)
         for key in (
             "state_dir", "client_url", "worker_url", "events_url", "uri", "slots", "lease_ttl_s",
-            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s", "metrics_port", "readonly_url", "curve_dir", "curve_server_key",
+            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s", "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key",
             "curve_secret_key",
         )
     }

@@ -299,6 +299,7 @@ class LifecycleWorker:
         self.stopping = False
         self.broker_gone = False
         self.heartbeat_interval_s = config.heartbeat_interval_s
+        self.next_resync = time.monotonic() + config.resync_interval_s
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="job")
 
@@ -362,7 +363,15 @@ class LifecycleWorker:
 
     def _heartbeat(self) -> None:
         lease_ids = [j.lease_id for j in self.running.values()]
-        self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids)))
+        guests = None
+        now = time.monotonic()
+        if now >= self.next_resync:
+            self.next_resync = now + self.config.resync_interval_s
+            try:
+                guests = self.hv.guests()
+            except (libvirt.libvirtError, DriverError) as e:
+                log.warning("cannot list guests for resync: %s", e)
+        self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests)))
 
     def _drain_broker(self) -> None:
         while True:

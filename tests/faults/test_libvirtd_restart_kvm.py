@@ -82,3 +82,24 @@ def test_libvirtd_restart_while_jobs_run(lvd_cluster, fault_rng):
     finals = c.wait([c.submit(n, "destroy")["job_id"] for n in names], 60)
     assert {j["state"] for j in finals} == {"succeeded"}
     wait_until(lambda: active_guests(daemon.uri) == {}, 10, what="no guest left")
+
+
+def test_first_job_after_an_idle_libvirtd_restart_succeeds(lvd_cluster):
+    """No job in flight during the restart, so nothing's outcome is unknown: the next jobs
+    must simply work. A libvirt connection does not notice its daemon went away until it
+    is used (isAlive() stays true without an event loop), so the worker must reconnect
+    when a call fails for that reason rather than fail the job."""
+    cluster, daemon = lvd_cluster
+    c = cluster.client(timeout_s=30)
+    names = [f"{FAULT_PREFIX}idle{i}" for i in range(4)]
+    for name in names:
+        c.define(fault_guest_xml(name[len(FAULT_PREFIX):]))
+    # Every worker has used its connection before the restart.
+    starts = c.wait([c.submit(n, "start")["job_id"] for n in names], 60)
+    assert {j["state"] for j in starts} == {"succeeded"}
+    assert len({j["worker_id"] for j in starts}) == 2
+    daemon.restart()
+    assert active_guests(daemon.uri) == {n: "running" for n in names}  # guests outlive libvirtd
+    destroys = c.wait([c.submit(n, "destroy")["job_id"] for n in names], 60)
+    assert [(j["state"], j["error"]) for j in destroys] == [("succeeded", None)] * len(names)
+    assert active_guests(daemon.uri) == {} and registry_active(c) == {}

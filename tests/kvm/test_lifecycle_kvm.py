@@ -122,3 +122,21 @@ def test_worker_killed_mid_start_ends_lost_and_reconcile_matches_virsh(kvm_clust
     if on_host:
         assert c.run(name, "destroy", 60)["state"] == "succeeded"
     assert virsh_running() == set()
+
+
+def test_guest_stopped_outside_virtbroker_is_noticed_by_resync(cluster_factory, kvm_guests):
+    cluster = cluster_factory(uri=URI, lease_ttl_s=3.0, extra=["--resync-interval", "1"])
+    cluster.start_broker()
+    cluster.start_worker("rw1")
+    cluster.wait_workers(1)
+    c = cluster.client()
+    name = f"{PREFIX}outside"
+    c.define(guest_xml("outside"))
+    assert c.run(name, "start", 60)["state"] == "succeeded"
+    kvm_guests.lookupByName(name).destroy()  # behind virtbroker's back, as `virsh destroy` would
+    deadline = time.monotonic() + 15
+    while c.lookup(name)["state"] != "shutoff" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert c.lookup(name)["state"] == "shutoff"
+    assert c.run(name, "start", 60)["state"] == "succeeded"
+    assert c.run(name, "destroy", 60)["state"] == "succeeded"
