@@ -67,7 +67,7 @@ def broker(fuzz_broker):
 
 def _worker_replies(sock) -> list[p.Message]:
     out = []
-    while sock.poll(50):
+    while sock.poll(20):
         out.append(p.decode(sock.recv_multipart(), p.WORKER_VERSION))  # what the broker sends must decode
     return out
 

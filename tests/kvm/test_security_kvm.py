@@ -209,3 +209,25 @@ def test_security_worker_killed_mid_transaction_leaves_every_file_restored(secur
     assert c.run(f"{PREFIX}multi", "start", 60)["state"] == "succeeded"
     assert c.run(f"{PREFIX}multi", "destroy", 60)["state"] == "succeeded"
     assert [owner(d) for d in disks] == [ORIGINAL] * 4
+
+
+def test_restarted_security_worker_restores_what_it_labelled_before(secure_cluster, guest_user, storage_root):
+    uid, gid = guest_user
+    cluster = secure_cluster(("dac", "apparmor"))
+    c = cluster.client()
+    base = make_image(storage_root / "rbase.qcow2")
+    overlays = [make_image(storage_root / f"r{i}.qcow2", backing=base) for i in range(2)]
+    for i, overlay in enumerate(overlays):
+        c.define(guest_xml(f"restart{i}", disks=[str(overlay)]))
+        assert c.run(f"{PREFIX}restart{i}", "start", 60)["state"] == "succeeded"
+    for driver in ("dac", "apparmor"):
+        cluster.security[driver].kill9()
+        cluster.start_security_worker(driver)
+    cluster.wait_workers(2, role="security")
+    profiles = sorted((cluster.state_dir / "security-apparmor" / "profiles").glob("virtbroker-*"))
+    assert len(profiles) == 2
+    assert c.run(f"{PREFIX}restart0", "destroy", 60)["state"] == "succeeded"
+    assert owner(overlays[0]) == ORIGINAL and owner(base)[:2] == (uid, gid)  # the count survived
+    assert c.run(f"{PREFIX}restart1", "destroy", 60)["state"] == "succeeded"
+    assert [owner(p) for p in (*overlays, base)] == [ORIGINAL] * 3
+    assert not any((cluster.state_dir / "security-apparmor" / "profiles").glob("virtbroker-*"))
