@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 
@@ -21,13 +20,12 @@ from broker.scheduler import Job, Scheduler, WorkerInfo
 from broker.store import Store
 from common import domxml, protocol as p
 from common.config import Config
+from common.process import run_until_signalled
 from common.curve import CurveServer
 from common.errors import (
     ConflictError,
     PermissionError_,
     InvalidError,
-    NotFoundError,
-    OperationInvalidError,
     ProtocolError,
     VirtbrokerError,
 )
@@ -781,15 +779,4 @@ def run_broker(config: Config) -> int:
         broker.metrics.serve(config.metrics_port, config.metrics_addr)
         log.info("metrics at http://%s:%d/metrics", config.metrics_addr, config.metrics_port)
 
-    def on_signal(signum, frame):
-        if broker.stopping:
-            os._exit(1)  # a second signal: leave at once
-        broker.stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        broker.run()
-    finally:
-        context.term()
-    return EXIT_OK
+    return run_until_signalled(broker, context)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 import uuid as uuidlib
@@ -20,6 +19,7 @@ import zmq
 
 from common import domxml, protocol as p
 from common.config import Config
+from common.process import run_until_signalled
 from common.curve import use_as_client
 from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
@@ -459,18 +459,7 @@ def run_worker(config: Config, worker_id: str | None = None) -> int:
     context = zmq.Context()
     worker = LifecycleWorker(config, context, worker_id)
 
-    def on_signal(signum, frame):
-        if worker.stopping:
-            os._exit(1)
-        worker.stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        worker.run()
-    finally:
-        context.destroy(linger=0)
-    return 0
+    return run_until_signalled(worker, context)
 
 
 __all__ = ["LifecycleWorker", "run_worker", "Hypervisor", "host_id_for"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 
 from client.api import Client
 from client.templates import minimal_domain_xml

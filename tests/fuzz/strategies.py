@@ -17,7 +17,11 @@ NAME_POOL = ["fz-existing", "fz-other", "", "/", "nope", "00000000-0000-0000-000
 ints = st.one_of(st.integers(min_value=-(2**63), max_value=2**64 - 1), st.sampled_from(INT_EDGES))
 floats = st.floats(allow_nan=True, allow_infinity=True)
 texts = st.one_of(st.text(max_size=40), st.sampled_from(NAME_POOL))
-scalars = st.one_of(st.none(), st.booleans(), ints, floats, texts, st.binary(max_size=40))
+exts = st.one_of(
+    st.builds(msgpack.ExtType, st.integers(0, 127), st.binary(max_size=8)),
+    st.builds(msgpack.Timestamp, st.integers(0, 2**33), st.integers(0, 999_999_999)),
+)
+scalars = st.one_of(st.none(), st.booleans(), ints, floats, texts, st.binary(max_size=40), exts)
 
 # Any msgpack value, nested a few levels (deep nesting has its own strategy below).
 values = st.recursive(

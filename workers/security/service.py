@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pwd
-import signal
 import subprocess
 import threading
 import time
@@ -24,6 +23,7 @@ import zmq
 
 from common import protocol as p
 from common.config import Config
+from common.process import run_until_signalled
 from common.curve import use_as_client
 from common.errors import ConfigError, VirtbrokerError
 from common.resources import Resource, emulator_path, find_resources
@@ -257,15 +257,4 @@ def run_security_worker(config: Config, driver: str, worker_id: str | None = Non
     context = zmq.Context()
     worker = SecurityWorker(config, context, driver, worker_id)
 
-    def on_signal(signum, frame):
-        if worker.stopping:
-            os._exit(1)
-        worker.stopping = True
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    try:
-        worker.run()
-    finally:
-        context.destroy(linger=0)
-    return 0
+    return run_until_signalled(worker, context)
