@@ -76,7 +76,7 @@ class Client:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
                 raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
-            reply = p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION)
+            reply = p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION, p.MAX_REPLY_BYTES)
             if getattr(reply, "request_id", None) not in (request_id, None):
                 continue  # the answer to an earlier request that timed out
             if isinstance(reply, p.Error):

@@ -27,7 +27,10 @@ CLIENT_VERSION = b"VBC1"
 WORKER_VERSION = b"VBW1"
 EVENT_VERSION = b"VBE1"
 
-MAX_FRAME_BYTES = 2 * 1024 * 1024  # a definition is at most 1 MiB; leave room for the envelope
+MAX_FRAME_BYTES = 2 * 1024 * 1024  # a request: a definition is at most 1 MiB, plus the envelope
+# A reply may be far larger (list --all of 100,000 domains is about 10 MiB); clients trust
+# their broker more than the broker trusts its clients, but not without limit.
+MAX_REPLY_BYTES = 256 * 1024 * 1024
 MAX_NESTING = 16
 MAX_INT = 2**63 - 1
 
@@ -356,15 +359,15 @@ def encode_event(msg: Message) -> list[bytes]:
     return [msg.KIND.encode(), msg.VERSION, msgpack.packb(msg.body(), use_bin_type=True)]
 
 
-def decode(frames: list[bytes], version: bytes) -> Message:
+def decode(frames: list[bytes], version: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
     """Decode [version, kind, body] into its dataclass, or raise ProtocolError."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames (version, kind, body), got {len(frames)}", frames[:4])
     got_version, kind_raw, raw = frames
     if got_version != version:
         raise ProtocolError(f"unsupported protocol version {bytes(got_version)[:16]!r}, expected {version!r}")
-    if len(raw) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"body of {len(raw)} bytes is over the limit of {MAX_FRAME_BYTES}")
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"body of {len(raw)} bytes is over the limit of {max_bytes}")
     try:
         kind = bytes(kind_raw).decode("ascii")
     except UnicodeDecodeError:
