@@ -24,6 +24,7 @@ from bench.common import (
 )
 
 BASELINE_WAY = "libvirt-threads"
+MAX_SLOTS = 20
 
 
 def _names(n: int, tag: str) -> list[str]:
@@ -129,7 +130,10 @@ def ways_for(settings: Settings, n: int) -> list[tuple[str, int | None]]:
     ways.append((BASELINE_WAY, None))
     if not settings.short and n == 20:
         ways.append(("libvirt-threads-shared", None))
-    ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts]
+    # One worker with 40 slots loses leases (15 of 40 starts ended "lost" in every
+    # repetition of the 2026-11-25 full run; see docs/BENCHMARKS.md), so no worker gets
+    # more than MAX_SLOTS slots here.
+    ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts if math.ceil(n / w) <= MAX_SLOTS]
     return ways
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from common.errors import NotFoundError, OperationInvalidError
 
@@ -37,7 +37,9 @@ class Job:
         return self.state in ("succeeded", "failed", "cancelled", "lost")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # Every field is a plain value: a copy of __dict__ is what asdict() would build, at a
+        # fraction of its cost (this runs for every job transition written to disk).
+        return dict(self.__dict__)
 
     @classmethod
     def from_dict(cls, data: dict) -> Job:

@@ -8,8 +8,10 @@ run, commits once (group commit), and only then sends replies, job assignments a
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import zmq
@@ -17,7 +19,7 @@ import zmq
 from broker.metrics import BrokerMetrics
 from broker.registry import DomainRecord, Registry
 from broker.scheduler import Job, Scheduler, WorkerInfo
-from broker.store import Store
+from broker.store import Store, StoreWriter
 from common import domxml, protocol as p
 from common.config import Config
 from common.process import run_until_signalled
@@ -40,9 +42,14 @@ _DEFERRED = object()  # a handler's "no reply yet" (wait)
 # What the read-only endpoint answers; everything else there is refused.
 RESYNC_QUIET_S = 5.0
 READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers"})
+# Requests whose replies change nothing, so they need not wait for the disk. A read may show a
+# change whose own acknowledgement is still waiting for its commit: if the broker dies first,
+# that change is gone, and it was never acknowledged.
+READ_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "workers"})
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
+EXIT_STORE = 3
 
 
 @dataclass
@@ -65,8 +72,15 @@ class Broker:
         self.waiters: list[Waiter] = []
         # label_id -> (lifecycle worker awaiting the reply, security worker asked)
         self.label_routes: dict[str, tuple[str, str]] = {}
+        # Replies that depend on nothing unwritten (reads, errors, routing) leave at the end
+        # of the loop turn; the rest (acknowledged changes, job assignments, events) leave
+        # when the batch holding their changes is on disk.
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
+        self.durable_outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.events: list[p.Message] = []
+        self.in_flight: deque[tuple[int, list, list]] = deque()  # (batch_id, outbox, events) being written
+        self.batch_id = 0
+        self.writer: StoreWriter | None = None
         self.stopping = False
         self.metrics = BrokerMetrics()
         self._gauges_at = 0.0
@@ -140,14 +154,18 @@ class Broker:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
+        self.writer = StoreWriter(self.store, self.context)
         poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
+        poller.register(self.writer.done, zmq.POLLIN)
         if self.readonly_sock is not None:
             poller.register(self.readonly_sock, zmq.POLLIN)
         while not self.stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
             now = time.monotonic()
+            if self.writer.done in ready:
+                self._release_written()
             handled = 0
             if self.worker_sock in ready:
                 handled += self._drain(self.worker_sock, self._on_worker_frames)
@@ -161,11 +179,45 @@ class Broker:
             self.dispatch(now)
             self.refresh_gauges(now)
             self._answer_waiters(now)
-            if self.events:
-                self.store.set_meta("event_seq", str(self.seq))
-            self.store.commit()
-            self._flush()
+            self._hand_over_batch()
+            self._send(self.outbox)
         self._shutdown()
+
+    def _hand_over_batch(self) -> None:
+        """Group commit: this turn's changes go to the writer; their replies wait for it."""
+        if self.events:
+            self.store.set_meta("event_seq", str(self.seq))
+        batch = self.store.take_batch()
+        if batch is not None:
+            self.batch_id += 1
+            self.in_flight.append((self.batch_id, self.durable_outbox, self.events))
+            self.writer.submit(self.batch_id, batch)
+        elif self.in_flight:
+            # Nothing new to write, but these replies may report changes still being
+            # written: they leave with the last batch, in order.
+            self.in_flight[-1][1].extend(self.durable_outbox)
+            self.in_flight[-1][2].extend(self.events)
+        else:
+            self._send(self.durable_outbox)
+            self._publish(self.events)
+        self.durable_outbox, self.events = [], []
+
+    def _release_written(self) -> None:
+        while True:
+            try:
+                status, detail = self.writer.done.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if status != b"done":
+                # Nothing more may be acknowledged: leave, and let supervisord restart us
+                # on what is on disk.
+                log.critical("stopping: the state store failed (%s)", detail.decode(errors="replace"))
+                os._exit(EXIT_STORE)
+            batch_id = int(detail)
+            while self.in_flight and self.in_flight[0][0] <= batch_id:
+                _, outbox, events = self.in_flight.popleft()
+                self._send(outbox)
+                self._publish(events)
 
     def _poll_timeout_ms(self) -> int:
         timeout_s = TICK_S
@@ -183,22 +235,33 @@ class Broker:
             handler(frames)
         return BATCH_MAX_MESSAGES
 
-    def _flush(self) -> None:
-        for sock, frames in self.outbox:
+    def _send(self, outbox: list[tuple[zmq.Socket, list[bytes]]]) -> None:
+        for sock, frames in outbox:
             try:
                 sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
                 log.warning("dropped a message: peer's queue is full")
-        self.outbox.clear()
-        for event in self.events:
+        outbox.clear()
+
+    def _publish(self, events: list[p.Message]) -> None:
+        for event in events:
             self.pub_sock.send_multipart(p.encode_event(event))
-        self.events.clear()
+        events.clear()
 
     def _shutdown(self) -> None:
         log.info("broker stopping")
+        # Everything handed to the writer is written before the replies that wait for it go.
+        self.writer.stop()
+        while self.in_flight:
+            _, outbox, events = self.in_flight.popleft()
+            self._send(outbox)
+            self._publish(events)
+        self.store.commit()
+        self._send(self.durable_outbox)
+        self._publish(self.events)
+        self._send(self.outbox)
         for worker_id, identity in self.identities.items():
             self.worker_sock.send_multipart([identity, *p.encode(p.Shutdown())], zmq.NOBLOCK)
-        self.store.commit()
         self.store.close()
         for sock in (self.client_sock, self.worker_sock, self.pub_sock, self.readonly_sock):
             if sock is not None:
@@ -228,7 +291,7 @@ class Broker:
             if result is _DEFERRED:
                 self.waiters[-1].sock = sock
                 return
-            self._reply(identity, p.Ok(request_id=request_id, result=result), sock)
+            self._reply(identity, p.Ok(request_id=request_id, result=result), sock, durable=msg.KIND not in READ_KINDS)
         except VirtbrokerError as e:
             self.metrics.requests.labels(msg.KIND if msg is not None else "undecodable", e.code).inc()
             if isinstance(e, ProtocolError):
@@ -238,8 +301,10 @@ class Broker:
             log.exception("internal error handling a client request")
             self._reply(identity, p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"), sock)
 
-    def _reply(self, identity: bytes, msg: p.Message, sock: zmq.Socket | None = None) -> None:
-        self.outbox.append((sock or self.client_sock, [identity, *p.encode(msg)]))
+    def _reply(self, identity: bytes, msg: p.Message, sock: zmq.Socket | None = None, durable: bool = False) -> None:
+        """Queue a reply; durable ones leave only once this turn's changes are on disk."""
+        box = self.durable_outbox if durable else self.outbox
+        box.append((sock or self.client_sock, [identity, *p.encode(msg)]))
 
     def handle_ping(self, msg: p.Ping, identity: bytes):
         return {
@@ -278,7 +343,7 @@ class Broker:
     def handle_submit(self, msg: p.Submit, identity: bytes):
         if msg.op not in p.JOB_OPS:
             raise InvalidError(f"unknown operation '{msg.op}' ({', '.join(p.JOB_OPS)})")
-        if msg.timeout_s is not None and not (0 < msg.timeout_s <= MAX_SHUTDOWN_TIMEOUT_S):
+        if msg.timeout_s is not None and not (0 < msg.timeout_s <= MAX_SHUTDOWN_TIMEOUT_S):  # NaN fails too
             raise InvalidError(f"timeout_s must be between 0 and {MAX_SHUTDOWN_TIMEOUT_S:g} seconds")
         if msg.idempotency_key is not None and not (0 < len(msg.idempotency_key) <= 200):
             raise InvalidError("idempotency_key must be 1 to 200 characters")
@@ -328,6 +393,8 @@ class Broker:
             raise InvalidError("wait needs 1 to 10000 job ids")
         for job_id in msg.job_ids:
             self.scheduler.get(job_id)  # unknown ids fail now, not at the deadline
+        if not math.isfinite(msg.timeout_s):
+            raise InvalidError("timeout_s must be a finite number of seconds")
         timeout_s = min(max(msg.timeout_s, 0.0), MAX_WAIT_S)
         self.waiters.append(Waiter(identity, msg.request_id, list(msg.job_ids), time.monotonic() + timeout_s))
         return _DEFERRED
@@ -350,7 +417,7 @@ class Broker:
             done = all(job.final for job in jobs)
             if done or now >= waiter.deadline:
                 result = {"jobs": [job.summary() for job in jobs], "timed_out": not done}
-                self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result), waiter.sock)
+                self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result), waiter.sock, durable=True)
             else:
                 still.append(waiter)
         self.waiters = still
@@ -369,16 +436,23 @@ class Broker:
         except Exception:
             log.exception("internal error handling a worker message")
 
-    def _to_worker(self, worker_id: str, msg: p.Message) -> None:
+    def _to_worker(self, worker_id: str, msg: p.Message, durable: bool = True) -> None:
+        """Job assignments and result acks wait for the disk; routing and greetings need not."""
         identity = self.identities.get(worker_id)
         if identity is not None:
-            self.outbox.append((self.worker_sock, [identity, *p.encode(msg)]))
+            box = self.durable_outbox if durable else self.outbox
+            box.append((self.worker_sock, [identity, *p.encode(msg)]))
 
     def handle_worker_hello(self, msg: p.Hello, identity: bytes) -> None:
         if msg.role not in ("lifecycle", "security") or msg.slots < 1:
             log.warning("refused hello from %s: role %r, slots %r", msg.worker_id, msg.role, msg.slots)
             return
         now = time.monotonic()
+        previous = self.workers.get(msg.worker_id)
+        if previous is not None:
+            # Restarted under the same id before we noticed: what the old process was asked
+            # will never be answered.
+            self._fail_label_routes(previous)
         worker = WorkerInfo(
             worker_id=msg.worker_id,
             role=msg.role,
@@ -409,6 +483,7 @@ class Broker:
         self._to_worker(
             msg.worker_id,
             p.Welcome(heartbeat_interval_s=self.config.heartbeat_interval_s, lease_ttl_s=self.config.lease_ttl_s),
+            durable=False,
         )
         if msg.role == "lifecycle":
             self._reconcile_host(msg.host_id, msg.guests)
@@ -443,7 +518,7 @@ class Broker:
         worker = self.workers.get(msg.worker_id)
         if worker is None:
             self.identities[msg.worker_id] = identity
-            self._to_worker(msg.worker_id, p.Reregister())
+            self._to_worker(msg.worker_id, p.Reregister(), durable=False)
             return
         worker.last_seen = time.monotonic()
         unknown = self.scheduler.renew(msg.worker_id, msg.lease_ids, worker.last_seen)
@@ -499,8 +574,10 @@ class Broker:
         if msg.domain_state in p.DOMAIN_STATES:
             host = job.host_id if msg.domain_state != "shutoff" else None
             self._set_state(record, msg.domain_state, host)
-        elif job.op == "start" and not msg.ok and record.state == "shutoff":
-            self._set_state(record, "shutoff", None)
+        elif not msg.ok:
+            # The worker could not tell what became of the guest (libvirtd went away mid-call):
+            # keep the host and ask it again.
+            self._queue_reconcile(record, f"job {job.job_id} failed with the outcome unknown")
         self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=True))
 
     def handle_worker_label(self, msg: p.LabelRequest, identity: bytes) -> None:
@@ -520,12 +597,13 @@ class Broker:
                     ok=False,
                     error=f"no {msg.driver} security worker on host {msg.host_id}",
                 ),
+                durable=False,
             )
             return
         target = min(candidates, key=lambda w: len(w.jobs))
         self.label_routes[msg.label_id] = (msg.worker_id, target.worker_id)
         target.jobs.add(msg.label_id)
-        self._to_worker(target.worker_id, msg)
+        self._to_worker(target.worker_id, msg, durable=False)  # routing changes nothing on disk
 
     def handle_worker_label_reply(self, msg: p.LabelReply, identity: bytes) -> None:
         route = self.label_routes.pop(msg.label_id, None)
@@ -535,7 +613,7 @@ class Broker:
         requester, target = route
         if target in self.workers:
             self.workers[target].jobs.discard(msg.label_id)
-        self._to_worker(requester, msg)
+        self._to_worker(requester, msg, durable=False)
 
     def _fail_label_routes(self, worker: WorkerInfo) -> None:
         """A security worker left: its unanswered requests fail now instead of at the requester's timeout."""
@@ -545,7 +623,7 @@ class Broker:
                 self._to_worker(requester, p.LabelReply(
                     worker_id="broker", label_id=label_id, driver=",".join(worker.drivers), ok=False,
                     error=f"security worker {worker.worker_id} went away before answering",
-                ))
+                ), durable=False)
 
     # ------------------------------------------------------------------ time
     def tick(self, now: float) -> None:
@@ -637,6 +715,7 @@ class Broker:
             return
         now_wall = time.time()
         lifecycle = [w for w in self.workers.values() if w.role == "lifecycle"]
+        free_slots = sum(max(0, w.free_slots) for w in lifecycle)
         for uuid in self.scheduler.ready_domains():
             job = self.scheduler.head(uuid)
             record = self.registry.by_uuid.get(uuid)
@@ -659,10 +738,13 @@ class Broker:
                 self.store.put_job(job)
                 self._emit_job(job)
                 continue
+            if free_slots <= 0:
+                continue  # no slot anywhere: skip the search, keep a long queue cheap per turn
             worker = self._pick_worker(lifecycle, job, record)
             if worker is None:
                 continue  # waits in the broker, not in a worker slot
             self.scheduler.pop_head(uuid)
+            free_slots -= 1
             record.epoch += 1
             lease = self.scheduler.grant(job, worker, record.epoch, now, now_wall)
             if job.op == "start":

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import queue
 import sqlite3
+import threading
+from dataclasses import dataclass, field
+
+import zmq
 
 from broker.registry import DomainRecord
 from broker.scheduler import Job
@@ -32,20 +38,64 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-class Store:
-    """Handlers mark records dirty; commit() writes them all in one transaction and syncs.
+log = logging.getLogger("virtbroker.store")
 
-    The broker replies only after commit() returns, so an acknowledged define, undefine,
-    submission or state change is on disk before anyone hears of it (group commit: one
-    fsync covers every message handled in the batch).
+
+@dataclass
+class Batch:
+    """Rows to write in one transaction, copied out of the records when the batch was taken."""
+
+    deleted: list[tuple] = field(default_factory=list)
+    domains: list[tuple] = field(default_factory=list)
+    jobs: list[tuple] = field(default_factory=list)
+    meta: list[tuple] = field(default_factory=list)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=FULL")
+    return db
+
+
+def write_batch(db: sqlite3.Connection, batch: Batch) -> None:
+    db.execute("BEGIN")
+    try:
+        # Deletes first: an undefine and a define of the same name in one batch must not
+        # trip the UNIQUE(name) constraint. A rename cannot happen (define refuses it), so
+        # an upsert by uuid is enough.
+        db.executemany("DELETE FROM domains WHERE uuid = ?", batch.deleted)
+        db.executemany(
+            "INSERT INTO domains (uuid, name, xml, state, host_id, epoch, generation, live_xml)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, xml=excluded.xml,"
+            " state=excluded.state, host_id=excluded.host_id, epoch=excluded.epoch,"
+            " generation=excluded.generation, live_xml=excluded.live_xml",
+            batch.domains,
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO jobs (job_id, uuid, domain_name, op, state, body) VALUES (?, ?, ?, ?, ?, ?)",
+            batch.jobs,
+        )
+        db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", batch.meta)
+        db.execute("COMMIT")  # with synchronous=FULL in WAL mode: one fsync of the WAL
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+
+
+class Store:
+    """Handlers mark records dirty; take_batch() copies them into one Batch to write.
+
+    What a batch holds is on disk before any reply that depends on it is sent: the
+    broker hands batches to a StoreWriter thread and releases the replies of each batch
+    when its commit returns (group commit: one fsync covers every message of a loop turn).
     """
 
     def __init__(self, state_dir: str):
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(state_dir, "broker.sqlite3")
-        self.db = sqlite3.connect(self.path, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db = _connect(self.path)
         self.db.executescript(SCHEMA)
         self.dirty_domains: dict[str, DomainRecord] = {}
         self.deleted_domains: set[str] = set()
@@ -86,45 +136,85 @@ class Store:
     def pending(self) -> bool:
         return bool(self.dirty_domains or self.deleted_domains or self.dirty_jobs or self.dirty_meta)
 
-    def commit(self) -> None:
+    def take_batch(self) -> Batch | None:
+        """Copy the dirty rows out (records keep changing after this) and start afresh."""
         if not self.pending:
-            return
-        db = self.db
-        db.execute("BEGIN")
-        try:
-            # Deletes first: an undefine and a define of the same name in one batch must not
-            # trip the UNIQUE(name) constraint.
-            db.executemany("DELETE FROM domains WHERE uuid = ?", [(u,) for u in self.deleted_domains])
-            # A rename cannot happen (define refuses it), so upsert by uuid is enough.
-            db.executemany(
-                "INSERT INTO domains (uuid, name, xml, state, host_id, epoch, generation, live_xml)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, xml=excluded.xml,"
-                " state=excluded.state, host_id=excluded.host_id, epoch=excluded.epoch,"
-                " generation=excluded.generation, live_xml=excluded.live_xml",
-                [
-                    (r.uuid, r.name, r.xml, r.state, r.host_id, r.epoch, r.generation, r.live_xml)
-                    for r in self.dirty_domains.values()
-                ],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO jobs (job_id, uuid, domain_name, op, state, body) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (j.job_id, j.uuid, j.domain_name, j.op, j.state, json.dumps(j.to_dict()))
-                    for j in self.dirty_jobs.values()
-                ],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(self.dirty_meta.items())
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            return None
+        batch = Batch(
+            deleted=[(u,) for u in self.deleted_domains],
+            domains=[
+                (r.uuid, r.name, r.xml, r.state, r.host_id, r.epoch, r.generation, r.live_xml)
+                for r in self.dirty_domains.values()
+            ],
+            jobs=[
+                (j.job_id, j.uuid, j.domain_name, j.op, j.state, json.dumps(j.to_dict()))
+                for j in self.dirty_jobs.values()
+            ],
+            meta=list(self.dirty_meta.items()),
+        )
         self.dirty_domains.clear()
         self.deleted_domains.clear()
         self.dirty_jobs.clear()
         self.dirty_meta.clear()
+        return batch
+
+    def commit(self) -> None:
+        """Write what is dirty now, in this thread (startup, shutdown, tests)."""
+        batch = self.take_batch()
+        if batch is not None:
+            write_batch(self.db, batch)
 
     def close(self) -> None:
         self.db.close()
+
+
+class StoreWriter:
+    """A thread that writes batches in order, so the broker loop serves reads during fsync.
+
+    The loop submits (batch_id, Batch); the writer commits each and sends the id back on
+    an inproc PUSH socket the loop polls. A write that fails (disk full, I/O error) is
+    fatal: the loop is told, and must exit without acknowledging anything more.
+    """
+
+    DONE_URL = "inproc://store-writer"
+
+    def __init__(self, store: Store, context: zmq.Context):
+        self.path = store.path
+        self.context = context
+        self.queue: queue.Queue = queue.Queue()
+        self.done = context.socket(zmq.PULL)
+        self.done.setsockopt(zmq.LINGER, 0)
+        self.done.bind(self.DONE_URL)
+        self.thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, batch_id: int, batch: Batch) -> None:
+        self.queue.put((batch_id, batch))
+
+    def _run(self) -> None:
+        db = _connect(self.path)
+        out = self.context.socket(zmq.PUSH)
+        out.setsockopt(zmq.LINGER, 0)
+        out.connect(self.DONE_URL)
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                batch_id, batch = item
+                try:
+                    write_batch(db, batch)
+                except Exception as e:
+                    log.critical("cannot write the broker's state to %s: %s", self.path, e)
+                    out.send_multipart([b"error", str(e).encode()])
+                    return
+                out.send_multipart([b"done", str(batch_id).encode()])
+        finally:
+            out.close(linger=0)
+            db.close()
+
+    def stop(self) -> None:
+        """Write what was submitted, then end the thread."""
+        self.queue.put(None)
+        self.thread.join()
+        self.done.close(linger=0)

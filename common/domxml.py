@@ -40,6 +40,10 @@ def parse(xml: str | bytes) -> etree._Element:
         root = etree.fromstring(data, _PARSER)
     except etree.XMLSyntaxError as e:
         raise InvalidError(f"definition is not well-formed XML: {e}") from e
+    # The byte check above misses a DOCTYPE in another encoding (UTF-7, UTF-16): ask the parser.
+    docinfo = root.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+        raise InvalidError("definition contains a DOCTYPE or entity declaration, which is not allowed")
     if root.tag != "domain":
         raise InvalidError(f"expected a <domain> root element, got <{root.tag}>")
     if not root.get("type"):

@@ -41,6 +41,7 @@ FINAL_JOB_STATES = ("succeeded", "failed", "cancelled", "lost")
 DOMAIN_STATES = ("shutoff", "running", "paused")
 
 _KINDS: dict[tuple[bytes, str], type[Message]] = {}
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per message class, filled on first encode
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ class Message:
             _KINDS[(cls.VERSION, cls.KIND)] = cls
 
     def body(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        names = _FIELD_NAMES.get(type(self))
+        if names is None:
+            names = _FIELD_NAMES[type(self)] = tuple(f.name for f in dataclasses.fields(self))
+        return {name: getattr(self, name) for name in names}
 
 
 # --------------------------------------------------------------------------- client -> broker

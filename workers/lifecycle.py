@@ -15,6 +15,7 @@ import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 
 import libvirt
+import msgpack
 import zmq
 
 from common import domxml, protocol as p
@@ -39,6 +40,17 @@ _STATE_NAMES = {
     libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
     libvirt.VIR_DOMAIN_CRASHED: "shutoff",
 }
+
+
+def state_name(state: int, reason: int) -> str:
+    """libvirt's (state, reason) as a virtbroker domain state.
+
+    QEMU guests pass through PAUSED/STARTING_UP while they start: that is a guest on its
+    way to running, not one a user paused, and a reconcile must not record it as paused.
+    """
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
+        return "running"
+    return _STATE_NAMES.get(state, "running")
 
 
 def _quiet_libvirt(_ctx, _err):
@@ -78,6 +90,21 @@ class Hypervisor:
                 self.conn = self._open()
             return self.conn
 
+    def ensure_alive(self) -> None:
+        """Before a job: one cheap call proves the connection. isAlive() stays true after
+        libvirtd restarts until the first call fails ("Cannot write data: Broken pipe"), and
+        that first call must not be the job's own."""
+        with self._lock:
+            try:
+                self.conn.getLibVersion()
+            except libvirt.libvirtError:
+                log.warning("connection to %s is stale (libvirtd restarted?); reconnecting", self.uri)
+                try:
+                    self.conn.close()
+                except libvirt.libvirtError:
+                    pass
+                self.conn = self._open()
+
     def lookup(self, uuid: str):
         try:
             return self.connection().lookupByUUIDString(uuid)
@@ -91,7 +118,7 @@ class Hypervisor:
         if dom is None:
             return "shutoff"
         try:
-            return _STATE_NAMES.get(dom.state()[0], "running")
+            return state_name(*dom.state())
         except libvirt.libvirtError as e:
             if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return "shutoff"
@@ -101,9 +128,7 @@ class Hypervisor:
         out = []
         for dom in self.connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             try:
-                out.append(
-                    {"uuid": dom.UUIDString(), "name": dom.name(), "state": _STATE_NAMES.get(dom.state()[0], "running")}
-                )
+                out.append({"uuid": dom.UUIDString(), "name": dom.name(), "state": state_name(*dom.state())})
             except libvirt.libvirtError:
                 continue  # it went away while we listed
         return out
@@ -119,6 +144,7 @@ class JobRunner:
 
     def run(self, job: p.JobAssignment) -> p.Result:
         try:
+            self.hv.ensure_alive()
             state = getattr(self, "op_" + job.op)(job)
             return self._result(job, ok=True, state=state)
         except libvirt.libvirtError as e:
@@ -299,7 +325,7 @@ class LifecycleWorker:
         self.stopping = False
         self.broker_gone = False
         self.heartbeat_interval_s = config.heartbeat_interval_s
-        self.next_resync = time.monotonic() + config.resync_interval_s
+        self.resync_stop = threading.Event()
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="job")
 
@@ -334,6 +360,8 @@ class LifecycleWorker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.inproc, zmq.POLLIN)
+        resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
+        resync.start()
         next_beat = time.monotonic() + self.heartbeat_interval_s
         stop_deadline = None
         while True:
@@ -357,21 +385,32 @@ class LifecycleWorker:
         if self.running:
             log.warning("leaving with %d job(s) unfinished; their leases will expire", len(self.running))
         self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))
+        self.resync_stop.set()
+        resync.join(timeout=5)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.sock.close(linger=0)
         self.inproc.close(linger=0)
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, guests: list[dict] | None = None) -> None:
         lease_ids = [j.lease_id for j in self.running.values()]
-        guests = None
-        now = time.monotonic()
-        if now >= self.next_resync:
-            self.next_resync = now + self.config.resync_interval_s
-            try:
-                guests = self.hv.guests()
-            except (libvirt.libvirtError, DriverError) as e:
-                log.warning("cannot list guests for resync: %s", e)
         self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests)))
+
+    def _resync_loop(self) -> None:
+        """Lists the host's guests every resync_interval_s in a thread of its own: a slow or
+        restarting libvirtd must never delay the main thread's heartbeats (leases would expire)."""
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(INPROC_URL + "-" + self.worker_id)
+        try:
+            while not self.resync_stop.wait(self.config.resync_interval_s):
+                try:
+                    guests = self.hv.guests()
+                except (libvirt.libvirtError, DriverError) as e:
+                    log.warning("cannot list guests for resync: %s", e)
+                    continue
+                sock.send_multipart([b"guests", msgpack.packb(guests, use_bin_type=True)])
+        finally:
+            sock.close(linger=0)
 
     def _drain_broker(self) -> None:
         while True:
@@ -428,6 +467,8 @@ class LifecycleWorker:
             elif tag == b"label":
                 self.label_threads[rest[0].decode()] = identity
                 self.sock.send_multipart(rest[1:])
+            elif tag == b"guests":
+                self._heartbeat(guests=msgpack.unpackb(rest[0], raw=False))
 
     # -- pool threads
     def _thread_socket(self) -> zmq.Socket:

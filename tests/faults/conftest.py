@@ -21,6 +21,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from broker.server import RESYNC_QUIET_S
 from client.api import Client
 from client.templates import minimal_domain_xml
 from common.protocol import FINAL_JOB_STATES
@@ -28,6 +29,14 @@ from tests.kvm.conftest import DOMAIN_TYPE, URI
 
 # Guests of this folder only: other suites (and benchmarks) share the host's libvirtd.
 FAULT_PREFIX = "vbt-flt-"
+
+# Lifecycle workers report their host's guests this often (--resync-interval); the broker
+# applies such a report only to domains whose state has not changed for RESYNC_QUIET_S.
+# A registry that disagrees with the host after a fault must agree again within
+# RESYNC_CONVERGE_S; how often it disagreed at first is printed, not asserted.
+RESYNC_S = 2.0
+RESYNC_ARGS = ["--resync-interval", str(RESYNC_S)]
+RESYNC_CONVERGE_S = RESYNC_QUIET_S + 2 * RESYNC_S + 5.0
 
 
 @pytest.fixture
@@ -128,6 +137,20 @@ def active_guests(uri: str, prefix: str = FAULT_PREFIX) -> dict[str, str]:
 
 def registry_active(client: Client, prefix: str = FAULT_PREFIX) -> dict[str, str]:
     return {d["name"]: d["state"] for d in client.list() if d["name"].startswith(prefix)}
+
+
+def converge(read_registry, read_truth, context: str, timeout_s: float = RESYNC_CONVERGE_S) -> float:
+    """Wait until the registry agrees with the truth; return how long that took (0: at once)."""
+    started = time.monotonic()
+    first = True
+    while True:
+        registry, truth = read_registry(), read_truth()
+        if registry == truth:
+            return 0.0 if first else time.monotonic() - started
+        first = False
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"{context}: registry {registry} != host {truth} after {timeout_s:g} s")
+        time.sleep(0.25)
 
 
 def destroy_through_broker(cluster, prefix: str = FAULT_PREFIX) -> None:

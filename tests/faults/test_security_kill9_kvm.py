@@ -1,8 +1,9 @@
 """kill -9 of the DAC security worker at random points of a labelling transaction, repeated.
 
 A variant of tests/kvm/test_security_kvm.py's single crash: each round kills the worker
-after a random number of a guest's files were chowned (from the first file to after the
-whole transaction), restarts it, and checks that no file of the stopped guest keeps a
+after a random number of a guest's files were chowned (from the first file to the pause
+after the last one, just before the transaction commits), restarts it once the broker has
+failed the dead worker's requests, and checks that no file of the stopped guest keeps a
 label (owner, mode or trusted.virtbroker.dac attribute), that the guest is not running,
 and that the registry says so too.
 """
@@ -10,12 +11,21 @@ and that the registry says so too.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
 from client.api import Client
-from tests.faults.conftest import FAULT_PREFIX, active_guests, fault_guest_xml, wait_until
+from tests.faults.conftest import (
+    FAULT_PREFIX,
+    active_guests,
+    ensure_guest_user,
+    fault_guest_xml,
+    wait_until,
+)
 from tests.kvm.conftest import URI
 from tests.kvm.test_security_kvm import GUEST_USER, ORIGINAL, make_image, owner
 
@@ -28,11 +38,8 @@ XATTR = "trusted.virtbroker.dac"
 
 
 @pytest.fixture
-def storage_root(tmp_path_factory):
-    import shutil
-    import tempfile
-    from pathlib import Path
-
+def storage_root():
+    """A root QEMU can traverse (0711), under /var/tmp; removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="vbflt-", dir="/var/tmp"))
     root.chmod(0o711)
     try:
@@ -43,8 +50,6 @@ def storage_root(tmp_path_factory):
 
 @pytest.fixture
 def dac_cluster(cluster_factory, fault_guests, storage_root):
-    from tests.faults.conftest import ensure_guest_user
-
     ensure_guest_user()
     extra = ["--security", "dac", "--guest-user", GUEST_USER, "--storage-root", str(storage_root),
              "--label-pause", str(LABEL_PAUSE_S)]
@@ -83,12 +88,12 @@ def test_dac_worker_kill9_at_random_points_of_a_transaction(dac_cluster, storage
     name = f"{FAULT_PREFIX}seckill"
     c.define(fault_guest_xml("seckill", disks=[str(d) for d in disks]))
     for round_no in range(ROUNDS):
-        # 1..DISKS files chowned, or DISKS + 1: after the last file's pause, when the
-        # transaction commits and the reply is on its way.
+        # 1..DISKS files chowned, or DISKS + 1: late in the pause after the last file,
+        # just before the transaction commits.
         kill_after = fault_rng.randint(1, DISKS + 1)
         job = c.submit(name, "start")
         target = min(kill_after, DISKS)
-        wait_until(lambda: sum(owner(d) != ORIGINAL for d in disks) >= target, 30, interval_s=0.01,
+        wait_until(lambda target=target: sum(owner(d) != ORIGINAL for d in disks) >= target, 30, interval_s=0.01,
                    what=f"{target} file(s) labelled")
         if kill_after > DISKS:
             time.sleep(LABEL_PAUSE_S * 0.9)
@@ -128,8 +133,8 @@ def test_dac_worker_restarted_at_once_after_kill9_does_not_strand_the_start(dac_
     wait_until(lambda: owner(disks[0]) != ORIGINAL, 30, interval_s=0.01, what="labelling began")
     cluster.security["dac"].kill9()
     cluster.start_security_worker("dac")
-    status = c.wait_status([job["job_id"]], cluster.lease_ttl_s + 20)
-    assert not status["timed_out"], f"start still {status['jobs'][0]['state']} {cluster.lease_ttl_s + 20:g} s after the kill"
+    status = c.wait_status([job["job_id"]], cluster.lease_ttl_s + 10)
+    assert not status["timed_out"], f"start still {status['jobs'][0]['state']} {cluster.lease_ttl_s + 10:g} s after the kill"
     final = status["jobs"][0]
     if final["state"] == "succeeded":
         assert c.run(name, "destroy", 60)["state"] == "succeeded"

@@ -16,7 +16,15 @@ from hypothesis import strategies as st
 from client.templates import minimal_domain_xml
 from common import protocol as p
 from tests.fuzz.conftest import FUZZ, PROBE_DEADLINE_S
-from tests.fuzz.strategies import NAME_POOL, body_for, deep, frames_for, ints, packed, texts
+from tests.fuzz.strategies import (
+    NAME_POOL,
+    body_for,
+    deep,
+    frames_for,
+    ints,
+    packed,
+    texts,
+)
 
 CLIENT_KINDS = sorted(kind for (version, kind) in p.kinds() if version == p.CLIENT_VERSION)
 REQUEST_CLASSES = [cls for (version, kind), cls in sorted(p.kinds().items())
