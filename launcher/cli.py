@@ -83,9 +83,23 @@ def cmd_security_worker(args) -> int:
     return run_security_worker(config, args.driver, args.worker_id)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM when `up` dies, even by kill -9, so no child is orphaned."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: children outlive a killed `up`, as before
+
+
 def _child(target, config: Config, *extra):
     # Children of `up` log through the parent's handler (multiprocessing-logging) and
     # leave Ctrl-C to the parent, which stops them in order.
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(target(config, *extra))
 

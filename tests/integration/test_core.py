@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -363,3 +364,17 @@ def test_embedded_host_dies_with_its_worker_and_its_domains_start_elsewhere(clus
     again = c.run("orphan", "start")
     assert again["state"] == "succeeded" and again["worker_id"] == "w2"
     c.run("orphan", "destroy")
+
+
+def test_children_of_up_stop_when_up_is_killed(tmp_path):
+    up = Proc("up", [sys.executable, "-m", "launcher", "up", "--state-dir", str(tmp_path), "--workers", "2"], tmp_path)
+    up.start()
+    try:
+        with Client(f"ipc://{tmp_path}/client.sock", timeout_s=30) as c:
+            wait_until(lambda: _ping_workers(c) >= 2)
+        children = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 3  # broker, two workers (and the logging queue's helper, if any)
+    finally:
+        up.kill9()
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and "zombie" not in open(f"/proc/{pid}/status").read()
+                                for pid in children), timeout_s=30)
