@@ -1,5 +1,6 @@
 """DAC labelling: chown a domain's files to the guest user, remember and restore their owners."""
 
+import contextlib
 import errno
 import json
 import logging
@@ -117,7 +118,7 @@ class DacDriver:
         if not paths and not pending:
             return []
         ordered = sorted(paths)
-        with self.locks.locked(ordered):
+        with self._transaction_scope(ordered):
             txn_id = self.store.begin(DRIVER, dom, "restore", ordered)
             dropped, failures = self._drop_all(dom, ordered)
             if failures:
@@ -138,7 +139,7 @@ class DacDriver:
                 # A later committed label() of the same domain may have taken over a path.
                 held = set(self.store.domain_paths(DRIVER, txn.domain_uuid))
                 paths = [p for p in paths if p not in held]
-            with self.locks.locked(paths):
+            with self._transaction_scope(paths):
                 dropped, failures = self._drop_all(txn.domain_uuid, paths)
                 if failures:
                     log.error("recovery of %s of domain %s failed: %s", txn.op, txn.domain_uuid, _describe(failures))
@@ -197,15 +198,26 @@ class DacDriver:
 
     # -- the transaction --
 
+    def _transaction_scope(self, paths: list[str]):
+        """global: one host-wide lock for the whole transaction, as libvirt's security manager.
+        per-resource: nothing here; each file is locked only while its own record changes."""
+        return self.locks.locked(paths) if self.locks.mode == "global" else contextlib.nullcontext()
+
+    def _file_scope(self, path: str):
+        return self.locks.locked([path]) if self.locks.mode != "global" else contextlib.nullcontext()
+
     def _label_new(self, dom: str, targets: list[_Target]) -> None:
         paths = [t.path for t in targets]
-        with self.locks.locked(paths):
+        with self._transaction_scope(paths):
             # Durable before the first chown: a crash from here on is undone by recover().
+            # The journal is per domain, and the broker runs one job per domain at a time,
+            # so it needs no file lock; the fsyncs it costs are outside every file's lock.
             txn_id = self.store.begin(DRIVER, dom, "label", paths)
             added: list[str] = []
             for target in targets:
                 try:
-                    self._add_ref(target, dom, added)
+                    with self._file_scope(target.path):
+                        self._add_ref(target, dom, added)
                 except Exception as e:
                     self._roll_back(txn_id, dom, added, target.path, e)
                 if self.pause_after_each_s:
@@ -230,8 +242,9 @@ class DacDriver:
         failures: list[tuple[str, Exception]] = []
         for path in paths:
             try:
-                if self._drop_ref(path, dom):
-                    dropped.append(path)
+                with self._file_scope(path):
+                    if self._drop_ref(path, dom):
+                        dropped.append(path)
             except Exception as e:  # keep going: restore as much as possible
                 failures.append((path, e))
         return dropped, failures
