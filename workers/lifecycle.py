@@ -258,56 +258,54 @@ class JobRunner:
             log.error("restoring labels of %s after a failed start: %s", job.domain_name, e)
 
     def _label(self, job: p.JobAssignment, action: str) -> dict:
-        """Ask every driver in job.security to label or restore; returns their facts by driver.
+        """Ask every driver in job.security at once to label or restore; returns their facts.
 
-        Drivers are asked in order (dac before apparmor) so the AppArmor profile is made for
-        files that already carry the guest's owner. A failure restores what was labelled.
+        The drivers touch different things (owners, profiles), so they work in parallel.
+        If any fails, the others' work is undone: a driver that refused rolled its own
+        transaction back, and one that never answered is asked to restore as well.
         """
-        facts: dict[str, dict] = {}
-        done: list[str] = []
-        for driver in job.security:
-            try:
-                reply = self._ask(job, action, driver)
-                error = reply.error
-            except SecurityError as e:
-                reply, error = None, e.message
-            if reply is None or not reply.ok:
-                if action == "label":
-                    # A driver that refused rolled its own transaction back; one that never
-                    # answered may have labelled some files, so it is asked to restore too.
-                    for d in reversed(done + ([driver] if reply is None else [])):
-                        try:
-                            self._ask(job, "restore", d)
-                        except SecurityError as e:
-                            log.error("restoring %s labels of %s: %s", d, job.domain_name, e)
-                raise SecurityError(f"{driver}: {error}")
-            done.append(driver)
-            facts[driver] = reply.detail
-        return facts
+        replies = self._ask_all(job, action, job.security)
+        failed = {d: r for d, r in replies.items() if r is None or not r.ok}
+        if failed:
+            if action == "label":
+                undo = [d for d, r in replies.items() if r is None or r.ok]
+                for driver, reply in self._ask_all(job, "restore", undo).items():
+                    if reply is None or not reply.ok:
+                        log.error("restoring %s labels of %s: %s", driver, job.domain_name,
+                                  reply.error if reply else "no answer")
+            driver, reply = next(iter(failed.items()))
+            error = reply.error if reply is not None else f"no answer within {LABEL_TIMEOUT_S:g} s"
+            raise SecurityError(f"{driver}: {error}")
+        return {driver: reply.detail for driver, reply in replies.items()}
 
-    def _ask(self, job: p.JobAssignment, action: str, driver: str) -> p.LabelReply:
-        label_id = uuidlib.uuid4().hex
-        request = p.LabelRequest(
-            worker_id=self.worker.worker_id,
-            label_id=label_id,
-            host_id=self.worker.host_id,
-            action=action,
-            domain_uuid=job.domain_uuid,
-            domain_name=job.domain_name,
-            xml=job.xml,
-            driver=driver,
-        )
-        self.sock.send_multipart([b"label", label_id.encode(), *p.encode(request)])
+    def _ask_all(self, job: p.JobAssignment, action: str, drivers: list[str]) -> dict[str, p.LabelReply | None]:
+        """Send one request per driver, then collect the replies; None for a driver that did not answer."""
+        waiting: dict[str, str] = {}  # label_id -> driver
+        for driver in drivers:
+            label_id = uuidlib.uuid4().hex
+            waiting[label_id] = driver
+            request = p.LabelRequest(
+                worker_id=self.worker.worker_id,
+                label_id=label_id,
+                host_id=self.worker.host_id,
+                action=action,
+                domain_uuid=job.domain_uuid,
+                domain_name=job.domain_name,
+                xml=job.xml,
+                driver=driver,
+            )
+            self.sock.send_multipart([b"label", label_id.encode(), *p.encode(request)])
+        replies: dict[str, p.LabelReply | None] = {driver: None for driver in drivers}
         deadline = time.monotonic() + LABEL_TIMEOUT_S
-        while True:
+        while waiting:
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
-                raise SecurityError(f"{driver} security worker did not answer {action} within {LABEL_TIMEOUT_S:g} s")
-            frames = self.sock.recv_multipart()
-            reply = p.decode(frames, p.WORKER_VERSION)
-            if isinstance(reply, p.LabelReply) and reply.label_id == label_id:
-                return reply
-            # a late reply to an earlier request of this thread: ignore
+                break
+            reply = p.decode(self.sock.recv_multipart(), p.WORKER_VERSION)
+            if isinstance(reply, p.LabelReply) and reply.label_id in waiting:
+                replies[waiting.pop(reply.label_id)] = reply
+            # else: a late reply to an earlier request of this thread: ignore
+        return replies
 
 
 class LifecycleWorker:
