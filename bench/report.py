@@ -101,10 +101,19 @@ def evaluate(results: dict) -> list[dict]:
     security = _section(results, "security")
     if security:
         by_way = {r["way"]: r for r in security["rows"]}
+        sec_n = next((r["n"] for r in security["rows"]), TARGET_N)
+        at_target = sec_n == TARGET_N
+
+        def judged(value):
+            # The targets are for N=20; a short run at another N is shown but not judged.
+            return value if at_target else None
+
+        short_note = "" if at_target else f"measured at N={sec_n} (short run), not {TARGET_N}"
         both = by_way.get("virtbroker-dac+apparmor", {})
         if both.get("start_ratio_none") is not None:
             out.append(_target("DAC and AppArmor on: start storm / no labelling",
-                               f"{both['start_ratio_none']:.2f}x", "<= 1.10x", both["start_ratio_none"] <= 1.10))
+                               f"{both['start_ratio_none']:.2f}x", "<= 1.10x", judged(both["start_ratio_none"] <= 1.10),
+                               short_note))
         else:
             out.append(_target("DAC and AppArmor on: start storm / no labelling", None, "<= 1.10x", None, "not measured"))
         speedup = security.get("driver_speedup")
@@ -112,16 +121,18 @@ def evaluate(results: dict) -> list[dict]:
         g, pr = by_way.get("virtbroker-dac-global", {}), by_way.get("virtbroker-dac", {})
         if g.get("dac_label_span_median_s") and pr.get("dac_label_span_median_s"):
             span_note = f"in the storm: {g['dac_label_span_median_s'] / pr['dac_label_span_median_s']:.2f}x"
-        out.append(_target("Labelling part N=20: global / per-resource (DAC driver)",
-                           f"{speedup:.2f}x" if speedup else None, ">= 3x", speedup >= 3.0 if speedup else None, span_note))
+        out.append(_target(f"Labelling part N={sec_n}: global / per-resource (DAC driver)",
+                           f"{speedup:.2f}x" if speedup else None, ">= 3x",
+                           judged(speedup >= 3.0) if speedup else None, span_note or short_note))
         dac = by_way.get("virtbroker-dac", {})
         if dac.get("start_ratio_libvirt") is not None:
             met = dac["start_ratio_libvirt"] <= 1.0 and bool(dac.get("base_restored")) and bool(dac.get("outside_root_refused"))
             lv = by_way.get("libvirt-dac", {})
             note = (f"base restored: virtbroker {dac.get('base_restored')}, libvirt {lv.get('base_restored')} "
                     f"(libvirt left it {lv.get('base_owner_after')}); outside-root disk refused: {dac.get('outside_root_refused')}")
-            out.append(_target("DAC N=20: virtbroker / libvirt labelling itself",
-                               f"{dac['start_ratio_libvirt']:.2f}x", "<= 1.0x, base restored, roots enforced", met, note))
+            out.append(_target(f"DAC N={sec_n}: virtbroker / libvirt labelling itself",
+                               f"{dac['start_ratio_libvirt']:.2f}x", "<= 1.0x, base restored, roots enforced", judged(met),
+                               note if at_target else f"{short_note}; {note}"))
         else:
             out.append(_target("DAC N=20: virtbroker / libvirt labelling itself", None, "<= 1.0x", None, "not measured"))
     else:
@@ -351,8 +362,8 @@ def _save(fig, name: str) -> str:
 INTRO = """# Benchmarks
 
 `python -m bench` runs the whole suite (about 25 minutes here); `python -m bench --short` a
-reduced one (N=20 only, fewer configurations, 10,000 domains instead of 100,000) in about
-5 minutes. The full run in this repository was made with
+reduced smoke run (N=10 only, fewer configurations, 10,000 domains instead of 100,000) in
+about 4 minutes here; the targets are judged on the full run. The full run in this repository was made with
 `python -m bench --out bench/results/full.json`; its verdicts are shown below the short
 run's. `--only storm|latency|security|scale` runs one section and merges it into the
 results file; `--report` only renders this page from `bench/results/latest.json`.
