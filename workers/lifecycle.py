@@ -30,6 +30,7 @@ INPROC_URL = "inproc://jobs"
 LABEL_TIMEOUT_S = 120.0
 STOP_GRACE_S = 30.0
 SHUTDOWN_POLL_S = 0.25
+ALIVE_CHECK_S = 1.0
 
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -72,6 +73,7 @@ class Hypervisor:
         self.uri = uri
         self._lock = threading.Lock()
         self.conn = self._open()
+        self.checked_at = 0.0  # monotonic time of the last proof that the connection works
 
     def _open(self) -> libvirt.virConnect:
         try:
@@ -93,17 +95,35 @@ class Hypervisor:
     def ensure_alive(self) -> None:
         """Before a job: one cheap call proves the connection. isAlive() stays true after
         libvirtd restarts until the first call fails ("Cannot write data: Broken pipe"), and
-        that first call must not be the job's own."""
+        that first call must not be the job's own.
+
+        The check runs without the lock (libvirt connections are thread-safe) and at most
+        once per ALIVE_CHECK_S: during a storm, libvirtd runs only 5 calls of a connection at
+        a time, and a check per job, let alone one under a lock, would queue every start
+        behind the calls in flight.
+        """
+        if time.monotonic() - self.checked_at < ALIVE_CHECK_S:
+            return
+        conn = self.conn
+        try:
+            conn.getLibVersion()
+            self.checked_at = time.monotonic()
+            return
+        except libvirt.libvirtError:
+            pass
         with self._lock:
-            try:
-                self.conn.getLibVersion()
-            except libvirt.libvirtError:
+            if self.conn is conn:  # another thread may have reconnected already
                 log.warning("connection to %s is stale (libvirtd restarted?); reconnecting", self.uri)
                 try:
-                    self.conn.close()
+                    conn.close()
                 except libvirt.libvirtError:
                     pass
                 self.conn = self._open()
+        self.checked_at = time.monotonic()
+
+    def suspect(self) -> None:
+        """A call failed in the RPC layer: check the connection before the next job."""
+        self.checked_at = 0.0
 
     def lookup(self, uuid: str):
         try:
@@ -149,6 +169,8 @@ class JobRunner:
             return self._result(job, ok=True, state=state)
         except libvirt.libvirtError as e:
             error, code = e.get_error_message(), "driver"
+            if e.get_error_domain() == libvirt.VIR_FROM_RPC:
+                self.hv.suspect()
         except VirtbrokerError as e:
             error, code = e.message, e.code
         except Exception as e:  # a bug in this worker: the job fails, the worker goes on
@@ -402,6 +424,7 @@ class LifecycleWorker:
         try:
             while not self.resync_stop.wait(self.config.resync_interval_s):
                 try:
+                    self.hv.ensure_alive()
                     guests = self.hv.guests()
                 except (libvirt.libvirtError, DriverError) as e:
                     log.warning("cannot list guests for resync: %s", e)
