@@ -434,16 +434,7 @@ class LifecycleWorker:
             sock.close(linger=0)
 
     def _drain_broker(self) -> None:
-        while True:
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                msg = p.decode(frames, p.WORKER_VERSION)
-            except Exception as e:
-                log.warning("bad message from broker dropped: %s", e)
-                continue
+        for msg in p.drain(self.sock, p.WORKER_VERSION, log):
             if isinstance(msg, p.JobAssignment):
                 self._start_job(msg)
             elif isinstance(msg, p.ResultAck):
