@@ -7,6 +7,10 @@ import signal
 
 import zmq
 
+from common import protocol as p
+from common.config import Config
+from common.curve import use_as_client
+
 EXIT_OK = 0
 EXIT_FORCED = 1
 
@@ -30,3 +34,15 @@ def run_until_signalled(service, context: zmq.Context) -> int:
     finally:
         context.destroy(linger=0)
     return EXIT_OK
+
+
+def connect_worker_socket(context: zmq.Context, config: Config, worker_id: str) -> zmq.Socket:
+    """A worker's DEALER to the broker: its id as routing identity, the frame limit, CURVE if configured."""
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, worker_id.encode())
+    sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
+    if config.curve_secret_key:
+        use_as_client(sock, config.curve_server_key, config.curve_secret_key)
+    sock.connect(config.worker_url)
+    return sock

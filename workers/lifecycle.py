@@ -20,8 +20,7 @@ import zmq
 
 from common import domxml, protocol as p
 from common.config import Config
-from common.process import run_until_signalled
-from common.curve import use_as_client
+from common.process import connect_worker_socket, run_until_signalled
 from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
 log = logging.getLogger("virtbroker.worker")
@@ -349,13 +348,7 @@ class LifecycleWorker:
         self._local = threading.local()
         self.pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="job")
 
-        self.sock = context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
-        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
-        if config.curve_secret_key:
-            use_as_client(self.sock, config.curve_server_key, config.curve_secret_key)
-        self.sock.connect(config.worker_url)
+        self.sock = connect_worker_socket(context, config, self.worker_id)
         self.inproc = context.socket(zmq.ROUTER)
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(INPROC_URL + "-" + self.worker_id)

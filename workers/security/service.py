@@ -22,8 +22,7 @@ import zmq
 
 from common import protocol as p
 from common.config import Config
-from common.process import run_until_signalled
-from common.curve import use_as_client
+from common.process import connect_worker_socket, run_until_signalled
 from common.errors import ConfigError, VirtbrokerError
 from common.resources import Resource, emulator_path, find_resources
 from workers.lifecycle import host_id_for
@@ -150,13 +149,7 @@ class SecurityWorker:
         self.busy = 0
         self.pool = ThreadPoolExecutor(max_workers=config.security_slots, thread_name_prefix=f"sec-{driver}")
         self._local = threading.local()
-        self.sock = context.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
-        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
-        if config.curve_secret_key:
-            use_as_client(self.sock, config.curve_server_key, config.curve_secret_key)
-        self.sock.connect(config.worker_url)
+        self.sock = connect_worker_socket(context, config, self.worker_id)
         self.inproc = context.socket(zmq.PULL)
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(f"{INPROC_URL}-{self.worker_id}")
