@@ -50,12 +50,14 @@ class Client:
             use_as_client(sock, self.server_key, self.secret_key)
         sock.connect(url)
         return sock
-        self._ids = itertools.count(1)
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        """Close the request socket and, if this Client made its context, every socket in it,
+        including an events() stream the caller stopped reading without closing."""
         if self._own_context:
-            self.context.term()
+            self.context.destroy(linger=0)
+        else:
+            self.sock.close(linger=0)
 
     def __enter__(self) -> "Client":
         return self

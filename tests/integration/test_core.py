@@ -194,6 +194,29 @@ def test_events_carry_increasing_sequence_numbers(cluster):
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
+def test_client_close_returns_while_an_events_stream_is_left_open(cluster):
+    """A caller that stops reading events() without closing the generator must still be able
+    to close its Client: the stream's SUB socket must not keep the context open."""
+    closed = threading.Event()
+
+    def read_one_then_close():
+        c = Client(cluster.client_url)
+        stream = c.events(timeout_s=10)
+        next(stream)  # the SUB socket now exists and stays open: the generator is suspended
+        c.close()
+        closed.set()
+        del stream
+
+    t = threading.Thread(target=read_one_then_close, daemon=True)  # daemon: a hang must not block exit
+    t.start()
+    definer = cluster.client()
+    for i in range(50):  # keep making events until the stream has joined and read one
+        definer.define(minimal_domain_xml(f"ev-close-{i}"))
+        if closed.wait(0.3):
+            break
+    assert closed.wait(5), "Client.close() hung on the open events socket"
+
+
 def test_broker_kill9_loses_no_acknowledged_define_or_job(cluster_factory):
     cluster = cluster_factory()
     cluster.start_broker()
