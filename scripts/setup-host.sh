@@ -37,16 +37,31 @@ if [[ -e /dev/kvm ]]; then
 fi
 
 # virtlogd before libvirtd: a guest start needs its socket. Under supervisord these run
-# in the foreground instead (configs/supervisord.conf).
-if ! pgrep -x virtlogd >/dev/null; then
-  virtlogd -d
+# in the foreground instead (configs/supervisord.conf). A daemon that is still shutting
+# down shows up in pgrep but will not answer, so wait for it to go before starting anew.
+libvirtd_answers() { virsh -c qemu:///system version >/dev/null 2>&1; }
+
+# wait_for SECONDS COMMAND...: run COMMAND every 0.1 s until it succeeds or time runs out.
+wait_for() {
+  local tries=$(($1 * 10)); shift
+  for _ in $(seq 1 "$tries"); do "$@" && return 0; sleep 0.1; done
+  return 1
+}
+virtlogd_ready() { pgrep -x virtlogd >/dev/null && [[ -S /run/libvirt/virtlogd-sock ]]; }
+not_running() { ! pgrep -x "$1" >/dev/null; }
+
+if ! virtlogd_ready; then
+  wait_for 10 virtlogd_ready || { wait_for 10 not_running virtlogd; virtlogd -d; }
+  wait_for 10 virtlogd_ready || { echo "setup-host: virtlogd did not start" >&2; exit 1; }
 fi
-if ! pgrep -x libvirtd >/dev/null; then
-  libvirtd -d
+if ! libvirtd_answers; then
+  # One that is starting up will answer soon; one that is stopping will exit.
+  if pgrep -x libvirtd >/dev/null && ! wait_for 10 libvirtd_answers; then
+    wait_for 20 not_running libvirtd || { echo "setup-host: a libvirtd is running but does not answer" >&2; exit 1; }
+  fi
+  if ! libvirtd_answers; then
+    libvirtd -d
+    wait_for 30 libvirtd_answers || { echo "setup-host: libvirtd did not answer within 30 s" >&2; exit 1; }
+  fi
 fi
-for _ in $(seq 1 100); do
-  virsh -c qemu:///system version >/dev/null 2>&1 && break
-  sleep 0.1
-done
-virsh -c qemu:///system version >/dev/null
 echo "setup-host: libvirtd ready ($(virsh -c qemu:///system version | grep -m1 'Running hypervisor' || true))"
