@@ -3,10 +3,14 @@
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 PHASE_PENDING = "pending"
 PHASE_COMMITTED = "committed"
@@ -67,12 +71,91 @@ class Profile:
     loaded: bool
 
 
+@dataclass(eq=False)
+class _Change:
+    apply: Callable[[sqlite3.Connection], Any]
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class GroupCommit:
+    """Many threads' small transactions, made durable together with one fsync.
+
+    Each caller queues its change and takes the commit lock. Whoever holds it commits
+    every change queued so far in one SQLite transaction, each in its own savepoint (so
+    one failing change is undone alone), and marks them done. A caller whose change a
+    previous holder already committed returns at once. While one batch fsyncs, the
+    next one queues, so a batch holds every change that arrived during the fsync before.
+    A thread that holds a lock around its change (`serialization = global`) is alone
+    in its batch, which is exactly the serialization that mode asks for.
+    """
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection]):
+        self._connect = connect
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[_Change] = []
+        self._queue_mutex = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self.batches = 0  # how many fsyncs; tests and benchmarks read it
+
+    def run(self, apply: Callable[[sqlite3.Connection], T]) -> T:
+        change = _Change(apply)
+        with self._queue_mutex:
+            self._queue.append(change)
+        with self._commit_lock:
+            if not change.done:
+                with self._queue_mutex:
+                    batch, self._queue = self._queue, []
+                self._commit(batch)
+        if change.error is not None:
+            raise change.error
+        return change.result
+
+    def _commit(self, batch: list[_Change]) -> None:
+        if self._conn is None:
+            self._conn = self._connect()
+        conn = self._conn
+        try:
+            # BEGIN IMMEDIATE takes SQLite's write lock up front, waiting for another
+            # process's writer instead of failing later with SQLITE_BUSY.
+            conn.execute("BEGIN IMMEDIATE")
+            for change in batch:
+                conn.execute("SAVEPOINT change")
+                try:
+                    change.result = change.apply(conn)
+                except Exception as e:
+                    conn.execute("ROLLBACK TO change")
+                    change.error = e
+                conn.execute("RELEASE change")
+            conn.execute("COMMIT")
+            self.batches += 1
+        except BaseException as e:
+            # The commit itself failed (disk full, I/O error): nothing in the batch is durable.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for change in batch:
+                change.error = e
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            for change in batch:
+                change.done = True
+
+    def close(self) -> None:
+        with self._commit_lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+
 class SecurityStore:
     """SQLite in WAL mode with synchronous=FULL: a commit is on disk before the call returns.
 
-    Every call opens its own connection, so any thread (and any process sharing
-    state_dir) may use one store; SQLite's own locking orders the writers, each for
-    the few milliseconds of one statement batch.
+    Any thread may use one store, and any process sharing state_dir; SQLite's own
+    locking orders the writers of different processes. The writes of this process's
+    threads are group-committed (GroupCommit): one fsync for every change that queued
+    while the previous one was on its way to disk. Each thread reads on its own connection.
     """
 
     def __init__(self, state_dir: str | os.PathLike):
@@ -86,43 +169,48 @@ class SecurityStore:
             conn.executescript(_SCHEMA)
         finally:
             conn.close()
+        self._writer = GroupCommit(self._open_writer)
+        self._readers = threading.local()
+
+    def _open_writer(self) -> sqlite3.Connection:
+        # Used by whichever thread commits a batch, one at a time (GroupCommit's lock).
+        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    def close(self) -> None:
+        self._writer.close()
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-        try:
-            conn.execute("PRAGMA synchronous=FULL")
-            yield conn
-        finally:
-            conn.close()
+        """This thread's read connection, opened on first use and kept: opening one costs
+        more than most of the queries made on it."""
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self._readers.conn = conn
+        yield conn
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        # BEGIN IMMEDIATE takes the write lock up front: a deferred transaction that reads
-        # first and writes later can fail with SQLITE_BUSY without waiting.
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _write(self, change: Callable[[sqlite3.Connection], T]) -> T:
+        """Run change(conn) in a transaction that is on disk when this returns."""
+        return self._writer.run(change)
 
     # -- journal --
 
     def begin(self, driver: str, domain_uuid: str, op: str, paths: list[str]) -> int:
         """Record an intent durably, before any file is touched; returns its txn_id."""
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             cur = conn.execute(
                 "INSERT INTO journal (driver, domain_uuid, op, paths, phase, started_at_s) VALUES (?, ?, ?, ?, ?, ?)",
                 (driver, domain_uuid, op, json.dumps(list(paths)), PHASE_PENDING, time.time()),
             )
             return int(cur.lastrowid)
+        return self._write(change)
 
     def finish(self, txn_id: int, phase: str) -> None:
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             self._finish(conn, txn_id, phase)
+        self._write(change)
 
     @staticmethod
     def _finish(conn: sqlite3.Connection, txn_id: int, phase: str) -> None:
@@ -151,27 +239,29 @@ class SecurityStore:
 
     def prune(self, finished_before_s: float) -> int:
         """Drop finished entries older than a wall-clock time; the journal is not a history."""
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             cur = conn.execute(
                 "DELETE FROM journal WHERE phase != ? AND finished_at_s < ?", (PHASE_PENDING, finished_before_s)
             )
             return cur.rowcount
+        return self._write(change)
 
     # -- which domain holds which paths (DAC) --
 
     def commit_label(self, txn_id: int, driver: str, domain_uuid: str, paths: list[str]) -> None:
         """The domain now holds `paths`; the label transaction is committed (atomically)."""
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             conn.executemany(
                 "INSERT OR IGNORE INTO domain_paths (driver, domain_uuid, path) VALUES (?, ?, ?)",
                 [(driver, domain_uuid, p) for p in paths],
             )
             self._finish(conn, txn_id, PHASE_COMMITTED)
+        self._write(change)
 
     def commit_restore(self, txn_id: int, driver: str, domain_uuid: str, paths: list[str]) -> None:
         """The domain no longer holds `paths`; this restore and the domain's older unfinished
         transactions, whose paths it covered, are closed (atomically)."""
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             conn.executemany(
                 "DELETE FROM domain_paths WHERE driver = ? AND domain_uuid = ? AND path = ?",
                 [(driver, domain_uuid, p) for p in paths],
@@ -183,6 +273,7 @@ class SecurityStore:
                 (PHASE_ROLLED_BACK, PHASE_COMMITTED, time.time(), driver, domain_uuid, PHASE_PENDING, txn_id),
             )
             self._finish(conn, txn_id, PHASE_COMMITTED)
+        self._write(change)
 
     def domain_paths(self, driver: str, domain_uuid: str) -> list[str]:
         with self._connect() as conn:
@@ -209,12 +300,14 @@ class SecurityStore:
         return json.loads(r[0]) if r else None
 
     def put_owner(self, path: str, record: dict) -> None:
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             conn.execute("INSERT OR REPLACE INTO owners (path, record) VALUES (?, ?)", (path, json.dumps(record)))
+        self._write(change)
 
     def delete_owner(self, path: str) -> None:
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             conn.execute("DELETE FROM owners WHERE path = ?", (path,))
+        self._write(change)
 
     # -- AppArmor profiles --
 
@@ -234,16 +327,17 @@ class SecurityStore:
         return [Profile(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
     def commit_profile(self, txn_id: int, profile: Profile) -> None:
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             conn.execute(
                 "INSERT OR REPLACE INTO profiles (domain_uuid, profile_name, profile_path, loaded) VALUES (?, ?, ?, ?)",
                 (profile.domain_uuid, profile.profile_name, profile.profile_path, int(profile.loaded)),
             )
             self._finish(conn, txn_id, PHASE_COMMITTED)
+        self._write(change)
 
     def commit_profile_removal(self, txn_id: int, domain_uuid: str) -> None:
         """The domain's profile is gone; this restore and its older unfinished transactions are closed."""
-        with self._write() as conn:
+        def change(conn: sqlite3.Connection):
             conn.execute("DELETE FROM profiles WHERE domain_uuid = ?", (domain_uuid,))
             conn.execute(
                 "UPDATE journal SET phase = CASE op WHEN 'label' THEN ? ELSE ? END, finished_at_s = ? "
@@ -251,3 +345,4 @@ class SecurityStore:
                 (PHASE_ROLLED_BACK, PHASE_COMMITTED, time.time(), domain_uuid, PHASE_PENDING, txn_id),
             )
             self._finish(conn, txn_id, PHASE_COMMITTED)
+        self._write(change)
