@@ -36,5 +36,25 @@ class BrokerMetrics:
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
         )
 
+        # labels() takes a lock and builds a key on every call; a job makes three
+        # transitions, so keep the children per label set.
+        self._children: dict[tuple, object] = {}
+
+    def job_transition(self, job) -> None:
+        """Count a job's move into job.state and, when it is final, observe its durations."""
+        children = self._children
+        key = (job.op, job.state)
+        counter = children.get(key)
+        if counter is None:
+            counter = children[key] = self.jobs.labels(job.op, job.state)
+        counter.inc()
+        if job.final and job.finished_at is not None:
+            hists = children.get(job.op)
+            if hists is None:
+                hists = children[job.op] = (self.job_latency.labels(job.op), self.job_run.labels(job.op))
+            hists[0].observe(max(0.0, job.finished_at - job.submitted_at))
+            if job.started_at is not None:
+                hists[1].observe(max(0.0, job.finished_at - job.started_at))
+
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         start_http_server(port, addr=addr, registry=self.registry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid as uuidlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -113,6 +114,10 @@ class Scheduler:
         self.leases: dict[str, Lease] = {}
         self.by_key: dict[str, int] = {}
         self.next_job_id = 1
+        # Lease ids: random per broker run, then counted; unique across restarts without
+        # a uuid4 (an os.urandom call) per job.
+        self._lease_prefix = uuidlib.uuid4().hex[:16]
+        self._lease_counter = itertools.count(1)
 
     # -- jobs
     def new_job(self, uuid: str, name: str, op: str, now_wall: float, **kw) -> Job:
@@ -185,7 +190,7 @@ class Scheduler:
         if job.uuid in self.active:
             raise OperationInvalidError(f"domain {job.domain_name} already has job {self.active[job.uuid]} running")
         lease = Lease(
-            lease_id=uuidlib.uuid4().hex,
+            lease_id=f"{self._lease_prefix}-{next(self._lease_counter)}",
             job_id=job.job_id,
             uuid=job.uuid,
             worker_id=worker.worker_id,

@@ -24,6 +24,7 @@ from common import domxml, protocol as p
 from common.config import Config
 from common.process import run_until_signalled
 from common.curve import CurveServer
+from common.wire import send_frames
 from common.errors import (
     ConflictError,
     PermissionError_,
@@ -238,14 +239,14 @@ class Broker:
     def _send(self, outbox: list[tuple[zmq.Socket, list[bytes]]]) -> None:
         for sock, frames in outbox:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(sock, frames, noblock=True)
             except zmq.Again:
                 log.warning("dropped a message: peer's queue is full")
         outbox.clear()
 
     def _publish(self, events: list[p.Message]) -> None:
         for event in events:
-            self.pub_sock.send_multipart(p.encode_event(event))
+            send_frames(self.pub_sock, p.encode_event(event))
         events.clear()
 
     def _shutdown(self) -> None:
@@ -841,11 +842,7 @@ class Broker:
         )
 
     def _emit_job(self, job: Job) -> None:
-        self.metrics.jobs.labels(job.op, job.state).inc()
-        if job.final and job.finished_at is not None:
-            self.metrics.job_latency.labels(job.op).observe(max(0.0, job.finished_at - job.submitted_at))
-            if job.started_at is not None:
-                self.metrics.job_run.labels(job.op).observe(max(0.0, job.finished_at - job.started_at))
+        self.metrics.job_transition(job)
         self.seq += 1
         self.events.append(
             p.JobEvent(seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error)

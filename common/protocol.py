@@ -396,56 +396,73 @@ def decode_event(frames: list[bytes]) -> Message:
 def from_body(cls: type[Message], body: Any) -> Message:
     if not isinstance(body, dict):
         raise ProtocolError(f"{cls.KIND}: body must be a map, got {type(body).__name__}", body)
-    hints = _hints(cls)
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name in body:
-            value = body[f.name]
-            if not _conforms(value, hints[f.name], 0):
+    for name, check, required in _schema(cls):
+        if name in body:
+            value = body[name]
+            if not check(value, 0):
                 raise ProtocolError(
-                    f"{cls.KIND}: field {f.name!r} has the wrong type ({type(value).__name__})", {f.name: value}
+                    f"{cls.KIND}: field {name!r} has the wrong type ({type(value).__name__})", {name: value}
                 )
-            values[f.name] = value
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ProtocolError(f"{cls.KIND}: missing field {f.name!r}", sorted(map(str, body))[:20])
+            values[name] = value
+        elif required:
+            raise ProtocolError(f"{cls.KIND}: missing field {name!r}", sorted(map(str, body))[:20])
     return cls(**values)
 
 
-_HINT_CACHE: dict[type, dict[str, Any]] = {}
+Check = typing.Callable[[Any, int], bool]
+_SCHEMAS: dict[type, tuple[tuple[str, Check, bool], ...]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINT_CACHE.get(cls)
-    if hints is None:
-        hints = _HINT_CACHE[cls] = typing.get_type_hints(cls)
-    return hints
+def _schema(cls: type) -> tuple[tuple[str, Check, bool], ...]:
+    """(field name, type check, required) per field, built once per message class: this
+    runs for every message the broker receives."""
+    schema = _SCHEMAS.get(cls)
+    if schema is None:
+        hints = typing.get_type_hints(cls)
+        schema = _SCHEMAS[cls] = tuple(
+            (f.name, _checker(hints[f.name]),
+             f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        )
+    return schema
 
 
-def _conforms(value: Any, hint: Any, depth: int) -> bool:
-    """Structural type check of a decoded msgpack value against a field annotation."""
-    if depth > MAX_NESTING:
-        return False
+def _checker(hint: Any) -> Check:
+    """A structural type check of a decoded msgpack value against a field annotation.
+
+    check(value, depth) is False for a value of the wrong shape or nested deeper than
+    MAX_NESTING. bool is not accepted as an int, and ints are bounded to int64.
+    """
     if hint is Any:
-        return _bounded(value, depth)
+        return _bounded
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_conforms(value, h, depth) for h in typing.get_args(hint))
+        options = tuple(_checker(h) for h in typing.get_args(hint))
+        if len(options) == 2 and type(None) in typing.get_args(hint):
+            # Optional[X], the common case: one test for None, then X's.
+            other = options[0] if typing.get_args(hint)[1] is type(None) else options[1]
+            return lambda v, depth: v is None or other(v, depth)
+        return lambda v, depth: any(check(v, depth) for check in options)
     if hint is type(None):
-        return value is None
+        return lambda v, depth: v is None
     if hint is bool:
-        return isinstance(value, bool)
+        return lambda v, depth: v is True or v is False
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT
+        return lambda v, depth: type(v) is int and -MAX_INT <= v <= MAX_INT
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return lambda v, depth: type(v) is float or type(v) is int
     if hint is str:
-        return isinstance(value, str)
+        return lambda v, depth: type(v) is str
     if origin is list or hint is list:
         args = typing.get_args(hint)
-        return isinstance(value, list) and all(_conforms(v, args[0] if args else Any, depth + 1) for v in value)
+        item = _checker(args[0]) if args else _bounded
+        return lambda v, depth: (
+            depth <= MAX_NESTING and type(v) is list and all(item(x, depth + 1) for x in v)
+        )
     if origin is dict or hint is dict:
-        return isinstance(value, dict) and _bounded(value, depth)
-    return False
+        return lambda v, depth: type(v) is dict and _bounded(v, depth)
+    raise TypeError(f"no wire check for the annotation {hint!r}")
 
 
 def _bounded(value: Any, depth: int) -> bool:

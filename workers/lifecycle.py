@@ -21,6 +21,7 @@ import zmq
 from common import domxml, protocol as p
 from common.config import Config
 from common.process import connect_worker_socket, run_until_signalled
+from common.wire import send_frames
 from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
 log = logging.getLogger("virtbroker.worker")
@@ -437,14 +438,14 @@ class LifecycleWorker:
             elif isinstance(msg, p.LabelReply):
                 identity = self.label_threads.pop(msg.label_id, None)
                 if identity is not None:
-                    self.inproc.send_multipart([identity, *p.encode(msg)])
+                    send_frames(self.inproc, [identity, *p.encode(msg)])
             elif isinstance(msg, p.Reregister):
                 # The broker restarted: say hello with the leases we still work under, and
                 # send again every result it may not have committed.
                 log.info("broker asks us to register again (it restarted)")
                 self.hello()
                 for frames_out in self.unacked.values():
-                    self.sock.send_multipart(frames_out)
+                    send_frames(self.sock, frames_out)
             elif isinstance(msg, p.Welcome):
                 self.heartbeat_interval_s = msg.heartbeat_interval_s
             elif isinstance(msg, p.Shutdown):
@@ -454,7 +455,7 @@ class LifecycleWorker:
         if job.job_id in self.running:
             return
         self.running[job.job_id] = job
-        log.info("job %d: %s %s (epoch %d)", job.job_id, job.op, job.domain_name, job.epoch)
+        log.debug("job %d: %s %s (epoch %d)", job.job_id, job.op, job.domain_name, job.epoch)
         self.pool.submit(self._in_thread, job)
 
     def _drain_threads(self) -> None:
@@ -468,10 +469,10 @@ class LifecycleWorker:
                 frames = rest[1:]
                 self.running.pop(job_id, None)
                 self.unacked[job_id] = frames
-                self.sock.send_multipart(frames)
+                send_frames(self.sock, frames)
             elif tag == b"label":
                 self.label_threads[rest[0].decode()] = identity
-                self.sock.send_multipart(rest[1:])
+                send_frames(self.sock, rest[1:])
             elif tag == b"guests":
                 self._heartbeat(guests=msgpack.unpackb(rest[0], raw=False))
 
@@ -498,7 +499,7 @@ class LifecycleWorker:
             time.monotonic() - started,
             f": {result.error}" if result.error else "",
         )
-        sock.send_multipart([b"result", str(job.job_id).encode(), *p.encode(result)])
+        send_frames(sock, [b"result", str(job.job_id).encode(), *p.encode(result)])
 
 
 def run_worker(config: Config, worker_id: str | None = None) -> int:
