@@ -66,14 +66,30 @@ def host_id_for(conn: libvirt.virConnect, uri: str) -> str:
     return host
 
 
+class _Link:
+    """One thread's connection and when it last proved to work (monotonic seconds)."""
+
+    __slots__ = ("conn", "checked_at")
+
+    def __init__(self, conn: libvirt.virConnect):
+        self.conn = conn
+        self.checked_at = 0.0
+
+
 class Hypervisor:
-    """libvirt-python for one URI; reopens the connection when libvirtd restarts."""
+    """libvirt-python for one URI: a connection per thread, reopened when libvirtd restarts.
+
+    libvirtd runs at most 5 calls of one connection at a time (max_client_requests) and
+    queues the rest. On one shared connection a worker with more slots than that would
+    queue its jobs' calls behind each other: a destroy's lookup waits for another guest's
+    destroy to finish. With a connection per job thread every slot has its calls in
+    flight at once, like a client with a thread and a connection per guest.
+    """
 
     def __init__(self, uri: str):
         self.uri = uri
-        self._lock = threading.Lock()
-        self.conn = self._open()
-        self.checked_at = 0.0  # monotonic time of the last proof that the connection works
+        self._local = threading.local()
+        self._link()  # fail now, in the worker's start-up, if libvirtd cannot be reached
 
     def _open(self) -> libvirt.virConnect:
         try:
@@ -81,49 +97,52 @@ class Hypervisor:
         except libvirt.libvirtError as e:
             raise DriverError(f"cannot connect to {self.uri}: {e.get_error_message()}") from e
 
+    def _link(self) -> _Link:
+        link = getattr(self._local, "link", None)
+        if link is None:
+            link = self._local.link = _Link(self._open())
+        return link
+
+    @property
+    def conn(self) -> libvirt.virConnect:
+        """This thread's connection, as it is (see connection() and ensure_alive())."""
+        return self._link().conn
+
     def connection(self) -> libvirt.virConnect:
-        with self._lock:
-            try:
-                alive = self.conn.isAlive()
-            except libvirt.libvirtError:
-                alive = False
-            if not alive:
-                log.warning("connection to %s lost; reconnecting", self.uri)
-                self.conn = self._open()
-            return self.conn
+        """This thread's connection, reopened first if libvirt already knows it is dead."""
+        link = self._link()
+        try:
+            alive = link.conn.isAlive()
+        except libvirt.libvirtError:
+            alive = False
+        if not alive:
+            log.warning("connection to %s lost; reconnecting", self.uri)
+            link.conn = self._open()
+        return link.conn
 
     def ensure_alive(self) -> None:
-        """Before a job: one cheap call proves the connection. isAlive() stays true after
-        libvirtd restarts until the first call fails ("Cannot write data: Broken pipe"), and
-        that first call must not be the job's own.
-
-        The check runs without the lock (libvirt connections are thread-safe) and at most
-        once per ALIVE_CHECK_S: during a storm, libvirtd runs only 5 calls of a connection at
-        a time, and a check per job, let alone one under a lock, would queue every start
-        behind the calls in flight.
+        """Before a job: one cheap call proves this thread's connection. isAlive() stays true
+        after libvirtd restarts until the first call fails ("Cannot write data: Broken
+        pipe"), and that first call must not be the job's own. At most once per
+        ALIVE_CHECK_S per thread: a check per job would double the calls of a storm.
         """
-        if time.monotonic() - self.checked_at < ALIVE_CHECK_S:
+        link = self._link()
+        if time.monotonic() - link.checked_at < ALIVE_CHECK_S:
             return
-        conn = self.conn
         try:
-            conn.getLibVersion()
-            self.checked_at = time.monotonic()
-            return
+            link.conn.getLibVersion()
         except libvirt.libvirtError:
-            pass
-        with self._lock:
-            if self.conn is conn:  # another thread may have reconnected already
-                log.warning("connection to %s is stale (libvirtd restarted?); reconnecting", self.uri)
-                try:
-                    conn.close()
-                except libvirt.libvirtError:
-                    pass
-                self.conn = self._open()
-        self.checked_at = time.monotonic()
+            log.warning("connection to %s is stale (libvirtd restarted?); reconnecting", self.uri)
+            try:
+                link.conn.close()
+            except libvirt.libvirtError:
+                pass
+            link.conn = self._open()
+        link.checked_at = time.monotonic()
 
     def suspect(self) -> None:
-        """A call failed in the RPC layer: check the connection before the next job."""
-        self.checked_at = 0.0
+        """A call failed in the RPC layer: check this thread's connection before its next job."""
+        self._link().checked_at = 0.0
 
     def lookup(self, uuid: str):
         try:
