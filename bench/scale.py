@@ -31,7 +31,7 @@ from tests.procs import Cluster
 WINDOW = 200  # requests in flight from one pipelining client
 LOOKUP_SAMPLES = 2000
 ZMQ_PINGPONG_SAMPLES = 5000
-ZMQ_PIPELINED_MESSAGES = 100000
+ZMQ_PIPELINED_MESSAGES = 50000
 NOOP_DOMAINS = 500  # each gets a suspend and a resume per repetition
 NOOP_SLOTS = 16
 DEFINE_CHUNKS = 3  # define throughput is measured per chunk of the fill; the median is shown
