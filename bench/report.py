@@ -116,14 +116,28 @@ def evaluate(results: dict) -> list[dict]:
                                short_note))
         else:
             out.append(_target("DAC and AppArmor on: start storm / no labelling", None, "<= 1.10x", None, "not measured"))
-        speedup = security.get("driver_speedup")
-        span_note = ""
+        # The labelling part of the storm with both drivers on: from the first label request
+        # to the last one answered, the longer of the dac and apparmor workers' spans.
+        def span(way):
+            row = by_way.get(way, {})
+            spans = [row.get(k) for k in ("dac_label_span_median_s", "apparmor_label_span_median_s") if row.get(k)]
+            return max(spans) if spans else None
+
+        both_pr, both_g = span("virtbroker-dac+apparmor"), span("virtbroker-dac+apparmor-global")
+        storm_speedup = both_g / both_pr if both_pr and both_g else None
+        notes = []
         g, pr = by_way.get("virtbroker-dac-global", {}), by_way.get("virtbroker-dac", {})
         if g.get("dac_label_span_median_s") and pr.get("dac_label_span_median_s"):
-            span_note = f"in the storm: {g['dac_label_span_median_s'] / pr['dac_label_span_median_s']:.2f}x"
-        out.append(_target(f"Labelling part N={sec_n}: global / per-resource (DAC driver)",
-                           f"{speedup:.2f}x" if speedup else None, ">= 3x",
-                           judged(speedup >= 3.0) if speedup else None, span_note or short_note))
+            notes.append(f"DAC alone in the storm: {g['dac_label_span_median_s'] / pr['dac_label_span_median_s']:.2f}x")
+        if security.get("driver_speedup"):
+            notes.append(f"DAC driver alone, in process: {security['driver_speedup']:.2f}x")
+        if short_note:
+            notes.append(short_note)
+        if storm_speedup is None:
+            notes.append("global serialization is run by the full suite only")
+        out.append(_target(f"Labelling part N={sec_n}: global / per-resource (DAC and AppArmor, in the storm)",
+                           f"{storm_speedup:.2f}x" if storm_speedup else None, ">= 3x",
+                           judged(storm_speedup >= 3.0) if storm_speedup else None, "; ".join(notes)))
         dac = by_way.get("virtbroker-dac", {})
         if dac.get("start_ratio_libvirt") is not None:
             met = dac["start_ratio_libvirt"] <= 1.0 and bool(dac.get("base_restored")) and bool(dac.get("outside_root_refused"))
@@ -221,11 +235,12 @@ def latency_markdown(section: dict) -> str:
 def security_markdown(section: dict) -> str:
     main = _table(
         ["way", "serialization", "start (s)", "/ libvirt-dac", "/ no labelling", "destroy (s)", "/ libvirt-dac",
-         "DAC labelling span (s)", "label request median (ms)", "base restored", "reps"],
+         "DAC labelling span (s)", "AppArmor labelling span (s)", "DAC request median (ms)", "base restored", "reps"],
         [
             [r["way"], r["serialization"] or "-", _f(r.get("start_median_s")), _f(r.get("start_ratio_libvirt"), "{:.2f}x"),
              _f(r.get("start_ratio_none"), "{:.2f}x"), _f(r.get("destroy_median_s")), _f(r.get("destroy_ratio_libvirt"), "{:.2f}x"),
-             _f(r.get("dac_label_span_median_s"), "{:.3f}"), _f(r.get("dac_label_median_ms"), "{:.1f}"),
+             _f(r.get("dac_label_span_median_s"), "{:.3f}"), _f(r.get("apparmor_label_span_median_s"), "{:.3f}"),
+             _f(r.get("dac_label_median_ms"), "{:.1f}"),
              {True: "yes", False: f"no (left {r.get('base_owner_after')})", None: "-"}[r.get("base_restored")], len(r["reps"])]
             for r in section["rows"]
         ],
