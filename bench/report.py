@@ -90,8 +90,16 @@ def evaluate(results: dict) -> list[dict]:
     if latency:
         row = next((r for r in latency["rows"] if r["way"].startswith("virtbroker") and r["n"] == TARGET_N), None)
     if row and row.get("lookup_p99_ms") is not None:
-        out.append(_target("During the storm: virtbroker lookup p99", f"{row['lookup_p99_ms']:.2f} ms", "<= 1 ms", row["lookup_p99_ms"] <= 1.0))
-        note = f"raw fsync p99 on the same disk during the storm: {row['fsync_p99_ms']:.2f} ms" if row.get("fsync_p99_ms") else ""
+        lv = next((r for r in latency["rows"] if r["way"] == "libvirt" and r["n"] == row["n"]), {})
+        out.append(_target("During the storm: virtbroker lookup p99", f"{row['lookup_p99_ms']:.2f} ms", "<= 1 ms",
+                           row["lookup_p99_ms"] <= 1.0,
+                           f"libvirt in the same run: {lv['lookup_p99_ms']:.2f} ms" if lv.get("lookup_p99_ms") else ""))
+        notes = []
+        if row.get("fsync_p99_ms"):
+            notes.append(f"raw fsync p99 on the same disk during the storm: {row['fsync_p99_ms']:.2f} ms")
+        if lv.get("define_p99_ms"):
+            notes.append(f"libvirt in the same run: {lv['define_p99_ms']:.2f} ms")
+        note = "; ".join(notes)
         out.append(_target("During the storm: virtbroker durable define p99", f"{row['define_p99_ms']:.2f} ms", "<= 2 ms",
                            row["define_p99_ms"] <= 2.0, note))
     else:
@@ -376,12 +384,15 @@ def _save(fig, name: str) -> str:
 # ---------------------------------------------------------------------------- the document
 INTRO = """# Benchmarks
 
-`python -m bench` runs the whole suite (about 25 minutes here); `python -m bench --short` a
-reduced smoke run (N=10 only, fewer configurations, 10,000 domains instead of 100,000) in
-about 4 minutes here; the targets are judged on the full run. The full run in this repository was made with
-`python -m bench --out bench/results/full.json`; its verdicts are shown below the short
-run's. `--only storm|latency|security|scale` runs one section and merges it into the
-results file; `--report` only renders this page from `bench/results/latest.json`.
+`python -m bench` runs the whole suite (about 17 minutes here) and writes
+`bench/results/latest.json`; `python -m bench --short` is a reduced smoke run (N=10 only,
+fewer configurations, 10,000 domains instead of 100,000), under 3 minutes here (172 s).
+The targets are judged on the full run. This page shows the run described under Machine:
+the full run kept in `bench/results/full.json` (made with `python -m bench --out
+bench/results/full.json`, rendered with `python -m bench --report --out
+bench/results/full.json`). When a short run is rendered, the last full run's verdicts
+are shown below its own. `--only storm|latency|security|scale` runs one section and
+merges it into the results file.
 Every figure is the median of at least 3 repetitions, interleaved so that drift of the
 host spreads over every configuration, and is shown next to its ratio to a baseline
 measured in the same run. Guests are real KVM guests through libvirtd on
