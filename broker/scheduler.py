@@ -114,6 +114,7 @@ class Scheduler:
         self.leases: dict[str, Lease] = {}
         self.by_key: dict[str, int] = {}
         self.next_job_id = 1
+        self.finished: deque[int] = deque()  # final jobs, in the order they became final
         # Lease ids: random per broker run, then counted; unique across restarts without
         # a uuid4 (an os.urandom call) per job.
         self._lease_prefix = uuidlib.uuid4().hex[:16]
@@ -136,6 +137,8 @@ class Scheduler:
             self.by_key[job.idempotency_key] = job.job_id
         if job.state == "queued":
             self.enqueue(job)
+        elif job.final:
+            self.finished.append(job.job_id)
 
     def enqueue(self, job: Job) -> None:
         queue = self.queues.setdefault(job.uuid, deque())
@@ -163,7 +166,24 @@ class Scheduler:
         # QUEUED -> CANCELLED
         job.state = "cancelled"
         job.finished_at = now_wall
+        self.finished.append(job_id)
         return job
+
+    def prune(self, keep: int, in_use: set[int]) -> list[int]:
+        """Forget the oldest final jobs beyond `keep`; returns their ids.
+
+        Stops at a job in `in_use` (a client still waits for it), so that one and those
+        after it stay until the next call. A forgotten job's idempotency key may be
+        used again.
+        """
+        pruned = []
+        while len(self.finished) > keep and self.finished[0] not in in_use:
+            job_id = self.finished.popleft()
+            job = self.jobs.pop(job_id, None)
+            if job is not None and job.idempotency_key and self.by_key.get(job.idempotency_key) == job_id:
+                del self.by_key[job.idempotency_key]
+            pruned.append(job_id)
+        return pruned
 
     def ready_domains(self) -> list[str]:
         """Domains whose queue head may run now: no job of theirs holds a lease."""
@@ -238,6 +258,8 @@ class Scheduler:
 
     def finish(self, job: Job, state: str, now_wall: float, error: str | None = None, code: str | None = None):
         # RUNNING -> SUCCEEDED | FAILED | LOST, or QUEUED -> FAILED (refused before dispatch)
+        if not job.final:
+            self.finished.append(job.job_id)
         job.state = state
         job.finished_at = now_wall
         job.error = error

@@ -109,6 +109,10 @@ class Broker:
                 restored += 1
             else:
                 self.scheduler.restore_job(job)
+        self.scheduler.next_job_id = max(self.scheduler.next_job_id, int(self.store.meta("next_job_id", "1")))
+        # Oldest final first, so that pruning forgets the same jobs it would have before the restart.
+        jobs = self.scheduler.jobs
+        self.scheduler.finished = deque(sorted(self.scheduler.finished, key=lambda j: (jobs[j].finished_at or 0.0, j)))
         log.info(
             "loaded %d domains, %d jobs (%d running leases restored) from %s",
             len(self.registry),
@@ -188,6 +192,9 @@ class Broker:
         """Group commit: this turn's changes go to the writer; their replies wait for it."""
         if self.events:
             self.store.set_meta("event_seq", str(self.seq))
+        if self.store.dirty_jobs:
+            # Job ids are never reused, even when the job with the highest id was pruned.
+            self.store.set_meta("next_job_id", str(self.scheduler.next_job_id))
         batch = self.store.take_batch()
         if batch is not None:
             self.batch_id += 1
@@ -629,6 +636,10 @@ class Broker:
     # ------------------------------------------------------------------ time
     def tick(self, now: float) -> None:
         now_wall = time.time()
+        if len(self.scheduler.finished) > self.config.job_history:
+            in_use = {job_id for waiter in self.waiters for job_id in waiter.job_ids}
+            for job_id in self.scheduler.prune(self.config.job_history, in_use):
+                self.store.delete_job(job_id)
         for lease in self.scheduler.expired(now):
             job = self.scheduler.jobs[lease.job_id]
             worker = self.workers.get(lease.worker_id)

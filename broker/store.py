@@ -48,6 +48,7 @@ class Batch:
     deleted: list[tuple] = field(default_factory=list)
     domains: list[tuple] = field(default_factory=list)
     jobs: list[tuple] = field(default_factory=list)
+    deleted_jobs: list[tuple] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)
 
 
@@ -77,6 +78,7 @@ def write_batch(db: sqlite3.Connection, batch: Batch) -> None:
             "INSERT OR REPLACE INTO jobs (job_id, uuid, domain_name, op, state, body) VALUES (?, ?, ?, ?, ?, ?)",
             batch.jobs,
         )
+        db.executemany("DELETE FROM jobs WHERE job_id = ?", batch.deleted_jobs)
         db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", batch.meta)
         db.execute("COMMIT")  # with synchronous=FULL in WAL mode: one fsync of the WAL
     except BaseException:
@@ -100,6 +102,7 @@ class Store:
         self.dirty_domains: dict[str, DomainRecord] = {}
         self.deleted_domains: set[str] = set()
         self.dirty_jobs: dict[int, Job] = {}
+        self.deleted_jobs: set[int] = set()
         self.dirty_meta: dict[str, str] = {}
 
     # -- reading at startup
@@ -129,12 +132,17 @@ class Store:
     def put_job(self, job: Job) -> None:
         self.dirty_jobs[job.job_id] = job
 
+    def delete_job(self, job_id: int) -> None:
+        """A job the broker forgot (see Scheduler.prune): its row goes with the next batch."""
+        self.dirty_jobs.pop(job_id, None)
+        self.deleted_jobs.add(job_id)
+
     def set_meta(self, key: str, value: str) -> None:
         self.dirty_meta[key] = value
 
     @property
     def pending(self) -> bool:
-        return bool(self.dirty_domains or self.deleted_domains or self.dirty_jobs or self.dirty_meta)
+        return bool(self.dirty_domains or self.deleted_domains or self.dirty_jobs or self.deleted_jobs or self.dirty_meta)
 
     def take_batch(self) -> Batch | None:
         """Copy the dirty rows out (records keep changing after this) and start afresh."""
@@ -150,11 +158,13 @@ class Store:
                 (j.job_id, j.uuid, j.domain_name, j.op, j.state, json.dumps(j.to_dict()))
                 for j in self.dirty_jobs.values()
             ],
+            deleted_jobs=[(j,) for j in self.deleted_jobs],
             meta=list(self.dirty_meta.items()),
         )
         self.dirty_domains.clear()
         self.deleted_domains.clear()
         self.dirty_jobs.clear()
+        self.deleted_jobs.clear()
         self.dirty_meta.clear()
         return batch
 

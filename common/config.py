@@ -50,6 +50,8 @@ class Config:
     curve_dir: str = ""
     curve_server_key: str = ""
     curve_secret_key: str = ""
+    # Final jobs the broker keeps (in memory and in broker.sqlite3); older ones are forgotten.
+    job_history: int = 10000
     metrics_port: int = 0  # Prometheus metrics of the broker over HTTP; 0 = off
     metrics_addr: str = "127.0.0.1"
     log_level: str = "INFO"
@@ -72,6 +74,8 @@ class Config:
             raise ConfigError("lease_ttl_s must be positive")
         if self.workers < 0 or self.slots < 1:
             raise ConfigError("workers must be >= 0 and slots >= 1")
+        if self.job_history < 1:
+            raise ConfigError("job_history must be at least 1")
         for driver in self.security:
             if driver not in ("dac", "apparmor"):
                 raise ConfigError(f"unknown security driver '{driver}' (dac, apparmor)")
@@ -108,7 +112,7 @@ class Config:
 
 
 _LISTS = ("security", "storage_roots")
-_INTS = ("workers", "slots", "security_slots", "metrics_port")
+_INTS = ("workers", "slots", "security_slots", "metrics_port", "job_history")
 _FLOATS = ("lease_ttl_s", "resync_interval_s", "heartbeat_interval_s", "shutdown_timeout_s", "label_pause_s")
 
 

@@ -236,6 +236,45 @@ def test_broker_kill9_loses_no_acknowledged_define_or_job(cluster_factory):
     c2.wait([c2.submit(f"d{i:03d}", "destroy")["job_id"] for i in range(20)], 30)
 
 
+def test_only_the_newest_final_jobs_are_kept_and_ids_are_never_reused(cluster_factory):
+    cluster = cluster_factory(extra=["--job-history", "5"])
+    cluster.start_broker()
+    c = cluster.client()
+    c.define(minimal_domain_xml("hist"))
+    # With no worker, a destroy of a shut-off domain fails when its turn comes: final at once.
+    ids = [c.submit("hist", "destroy", idempotency_key=f"k{i}")["job_id"] for i in range(12)]
+    c.wait(ids[-1:], 10)
+    wait_until(lambda: [j["job_id"] for j in c.jobs("hist")] == ids[-5:])
+    with pytest.raises(NotFoundError):
+        c.job(ids[0])
+    # A forgotten job's idempotency key makes a new job; a kept one still answers with its job.
+    assert c.submit("hist", "destroy", idempotency_key="k0")["job_id"] > ids[-1]
+    assert c.submit("hist", "destroy", idempotency_key="k11")["job_id"] == ids[-1]
+    kept = [j["job_id"] for j in c.jobs("hist")]
+    assert len(kept) == 5
+    # The rows went from disk too, and the next id stays above every id ever given.
+    cluster.broker.kill9()
+    cluster.start_broker()
+    c2 = cluster.client()
+    assert [j["job_id"] for j in c2.jobs("hist")] == kept
+    assert c2.submit("hist", "destroy")["job_id"] > max(kept)
+
+
+def test_a_pruned_highest_job_id_is_not_given_again_after_a_restart(cluster_factory):
+    cluster = cluster_factory(extra=["--job-history", "1"])
+    cluster.start_broker()
+    c = cluster.client()
+    c.define(minimal_domain_xml("hist1"))
+    start = c.submit("hist1", "start")["job_id"]  # no worker: stays queued
+    destroy = c.submit("hist1", "destroy")["job_id"]  # goes ahead of the start, fails at once
+    assert c.wait([destroy], 10)[0]["state"] == "failed"
+    c.cancel(start)  # now the newest final job; the destroy, with the higher id, is forgotten
+    wait_until(lambda: [j["job_id"] for j in c.jobs("hist1")] == [start])
+    cluster.broker.kill9()
+    cluster.start_broker()
+    assert cluster.client().submit("hist1", "start")["job_id"] > destroy
+
+
 def test_broker_kill9_while_jobs_run_then_workers_rejoin(cluster):
     c = cluster.client()
     for i in range(10):
