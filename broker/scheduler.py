@@ -164,10 +164,15 @@ class Scheduler:
         self.queues[job.uuid].remove(job_id)
         self.drop_empty_queue(job.uuid)
         # QUEUED -> CANCELLED
+        self._now_final(job)
         job.state = "cancelled"
         job.finished_at = now_wall
-        self.finished.append(job_id)
         return job
+
+    def _now_final(self, job: Job) -> None:
+        """Called just before a job's state turns final: it joins the history prune() trims."""
+        if not job.final:
+            self.finished.append(job.job_id)
 
     def prune(self, keep: int, in_use: set[int]) -> list[int]:
         """Forget the oldest final jobs beyond `keep`; returns their ids.
@@ -258,8 +263,7 @@ class Scheduler:
 
     def finish(self, job: Job, state: str, now_wall: float, error: str | None = None, code: str | None = None):
         # RUNNING -> SUCCEEDED | FAILED | LOST, or QUEUED -> FAILED (refused before dispatch)
-        if not job.final:
-            self.finished.append(job.job_id)
+        self._now_final(job)
         job.state = state
         job.finished_at = now_wall
         job.error = error

@@ -113,6 +113,7 @@ class Broker:
             else:
                 self.scheduler.restore_job(job)
         self.scheduler.next_job_id = max(self.scheduler.next_job_id, int(self.store.meta("next_job_id", "1")))
+        self.saved_next_job_id = self.scheduler.next_job_id
         # Oldest final first, so that pruning forgets the same jobs it would have before the restart.
         jobs = self.scheduler.jobs
         self.scheduler.finished = deque(sorted(self.scheduler.finished, key=lambda j: (jobs[j].finished_at or 0.0, j)))
@@ -195,9 +196,10 @@ class Broker:
         """Group commit: this turn's changes go to the writer; their replies wait for it."""
         if self.events:
             self.store.set_meta("event_seq", str(self.seq))
-        if self.store.dirty_jobs:
+        if self.scheduler.next_job_id != self.saved_next_job_id:
             # Job ids are never reused, even when the job with the highest id was pruned.
-            self.store.set_meta("next_job_id", str(self.scheduler.next_job_id))
+            self.saved_next_job_id = self.scheduler.next_job_id
+            self.store.set_meta("next_job_id", str(self.saved_next_job_id))
         batch = self.store.take_batch()
         if batch is not None:
             self.batch_id += 1

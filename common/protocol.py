@@ -17,7 +17,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -474,21 +474,6 @@ def _bounded(value: Any, depth: int) -> bool:
     if isinstance(value, list):
         return all(_bounded(v, depth + 1) for v in value)
     return True
-
-
-def drain(sock, version: bytes, log) -> Iterator[Message]:
-    """Every message waiting on a worker's DEALER socket, decoded; undecodable ones are logged and dropped."""
-    import zmq  # only peers that own sockets need it
-
-    while True:
-        try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            yield decode(frames, version)
-        except ProtocolError as e:
-            log.warning("bad message from the broker dropped: %s", e)
 
 
 def kinds() -> dict[tuple[bytes, str], type[Message]]:

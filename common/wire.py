@@ -1,4 +1,7 @@
-"""Sending multipart messages on the hot paths (broker loop, worker job results).
+"""ZeroMQ helpers shared by the broker and the workers: fast multipart sends, and draining
+a worker's socket of decoded messages. common.protocol itself stays free of sockets.
+
+Sends on the hot paths (broker loop, worker job results):
 
 pyzmq's Socket.send_multipart computes `zmq.SNDMORE | flags` as enum arithmetic for every
 frame, which costs more than the send itself for small frames. The same sends with the
@@ -8,7 +11,12 @@ flags as plain ints take about a third of the time (measured in docs/BENCHMARKS.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import zmq
+
+from common import protocol as p
 
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -26,3 +34,16 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], noblock: bool = False) ->
     for frame in frames[:-1]:
         send(frame, more)
     send(frames[-1], last)
+
+
+def drain(sock: zmq.Socket, version: bytes, log: logging.Logger) -> Iterator[p.Message]:
+    """Every message waiting on a worker's DEALER socket, decoded; undecodable ones are logged and dropped."""
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        try:
+            yield p.decode(frames, version)
+        except p.ProtocolError as e:
+            log.warning("bad message from the broker dropped: %s", e)

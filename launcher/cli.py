@@ -51,8 +51,9 @@ def _config(args: argparse.Namespace) -> Config:
         key: getattr(args, key, None)
         for key in (
             "state_dir", "client_url", "worker_url", "events_url", "uri", "slots", "lease_ttl_s",
-            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s", "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key", "job_history",
-            "curve_secret_key",
+            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s",
+            "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key",
+            "curve_secret_key", "job_history",
         )
     }
     if getattr(args, "security", None) is not None:

@@ -21,7 +21,7 @@ import zmq
 from common import domxml, protocol as p
 from common.config import Config
 from common.process import connect_worker_socket, run_until_signalled
-from common.wire import send_frames
+from common.wire import drain, send_frames
 from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
 log = logging.getLogger("virtbroker.worker")
@@ -447,7 +447,7 @@ class LifecycleWorker:
             sock.close(linger=0)
 
     def _drain_broker(self) -> None:
-        for msg in p.drain(self.sock, p.WORKER_VERSION, log):
+        for msg in drain(self.sock, p.WORKER_VERSION, log):
             if isinstance(msg, p.JobAssignment):
                 self._start_job(msg)
             elif isinstance(msg, p.ResultAck):

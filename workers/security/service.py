@@ -25,6 +25,7 @@ from common.config import Config
 from common.process import connect_worker_socket, run_until_signalled
 from common.errors import ConfigError, VirtbrokerError
 from common.resources import Resource, emulator_path, find_resources
+from common.wire import drain
 from workers.lifecycle import host_id_for
 from workers.security.apparmor import AppArmorDriver
 from workers.security.dac import DacDriver
@@ -245,7 +246,7 @@ class SecurityWorker:
         self.inproc.close(linger=0)
 
     def _drain_broker(self) -> None:
-        for msg in p.drain(self.sock, p.WORKER_VERSION, log):
+        for msg in drain(self.sock, p.WORKER_VERSION, log):
             if isinstance(msg, p.LabelRequest):
                 if self.stopping:
                     self.sock.send_multipart(p.encode(self._reply(msg, ok=False, error="security worker is stopping")))
