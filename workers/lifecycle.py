@@ -123,8 +123,9 @@ class Hypervisor:
     def ensure_alive(self) -> None:
         """Before a job: one cheap call proves this thread's connection. isAlive() stays true
         after libvirtd restarts until the first call fails ("Cannot write data: Broken
-        pipe"), and that first call must not be the job's own. At most once per
-        ALIVE_CHECK_S per thread: a check per job would double the calls of a storm.
+        pipe"). At most once per ALIVE_CHECK_S per thread: a check per job would double the
+        calls of a storm. A restart inside that window is caught by JobRunner.run, which
+        reconnects and runs the job again when its first call could not be sent.
         """
         link = self._link()
         if time.monotonic() - link.checked_at < ALIVE_CHECK_S:
@@ -132,13 +133,27 @@ class Hypervisor:
         try:
             link.conn.getLibVersion()
         except libvirt.libvirtError:
-            log.warning("connection to %s is stale (libvirtd restarted?); reconnecting", self.uri)
-            try:
-                link.conn.close()
-            except libvirt.libvirtError:
-                pass
-            link.conn = self._open()
+            self.reconnect()
         link.checked_at = time.monotonic()
+
+    def reconnect(self) -> None:
+        """Replace this thread's connection with a new one."""
+        link = self._link()
+        log.warning("connection to %s is stale (libvirtd restarted?); reconnecting", self.uri)
+        try:
+            link.conn.close()
+        except libvirt.libvirtError:
+            pass
+        link.conn = self._open()
+        link.checked_at = time.monotonic()
+
+    @staticmethod
+    def never_sent(e: libvirt.libvirtError) -> bool:
+        """The call failed writing its request to a daemon that is gone (it restarted), so
+        no libvirtd ever received it, and running it again on a new connection is safe."""
+        return e.get_error_domain() == libvirt.VIR_FROM_RPC and (e.get_error_message() or "").startswith(
+            "Cannot write data"
+        )
 
     def suspect(self) -> None:
         """A call failed in the RPC layer: check this thread's connection before its next job."""
@@ -183,8 +198,15 @@ class JobRunner:
 
     def run(self, job: p.JobAssignment) -> p.Result:
         try:
+            op = getattr(self, "op_" + job.op)
             self.hv.ensure_alive()
-            state = getattr(self, "op_" + job.op)(job)
+            try:
+                state = op(job)
+            except libvirt.libvirtError as e:
+                if not self.hv.never_sent(e):
+                    raise
+                self.hv.reconnect()  # libvirtd restarted since this thread's last check
+                state = op(job)
             return self._result(job, ok=True, state=state)
         except libvirt.libvirtError as e:
             error, code = e.get_error_message(), "driver"

@@ -141,3 +141,23 @@ def test_a_stalled_libvirtd_does_not_stop_the_workers_heartbeats(lvd_cluster):
     )
     assert final["state"] == "succeeded", final
     assert c.run(name, "destroy", 60)["state"] == "succeeded"
+
+
+def test_a_job_whose_first_call_meets_a_restarted_libvirtd_reconnects_and_runs(private_libvirtd):
+    """The liveness check runs at most once a second per thread, so a libvirtd restart just
+    after it leaves a dead connection that looks checked. The job's first call then fails
+    writing its request ("Cannot write data"): nothing reached any daemon, so the runner
+    reconnects and runs the job again instead of failing it."""
+    from types import SimpleNamespace
+
+    from common import protocol as p
+    from workers.lifecycle import Hypervisor, JobRunner
+
+    hv = Hypervisor(private_libvirtd.uri)
+    hv.ensure_alive()
+    private_libvirtd.restart()
+    hv._link().checked_at = time.monotonic()  # as if checked a moment before the restart
+    job = p.JobAssignment(job_id=1, op="reconcile", lease_id="l-1", epoch=1, lease_ttl_s=10.0,
+                          domain_uuid="00000000-0000-4000-8000-0000000000aa", domain_name="absent", xml="")
+    result = JobRunner(SimpleNamespace(hv=hv, worker_id="w-test"), sock=None).run(job)
+    assert (result.ok, result.domain_state, result.error) == (True, "shutoff", None)
