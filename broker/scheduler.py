@@ -111,6 +111,9 @@ class Scheduler:
         self.jobs: dict[int, Job] = {}
         self.queues: dict[str, deque[int]] = {}
         self.active: dict[str, int] = {}  # domain uuid -> job_id holding its lease
+        # Domains with a queued job and none running, in the order they became ready: a
+        # domain whose job ends goes to the back, so domains take turns for free slots.
+        self.ready: dict[str, None] = {}
         self.leases: dict[str, Lease] = {}
         self.by_key: dict[str, int] = {}
         self.next_job_id = 1
@@ -150,6 +153,8 @@ class Scheduler:
             queue.insert(position, job.job_id)
         else:
             queue.append(job.job_id)
+        if job.uuid not in self.active:
+            self.ready.setdefault(job.uuid)
 
     def get(self, job_id: int) -> Job:
         job = self.jobs.get(job_id)
@@ -191,8 +196,8 @@ class Scheduler:
         return pruned
 
     def ready_domains(self) -> list[str]:
-        """Domains whose queue head may run now: no job of theirs holds a lease."""
-        return [uuid for uuid in self.queues if uuid not in self.active]
+        """Domains whose queue head may run now (no job of theirs holds a lease), longest ready first."""
+        return list(self.ready)
 
     def head(self, uuid: str) -> Job:
         return self.jobs[self.queues[uuid][0]]
@@ -205,6 +210,7 @@ class Scheduler:
     def drop_empty_queue(self, uuid: str) -> None:
         if not self.queues.get(uuid):
             self.queues.pop(uuid, None)
+            self.ready.pop(uuid, None)
 
     def pending_for(self, uuid: str) -> list[Job]:
         return [self.jobs[j] for j in self.queues.get(uuid, ())]
@@ -224,6 +230,7 @@ class Scheduler:
         )
         self.leases[lease.lease_id] = lease
         self.active[job.uuid] = job.job_id
+        self.ready.pop(job.uuid, None)
         worker.jobs.add(job.job_id)
         # QUEUED -> RUNNING
         job.state = "running"
@@ -240,6 +247,7 @@ class Scheduler:
         lease = Lease(job.lease_id, job.job_id, job.uuid, job.worker_id, job.epoch, now + self.lease_ttl_s)
         self.leases[lease.lease_id] = lease
         self.active[job.uuid] = job.job_id
+        self.ready.pop(job.uuid, None)
         return lease
 
     def renew(self, worker_id: str, lease_ids: list[str], now: float) -> list[str]:
@@ -260,6 +268,8 @@ class Scheduler:
         self.leases.pop(lease.lease_id, None)
         if self.active.get(lease.uuid) == lease.job_id:
             del self.active[lease.uuid]
+            if self.queues.get(lease.uuid):
+                self.ready[lease.uuid] = None  # to the back of the line
 
     def finish(self, job: Job, state: str, now_wall: float, error: str | None = None, code: str | None = None):
         # RUNNING -> SUCCEEDED | FAILED | LOST, or QUEUED -> FAILED (refused before dispatch)

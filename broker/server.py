@@ -39,6 +39,9 @@ log = logging.getLogger("virtbroker.broker")
 # bounds how long a request waits behind a flood from another peer (about 2.5 ms at 200
 # pings; 13 ms at 1,000, measured by tests/fuzz while 20,000 unread pings arrive).
 BATCH_MAX_MESSAGES = 200
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 TICK_S = 0.2
 MAX_WAIT_S = 3600.0
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0
@@ -63,6 +66,7 @@ class Waiter:
     job_ids: list[int]
     deadline: float
     sock: zmq.Socket | None = None  # the endpoint the wait came in on
+    final_prefix: int = 0  # job_ids[:final_prefix] are final
 
 
 class Broker:
@@ -82,6 +86,8 @@ class Broker:
         self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.durable_outbox: list[tuple[zmq.Socket, list[bytes]]] = []
         self.events: list[p.Message] = []
+        self.subscriptions: set[bytes] = set()  # topic prefixes subscribers asked for
+        self.listening = {b"domain": False, b"job": False}  # per topic: does any subscriber want it
         self.in_flight: deque[tuple[int, list, list]] = deque()  # (batch_id, outbox, events) being written
         self.batch_id = 0
         self.writer: StoreWriter | None = None
@@ -89,7 +95,7 @@ class Broker:
         self.metrics = BrokerMetrics()
         self._gauges_at = 0.0
         self.store = Store(config.state_dir)
-        self.seq = int(self.store.meta("event_seq", "0"))
+        self.seq = self.saved_seq = int(self.store.meta("event_seq", "0"))
         self._load()
         self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
         self.curve = CurveServer(context, config.curve_dir) if config.curve_dir else None
@@ -131,7 +137,9 @@ class Broker:
         try:
             self.client_sock = self._socket(zmq.ROUTER, self.config.client_url, "clients")
             self.worker_sock = self._socket(zmq.ROUTER, self.config.worker_url, "workers")
-            self.pub_sock = self._socket(zmq.PUB, self.config.events_url, "events")
+            # XPUB: a PUB that also tells us what subscribers want, so no event is built for
+            # a topic nobody listens to.
+            self.pub_sock = self._socket(zmq.XPUB, self.config.events_url, "events")
             if self.config.readonly_url:
                 self.readonly_sock = self._socket(zmq.ROUTER, self.config.readonly_url, "readonly")
         finally:
@@ -168,6 +176,7 @@ class Broker:
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
         poller.register(self.writer.done, zmq.POLLIN)
+        poller.register(self.pub_sock, zmq.POLLIN)
         if self.readonly_sock is not None:
             poller.register(self.readonly_sock, zmq.POLLIN)
         while not self.stopping:
@@ -175,6 +184,8 @@ class Broker:
             now = time.monotonic()
             if self.writer.done in ready:
                 self._release_written()
+            if self.pub_sock in ready:
+                self._read_subscriptions()
             handled = 0
             if self.worker_sock in ready:
                 handled += self._drain(self.worker_sock, self._on_worker_frames)
@@ -194,7 +205,8 @@ class Broker:
 
     def _hand_over_batch(self) -> None:
         """Group commit: this turn's changes go to the writer; their replies wait for it."""
-        if self.events:
+        if self.seq != self.saved_seq:
+            self.saved_seq = self.seq
             self.store.set_meta("event_seq", str(self.seq))
         if self.scheduler.next_job_id != self.saved_next_job_id:
             # Job ids are never reused, even when the job with the highest id was pruned.
@@ -240,21 +252,45 @@ class Broker:
         return max(0, int(timeout_s * 1000))
 
     def _drain(self, sock: zmq.Socket, handler) -> int:
-        for count in range(BATCH_MAX_MESSAGES):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return count
-            handler(frames)
-        return BATCH_MAX_MESSAGES
+        """Handle what waits on sock, up to BATCH_MAX_MESSAGES (a batch counts its messages)."""
+        count = 0
+        while count < BATCH_MAX_MESSAGES and sock.get(_EVENTS) & _POLLIN:
+            count += handler(sock.recv_multipart(_NOBLOCK, copy=True))
+        return count
 
     def _send(self, outbox: list[tuple[zmq.Socket, list[bytes]]]) -> None:
+        """Send queued messages. A worker's are grouped into batches (one send, one wake-up
+        for every job it got this turn), in the order they were queued."""
+        to_workers: dict[bytes, list[list[bytes]]] = {}
         for sock, frames in outbox:
-            try:
-                send_frames(sock, frames, noblock=True)
-            except zmq.Again:
-                log.warning("dropped a message: peer's queue is full")
+            if sock is self.worker_sock:
+                to_workers.setdefault(frames[0], []).append(frames[1:])
+            else:
+                self._send_one(sock, frames)
+        for identity, encoded in to_workers.items():
+            for frames in p.batch_frames(encoded):
+                self._send_one(self.worker_sock, [identity, *frames])
         outbox.clear()
+
+    @staticmethod
+    def _send_one(sock: zmq.Socket, frames: list[bytes]) -> None:
+        try:
+            send_frames(sock, frames, noblock=True)
+        except zmq.Again:
+            log.warning("dropped a message: peer's queue is full")
+
+    def _read_subscriptions(self) -> None:
+        """XPUB hands us each topic prefix when its first subscriber arrives (b"\\x01" + prefix)
+        and again when its last one leaves (b"\\x00" + prefix)."""
+        while self.pub_sock.get(_EVENTS) & _POLLIN:
+            message = self.pub_sock.recv(_NOBLOCK)
+            if message[:1] == b"\x01":
+                self.subscriptions.add(message[1:])
+            elif message[:1] == b"\x00":
+                self.subscriptions.discard(message[1:])
+        self.listening = {
+            topic: any(topic.startswith(prefix) for prefix in self.subscriptions) for topic in self.listening
+        }
 
     def _publish(self, events: list[p.Message]) -> None:
         for event in events:
@@ -283,10 +319,11 @@ class Broker:
             self.curve.stop()
 
     # ------------------------------------------------------------------ client side
-    def _on_readonly_frames(self, frames: list[bytes]) -> None:
-        self._on_client_frames(frames, self.readonly_sock)
+    def _on_readonly_frames(self, frames: list[bytes]) -> int:
+        return self._on_client_frames(frames, self.readonly_sock)
 
-    def _on_client_frames(self, frames: list[bytes], sock: zmq.Socket | None = None) -> None:
+    def _on_client_frames(self, frames: list[bytes], sock: zmq.Socket | None = None) -> int:
+        """Handle one client request; returns 1 (the messages handled)."""
         sock = sock or self.client_sock
         identity, body = frames[0], frames[1:]
         request_id = None
@@ -300,19 +337,20 @@ class Broker:
             if handler is None or msg.KIND in ("ok", "error"):
                 raise ProtocolError(f"'{msg.KIND}' is not a request")
             result = handler(msg, identity)
-            self.metrics.requests.labels(msg.KIND, "ok").inc()
+            self.metrics.request(msg.KIND, "ok")
             if result is _DEFERRED:
                 self.waiters[-1].sock = sock
-                return
+                return 1
             self._reply(identity, p.Ok(request_id=request_id, result=result), sock, durable=msg.KIND not in READ_KINDS)
         except VirtbrokerError as e:
-            self.metrics.requests.labels(msg.KIND if msg is not None else "undecodable", e.code).inc()
+            self.metrics.request(msg.KIND if msg is not None else "undecodable", e.code)
             if isinstance(e, ProtocolError):
                 log.warning("bad client message: %s", e)
             self._reply(identity, p.Error(request_id=request_id, code=e.code, message=e.message), sock)
         except Exception as e:  # a bug: report it and keep serving everyone else
             log.exception("internal error handling a client request")
             self._reply(identity, p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"), sock)
+        return 1
 
     def _reply(self, identity: bytes, msg: p.Message, sock: zmq.Socket | None = None, durable: bool = False) -> None:
         """Queue a reply; durable ones leave only once this turn's changes are on disk."""
@@ -425,29 +463,41 @@ class Broker:
         if not self.waiters:
             return
         still = []
+        jobs = self.scheduler.jobs
         for waiter in self.waiters:
-            jobs = [self.scheduler.jobs[j] for j in waiter.job_ids]
-            done = all(job.final for job in jobs)
+            # Jobs never leave a final state: each turn looks on from the first one that was not final.
+            ids = waiter.job_ids
+            while waiter.final_prefix < len(ids) and jobs[ids[waiter.final_prefix]].final:
+                waiter.final_prefix += 1
+            done = waiter.final_prefix == len(ids)
             if done or now >= waiter.deadline:
-                result = {"jobs": [job.summary() for job in jobs], "timed_out": not done}
+                result = {"jobs": [jobs[j].summary() for j in ids], "timed_out": not done}
                 self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result), waiter.sock, durable=True)
             else:
                 still.append(waiter)
         self.waiters = still
 
     # ------------------------------------------------------------------ worker side
-    def _on_worker_frames(self, frames: list[bytes]) -> None:
+    def _on_worker_frames(self, frames: list[bytes]) -> int:
+        """Handle one message from a worker, or each message of its batch in order; returns
+        how many."""
         identity, body = frames[0], frames[1:]
         try:
-            msg = p.decode(body, p.WORKER_VERSION)
-            handler = getattr(self, "handle_worker_" + msg.KIND.replace("-", "_"), None)
-            if handler is None:
-                raise ProtocolError(f"'{msg.KIND}' is not a worker request")
-            handler(msg, identity)
+            messages = p.unbatch(p.decode(body, p.WORKER_VERSION))
         except ProtocolError as e:
             log.warning("bad worker message dropped: %s", e)
-        except Exception:
-            log.exception("internal error handling a worker message")
+            return 1
+        for msg in messages:
+            try:
+                handler = getattr(self, "handle_worker_" + msg.KIND.replace("-", "_"), None)
+                if handler is None:
+                    raise ProtocolError(f"'{msg.KIND}' is not a worker request")
+                handler(msg, identity)
+            except ProtocolError as e:
+                log.warning("bad worker message dropped: %s", e)
+            except Exception:
+                log.exception("internal error handling a worker message")
+        return len(messages)
 
     def _to_worker(self, worker_id: str, msg: p.Message, durable: bool = True) -> None:
         """Job assignments and result acks wait for the disk; routing and greetings need not."""
@@ -728,11 +778,17 @@ class Broker:
     # ------------------------------------------------------------------ dispatch
     def dispatch(self, now: float) -> None:
         """Give each domain's queue head to a worker, if one with a free slot can take it."""
-        if not self.scheduler.queues:
+        if not self.scheduler.ready:
             return
         now_wall = time.time()
         lifecycle = [w for w in self.workers.values() if w.role == "lifecycle"]
         free_slots = sum(max(0, w.free_slots) for w in lifecycle)
+        lifecycle_capacity = any(w.slots > 0 for w in lifecycle)
+        if free_slots <= 0 and lifecycle_capacity:
+            # Every slot is busy: nothing can start, and the checks below (refusals,
+            # undefine) wait for the turn a slot frees, as the domain's turn. Without this,
+            # each turn of a busy broker would walk every waiting domain.
+            return
         for uuid in self.scheduler.ready_domains():
             job = self.scheduler.head(uuid)
             record = self.registry.by_uuid.get(uuid)
@@ -756,7 +812,9 @@ class Broker:
                 self._emit_job(job)
                 continue
             if free_slots <= 0:
-                continue  # no slot anywhere: skip the search, keep a long queue cheap per turn
+                if lifecycle_capacity:
+                    break  # the rest wait for a slot (see above)
+                continue  # no worker at all: only refusals and undefines can go on
             worker = self._pick_worker(lifecycle, job, record)
             if worker is None:
                 continue  # waits in the broker, not in a worker slot
@@ -850,6 +908,8 @@ class Broker:
 
     def _emit_domain(self, record: DomainRecord, event: str) -> None:
         self.seq += 1
+        if not self.listening[b"domain"]:
+            return  # its seq is spent all the same: seq counts every event, sent or not
         self.events.append(
             p.DomainEvent(
                 seq=self.seq, uuid=record.uuid, name=record.name, event=event, state=record.state,
@@ -860,6 +920,8 @@ class Broker:
     def _emit_job(self, job: Job) -> None:
         self.metrics.job_transition(job)
         self.seq += 1
+        if not self.listening[b"job"]:
+            return
         self.events.append(
             p.JobEvent(seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error)
         )

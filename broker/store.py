@@ -10,6 +10,7 @@ import sqlite3
 import threading
 from dataclasses import dataclass, field
 
+import msgpack
 import zmq
 
 from broker.registry import DomainRecord
@@ -32,7 +33,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     domain_name TEXT NOT NULL,
     op TEXT NOT NULL,
     state TEXT NOT NULL,
-    body TEXT NOT NULL
+    body BLOB NOT NULL  -- every field of the job, a msgpack map (JSON text in older stores)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -86,6 +87,11 @@ def write_batch(db: sqlite3.Connection, batch: Batch) -> None:
         raise
 
 
+def _job_fields(body: bytes | str) -> dict:
+    """A stored job body: msgpack (bytes), or JSON (text) as stores before msgpack wrote it."""
+    return json.loads(body) if isinstance(body, str) else msgpack.unpackb(body, raw=False)
+
+
 class Store:
     """Handlers mark records dirty; take_batch() copies them into one Batch to write.
 
@@ -114,7 +120,7 @@ class Store:
 
     def load_jobs(self) -> list[Job]:
         rows = self.db.execute("SELECT body FROM jobs ORDER BY job_id").fetchall()
-        return [Job.from_dict(json.loads(row[0])) for row in rows]
+        return [Job.from_dict(_job_fields(row[0])) for row in rows]
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -155,7 +161,7 @@ class Store:
                 for r in self.dirty_domains.values()
             ],
             jobs=[
-                (j.job_id, j.uuid, j.domain_name, j.op, j.state, json.dumps(j.to_dict()))
+                (j.job_id, j.uuid, j.domain_name, j.op, j.state, msgpack.packb(j.to_dict()))
                 for j in self.dirty_jobs.values()
             ],
             deleted_jobs=[(j,) for j in self.deleted_jobs],

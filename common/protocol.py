@@ -5,6 +5,8 @@ Frames (after any ROUTER identity frame):  [version, kind, body]
   kind     ASCII message kind, e.g. b"define"
   body     one msgpack map
 Events on the PUB socket are [topic, b"VBE1", body], topic b"domain" or b"job".
+On the worker socket several messages to one peer may travel as one `batch` message (see
+Batch): one send and one wake-up for many jobs.
 
 A body's fields are checked against the kind's dataclass: a missing field, a wrong type or
 an unknown kind is a ProtocolError carrying what was received. Unknown extra fields are
@@ -322,6 +324,69 @@ class Shutdown(Message):
 
     KIND = "shutdown"
     VERSION = WORKER_VERSION
+
+
+# --------------------------------------------------------------------------- both ways
+
+
+@dataclass(frozen=True)
+class Batch(Message):
+    """Several worker-socket messages in one: [[kind, body], ...], each body its own msgpack
+    bytes, handled in order exactly as if each had come alone. Batches do not nest."""
+
+    KIND = "batch"
+    VERSION = WORKER_VERSION
+    messages: list[list]
+
+
+BATCH_MAX_ITEMS = 1000
+BATCH_MAX_BYTES = MAX_FRAME_BYTES // 2  # a sender starts a new batch before its bodies pass this
+
+
+def batch_frames(encoded: list[list[bytes]]) -> list[list[bytes]]:
+    """Encoded worker-socket messages to one peer ([version, kind, body] each), as few
+    messages as the limits allow: one stays itself; more travel as batches, each closed at
+    BATCH_MAX_ITEMS messages or BATCH_MAX_BYTES of bodies (a larger message goes alone)."""
+    if len(encoded) <= 1:
+        return encoded
+    out: list[list[bytes]] = []
+    items: list[list] = []
+    size = 0
+    for _, kind, body in encoded:
+        if items and (len(items) >= BATCH_MAX_ITEMS or size + len(body) > BATCH_MAX_BYTES):
+            out.append(_batch_frames(items))
+            items, size = [], 0
+        items.append([kind.decode(), body])
+        size += len(body)
+    out.append(_batch_frames(items))
+    return out
+
+
+def _batch_frames(items: list[list]) -> list[bytes]:
+    if len(items) == 1:
+        kind, body = items[0]
+        return [WORKER_VERSION, kind.encode(), body]
+    return [WORKER_VERSION, Batch.KIND.encode(), msgpack.packb({"messages": items}, use_bin_type=True)]
+
+
+def unbatch(msg: Message) -> list[Message]:
+    """The messages a decoded worker-socket message stands for: a batch's, in order, or itself.
+
+    Raises ProtocolError for a malformed batch; one bad item spoils the whole batch, as
+    a bad body spoils its message.
+    """
+    if not isinstance(msg, Batch):
+        return [msg]
+    if len(msg.messages) > BATCH_MAX_ITEMS:
+        raise ProtocolError(f"batch of {len(msg.messages)} messages is over the limit of {BATCH_MAX_ITEMS}")
+    out = []
+    for item in msg.messages:
+        if len(item) != 2 or type(item[0]) is not str or type(item[1]) is not bytes:
+            raise ProtocolError("batch: each item must be [kind, body bytes]", item)
+        if item[0] == Batch.KIND:
+            raise ProtocolError("batch: batches do not nest")
+        out.append(decode([WORKER_VERSION, item[0].encode(), item[1]], WORKER_VERSION))
+    return out
 
 
 # --------------------------------------------------------------------------- events (PUB)

@@ -20,6 +20,8 @@ from common import protocol as p
 
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], noblock: bool = False) -> None:
@@ -37,13 +39,13 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], noblock: bool = False) ->
 
 
 def drain(sock: zmq.Socket, version: bytes, log: logging.Logger) -> Iterator[p.Message]:
-    """Every message waiting on a worker's DEALER socket, decoded; undecodable ones are logged and dropped."""
-    while True:
+    """Every message waiting on a worker's DEALER socket, decoded, batches unpacked in order;
+    undecodable ones are logged and dropped."""
+    while sock.get(_EVENTS) & _POLLIN:  # no zmq.Again raised (and built) per drain
+        frames = sock.recv_multipart(_NOBLOCK)
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        try:
-            yield p.decode(frames, version)
+            messages = p.unbatch(p.decode(frames, version))
         except p.ProtocolError as e:
             log.warning("bad message from the broker dropped: %s", e)
+            continue
+        yield from messages

@@ -31,6 +31,9 @@ LABEL_TIMEOUT_S = 120.0
 STOP_GRACE_S = 30.0
 SHUTDOWN_POLL_S = 0.25
 ALIVE_CHECK_S = 1.0
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 _STATE_NAMES = {
     libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -485,7 +488,7 @@ class LifecycleWorker:
                 # send again every result it may not have committed.
                 log.info("broker asks us to register again (it restarted)")
                 self.hello()
-                for frames_out in self.unacked.values():
+                for frames_out in p.batch_frames(list(self.unacked.values())):
                     send_frames(self.sock, frames_out)
             elif isinstance(msg, p.Welcome):
                 self.heartbeat_interval_s = msg.heartbeat_interval_s
@@ -500,22 +503,24 @@ class LifecycleWorker:
         self.pool.submit(self._in_thread, job)
 
     def _drain_threads(self) -> None:
-        while True:
-            try:
-                identity, tag, *rest = self.inproc.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        """Forward what the job threads sent: every result and label request waiting goes to
+        the broker in one batch, in the order the threads sent them."""
+        out: list[list[bytes]] = []
+        while self.inproc.get(_EVENTS) & _POLLIN:
+            identity, tag, *rest = self.inproc.recv_multipart(_NOBLOCK)
             if tag == b"result":
                 job_id = int(rest[0])
                 frames = rest[1:]
                 self.running.pop(job_id, None)
                 self.unacked[job_id] = frames
-                send_frames(self.sock, frames)
+                out.append(frames)
             elif tag == b"label":
                 self.label_threads[rest[0].decode()] = identity
-                send_frames(self.sock, rest[1:])
+                out.append(rest[1:])
             elif tag == b"guests":
                 self._heartbeat(guests=msgpack.unpackb(rest[0], raw=False))
+        for frames in p.batch_frames(out):
+            send_frames(self.sock, frames)
 
     # -- pool threads
     def _thread_socket(self) -> zmq.Socket:

@@ -68,7 +68,8 @@ def broker(fuzz_broker):
 def _worker_replies(sock) -> list[p.Message]:
     out = []
     while sock.poll(20):
-        out.append(p.decode(sock.recv_multipart(), p.WORKER_VERSION))  # what the broker sends must decode
+        # What the broker sends must decode, batches included.
+        out.extend(p.unbatch(p.decode(sock.recv_multipart(), p.WORKER_VERSION)))
     return out
 
 
@@ -105,6 +106,24 @@ def test_well_framed_worker_messages_with_hostile_fields(broker, batch):
     hellos that register fake workers (and get handed the queued job), heartbeats
     naming leases they do not hold, results and label traffic naming anything."""
     test_random_worker_frames_are_dropped_and_change_no_domain.hypothesis.inner_test(broker, batch)
+
+
+@FUZZ
+@given(
+    items=st.lists(
+        st.sampled_from([cls for cls in WORKER_CLASSES if cls is not p.Batch]).flatmap(
+            lambda cls: body_for(cls, OVERRIDES, strict=True).map(lambda body: [cls.KIND, packed(body)])
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    junk=st.lists(st.one_of(values, st.lists(values, max_size=3)), max_size=2),
+)
+def test_batches_of_hostile_worker_messages(broker, items, junk):
+    """The same hostile messages, several in one batch, sometimes with malformed items:
+    a batch is handled like its messages sent one by one, or dropped whole."""
+    batch = [p.WORKER_VERSION, p.Batch.KIND.encode(), packed({"messages": items + junk})]
+    test_random_worker_frames_are_dropped_and_change_no_domain.hypothesis.inner_test(broker, [batch])
 
 
 def test_bad_hellos_are_refused(broker):

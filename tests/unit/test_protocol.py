@@ -76,3 +76,53 @@ def test_deep_nesting_is_refused():
     frames = [p.CLIENT_VERSION, b"ok", msgpack.packb({"request_id": 1, "result": deep})]
     with pytest.raises(ProtocolError, match="wrong type"):
         p.decode(frames, p.CLIENT_VERSION)
+
+
+def _results(count, error=None):
+    return [p.Result(worker_id="w", job_id=i, lease_id=f"l-{i}", epoch=1, ok=True, error=error) for i in range(count)]
+
+
+def test_a_batch_carries_its_messages_in_order():
+    messages = [*_results(3), p.ResultAck(job_id=9, accepted=False, reason="stale")]
+    (frames,) = p.batch_frames([p.encode(m) for m in messages])
+    assert frames[1] == b"batch"
+    assert p.unbatch(p.decode(frames, p.WORKER_VERSION)) == messages
+
+
+def test_one_message_is_not_batched():
+    encoded = [p.encode(_results(1)[0])]
+    assert p.batch_frames(encoded) == encoded
+    assert p.unbatch(p.decode(encoded[0], p.WORKER_VERSION)) == _results(1)
+
+
+def test_batches_close_at_their_limits():
+    many = [p.encode(m) for m in _results(p.BATCH_MAX_ITEMS + 1)]
+    batches = [p.unbatch(p.decode(f, p.WORKER_VERSION)) for f in p.batch_frames(many)]
+    assert [len(b) for b in batches] == [p.BATCH_MAX_ITEMS, 1]
+    big = "x" * (p.BATCH_MAX_BYTES // 2 + 1)
+    frames = p.batch_frames([p.encode(m) for m in _results(3, error=big)])
+    assert len(frames) == 3  # two bodies would pass BATCH_MAX_BYTES: each goes alone
+    assert all(len(f[2]) <= p.MAX_FRAME_BYTES for f in frames)
+
+
+@pytest.mark.parametrize(
+    "items, fragment",
+    [
+        ([["result"]], "each item must be"),
+        ([["result", "not bytes"]], "each item must be"),
+        ([["batch", msgpack.packb({"messages": []})]], "do not nest"),
+        ([["result", msgpack.packb({"worker_id": "w"})]], "missing field"),
+        ([["nope", msgpack.packb({})]], "unknown message kind"),
+    ],
+)
+def test_a_bad_item_spoils_its_batch(items, fragment):
+    frames = [p.WORKER_VERSION, b"batch", msgpack.packb({"messages": items}, use_bin_type=True)]
+    with pytest.raises(ProtocolError, match=fragment):
+        p.unbatch(p.decode(frames, p.WORKER_VERSION))
+
+
+def test_batches_are_bounded():
+    items = [["result", msgpack.packb({})]] * (p.BATCH_MAX_ITEMS + 1)
+    frames = [p.WORKER_VERSION, b"batch", msgpack.packb({"messages": items}, use_bin_type=True)]
+    with pytest.raises(ProtocolError, match="over the limit"):
+        p.unbatch(p.decode(frames, p.WORKER_VERSION))

@@ -65,3 +65,31 @@ def test_finish_releases_the_domain():
     s.grant(job, worker(), epoch=1, now=0, now_wall=0)
     s.finish(job, "succeeded", 1.0)
     assert s.ready_domains() == [U] and s.leases == {}
+
+
+def test_a_domain_whose_job_ends_goes_to_the_back_of_the_ready_line():
+    s = Scheduler(lease_ttl_s=5)
+    a, b, c = "a" * 36, "b" * 36, "c" * 36
+    for uuid in (a, b, c):
+        submit(s, "suspend", uuid)
+        submit(s, "resume", uuid)
+    assert s.ready_domains() == [a, b, c]
+    job = s.pop_head(a)
+    s.grant(job, worker(), epoch=1, now=0, now_wall=0)
+    assert s.ready_domains() == [b, c]
+    s.finish(job, "succeeded", 1.0)
+    assert s.ready_domains() == [b, c, a]  # a waits behind the others instead of taking the next slot again
+    s.cancel(s.head(b).job_id, 0)
+    s.cancel(s.head(b).job_id, 0)
+    assert s.ready_domains() == [c, a]  # an emptied queue leaves the line
+
+
+def test_restored_lease_keeps_its_domain_out_of_the_ready_line():
+    s = Scheduler(lease_ttl_s=5)
+    queued = submit(s, "start")  # loaded first, though a destroy of the same domain is running
+    running = s.new_job(U, "d", "destroy", 0.0)
+    running.state, running.lease_id, running.worker_id, running.epoch = "running", "l-1", "w1", 1
+    s.restore_lease(running, now=0)
+    assert s.ready_domains() == []
+    s.finish(running, "succeeded", 1.0)
+    assert s.ready_domains() == [U] and s.head(U) is queued
