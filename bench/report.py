@@ -277,9 +277,13 @@ def scale_markdown(section: dict) -> str:
           _f(r.get("list_all_raw_s"), "{:.3f}"), _f(r.get("list_all_raw_ratio"), "{:.1f}x"), _f(r["broker_rss_mb"], "{:.0f}")]
          for r in section["registry"]],
     )
+    rows = list(section["noop"])
+    if section.get("noop_few_slots"):
+        rows.append(section["noop_few_slots"])
     noop = _table(
-        ["lifecycle workers", "no-op jobs /s", "/ raw zmq pipelined round trips"],
-        [[r["workers"], f"{r['jobs_per_s']:,.0f}", _f(r["ratio_to_zmq"], "{:.3f}x")] for r in section["noop"]],
+        ["lifecycle workers", "slots each", "no-op jobs /s", "/ raw zmq pipelined round trips"],
+        [[r["workers"], r.get("slots", "16"), f"{r['jobs_per_s']:,.0f}", _f(r["ratio_to_zmq"], "{:.3f}x")]
+         for r in rows],
     )
     return transport + "\n\n" + registry + "\n\n" + noop
 

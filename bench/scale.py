@@ -32,8 +32,12 @@ WINDOW = 200  # requests in flight from one pipelining client
 LOOKUP_SAMPLES = 2000
 ZMQ_PINGPONG_SAMPLES = 5000
 ZMQ_PIPELINED_MESSAGES = 50000
-NOOP_DOMAINS = 500  # each gets a suspend and a resume per repetition
-NOOP_SLOTS = 16
+NOOP_DOMAINS = 2000  # each gets a suspend and a resume per repetition
+# A no-op job holds its slot for microseconds, so the rate depends on how many jobs each
+# message between the broker and a worker carries: with 16 slots per worker about 4,000 a
+# second, with 128 about 6,000 (measured; see docs/BENCHMARKS.md).
+NOOP_SLOTS = 128
+NOOP_FEW_SLOTS = 16  # the same run with fewer jobs in flight, for comparison
 DEFINE_CHUNKS = 3  # define throughput is measured per chunk of the fill; the median is shown
 
 
@@ -218,7 +222,7 @@ def _list_raw_s(sock: zmq.Socket, request_id: int, size: int) -> float:
 
 
 # ---------------------------------------------------------------------------- no-op jobs
-def noop_throughput(workers: int, reps: int) -> dict:
+def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS) -> dict:
     """suspend/resume jobs on test:///default guests: a job whose hypervisor call costs microseconds.
 
     The broker has no no-op operation; on libvirt's embedded test driver each lifecycle
@@ -227,7 +231,7 @@ def noop_throughput(workers: int, reps: int) -> dict:
     that its jobs ended the way a bulk client would: one `wait` for all of them.
     """
     rates: list[float] = []
-    with vb_cluster(workers, NOOP_SLOTS, uri="test:///default") as cluster:
+    with vb_cluster(workers, slots, uri="test:///default") as cluster:
         context = zmq.Context()
         sock = _dealer(context, cluster.client_url)
         try:
@@ -241,7 +245,7 @@ def noop_throughput(workers: int, reps: int) -> dict:
         finally:
             sock.close(linger=0)
             context.term()
-    return {"workers": workers, "jobs_per_s": median(rates), "jobs_per_s_reps": rates}
+    return {"workers": workers, "slots": slots, "jobs_per_s": median(rates), "jobs_per_s_reps": rates}
 
 
 def _run_ops(sock, names, ops, request_ids) -> tuple[int, float]:
@@ -293,6 +297,10 @@ def run(settings: Settings) -> dict:
         row["ratio_to_zmq"] = ratio(row["jobs_per_s"], transport["pipelined_per_s"])
         noop_rows.append(row)
         say(f"  {row['jobs_per_s']:.0f} jobs/s")
+    say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
+    few = noop_throughput(4, settings.reps, slots=NOOP_FEW_SLOTS)
+    few["ratio_to_zmq"] = ratio(few["jobs_per_s"], transport["pipelined_per_s"])
+    say(f"  {few['jobs_per_s']:.0f} jobs/s")
     return {
         "status": "ok",
         "baseline": "raw pyzmq ROUTER/DEALER echo on ipc:// (same machine); for list/RSS/define the smallest size",
@@ -301,10 +309,12 @@ def run(settings: Settings) -> dict:
             "client.api.Client, p99 of 2,000 random names; list all is Client.list(all=True), and "
             "'raw' the same request on a plain DEALER decoded by msgpack alone (no 2 MiB reply limit). "
             "No-op jobs are suspend/resume on libvirt's test:///default, one host per worker process "
-            f"({NOOP_DOMAINS} guests, {NOOP_SLOTS} slots per worker), counted by their final job events."
+            f"({NOOP_DOMAINS} guests, {NOOP_SLOTS} slots per worker), submitted pipelined and waited for "
+            "with one `wait` for all of them."
         ),
         "transport": transport,
         "transport_reps": zmq_reps,
         "registry": registry_rows,
         "noop": noop_rows,
+        "noop_few_slots": few,
     }
