@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import uuid as uuidlib
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from common.errors import NotFoundError, OperationInvalidError
@@ -179,7 +180,7 @@ class Scheduler:
         if not job.final:
             self.finished.append(job.job_id)
 
-    def prune(self, keep: int, in_use: set[int]) -> list[int]:
+    def prune(self, keep: int, in_use: Container[int]) -> list[int]:
         """Forget the oldest final jobs beyond `keep`; returns their ids.
 
         Stops at a job in `in_use` (a client still waits for it), so that one and those

@@ -39,8 +39,6 @@ log = logging.getLogger("virtbroker.broker")
 # bounds how long a request waits behind a flood from another peer (about 2.5 ms at 200
 # pings; 13 ms at 1,000, measured by tests/fuzz while 20,000 unread pings arrive).
 BATCH_MAX_MESSAGES = 200
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 TICK_S = 0.2
 MAX_WAIT_S = 3600.0
@@ -78,6 +76,7 @@ class Broker:
         self.workers: dict[str, WorkerInfo] = {}
         self.identities: dict[str, bytes] = {}  # worker_id -> ROUTER identity
         self.waiters: list[Waiter] = []
+        self.waited_for: dict[int, int] = {}  # job_id -> how many waiters name it (pruning spares these)
         # label_id -> (lifecycle worker awaiting the reply, security worker asked)
         self.label_routes: dict[str, tuple[str, str]] = {}
         # Replies that depend on nothing unwritten (reads, errors, routing) leave at the end
@@ -254,8 +253,12 @@ class Broker:
     def _drain(self, sock: zmq.Socket, handler) -> int:
         """Handle what waits on sock, up to BATCH_MAX_MESSAGES (a batch counts its messages)."""
         count = 0
-        while count < BATCH_MAX_MESSAGES and sock.get(_EVENTS) & _POLLIN:
-            count += handler(sock.recv_multipart(_NOBLOCK, copy=True))
+        while count < BATCH_MAX_MESSAGES:
+            try:
+                frames = sock.recv_multipart(_NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            count += handler(frames)
         return count
 
     def _send(self, outbox: list[tuple[zmq.Socket, list[bytes]]]) -> None:
@@ -282,8 +285,11 @@ class Broker:
     def _read_subscriptions(self) -> None:
         """XPUB hands us each topic prefix when its first subscriber arrives (b"\\x01" + prefix)
         and again when its last one leaves (b"\\x00" + prefix)."""
-        while self.pub_sock.get(_EVENTS) & _POLLIN:
-            message = self.pub_sock.recv(_NOBLOCK)
+        while True:
+            try:
+                message = self.pub_sock.recv(_NOBLOCK)
+            except zmq.Again:
+                break
             if message[:1] == b"\x01":
                 self.subscriptions.add(message[1:])
             elif message[:1] == b"\x00":
@@ -448,6 +454,8 @@ class Broker:
             raise InvalidError("timeout_s must be a finite number of seconds")
         timeout_s = min(max(msg.timeout_s, 0.0), MAX_WAIT_S)
         self.waiters.append(Waiter(identity, msg.request_id, list(msg.job_ids), time.monotonic() + timeout_s))
+        for job_id in msg.job_ids:
+            self.waited_for[job_id] = self.waited_for.get(job_id, 0) + 1
         return _DEFERRED
 
     def handle_cancel(self, msg: p.Cancel, identity: bytes):
@@ -473,6 +481,10 @@ class Broker:
             if done or now >= waiter.deadline:
                 result = {"jobs": [jobs[j].summary() for j in ids], "timed_out": not done}
                 self._reply(waiter.identity, p.Ok(request_id=waiter.request_id, result=result), waiter.sock, durable=True)
+                for job_id in ids:
+                    left = self.waited_for.pop(job_id) - 1
+                    if left:
+                        self.waited_for[job_id] = left
             else:
                 still.append(waiter)
         self.waiters = still
@@ -692,8 +704,7 @@ class Broker:
     def tick(self, now: float) -> None:
         now_wall = time.time()
         if len(self.scheduler.finished) > self.config.job_history:
-            in_use = {job_id for waiter in self.waiters for job_id in waiter.job_ids}
-            for job_id in self.scheduler.prune(self.config.job_history, in_use):
+            for job_id in self.scheduler.prune(self.config.job_history, self.waited_for):
                 self.store.delete_job(job_id)
         for lease in self.scheduler.expired(now):
             job = self.scheduler.jobs[lease.job_id]

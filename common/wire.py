@@ -20,8 +20,6 @@ from common import protocol as p
 
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
-_POLLIN = int(zmq.POLLIN)
-_EVENTS = int(zmq.EVENTS)
 
 
 def send_frames(sock: zmq.Socket, frames: list[bytes], noblock: bool = False) -> None:
@@ -41,8 +39,11 @@ def send_frames(sock: zmq.Socket, frames: list[bytes], noblock: bool = False) ->
 def drain(sock: zmq.Socket, version: bytes, log: logging.Logger) -> Iterator[p.Message]:
     """Every message waiting on a worker's DEALER socket, decoded, batches unpacked in order;
     undecodable ones are logged and dropped."""
-    while sock.get(_EVENTS) & _POLLIN:  # no zmq.Again raised (and built) per drain
-        frames = sock.recv_multipart(_NOBLOCK)
+    while True:
+        try:
+            frames = sock.recv_multipart(_NOBLOCK)
+        except zmq.Again:
+            return
         try:
             messages = p.unbatch(p.decode(frames, version))
         except p.ProtocolError as e:

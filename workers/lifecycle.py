@@ -31,8 +31,6 @@ LABEL_TIMEOUT_S = 120.0
 STOP_GRACE_S = 30.0
 SHUTDOWN_POLL_S = 0.25
 ALIVE_CHECK_S = 1.0
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 _STATE_NAMES = {
@@ -506,8 +504,11 @@ class LifecycleWorker:
         """Forward what the job threads sent: every result and label request waiting goes to
         the broker in one batch, in the order the threads sent them."""
         out: list[list[bytes]] = []
-        while self.inproc.get(_EVENTS) & _POLLIN:
-            identity, tag, *rest = self.inproc.recv_multipart(_NOBLOCK)
+        while True:
+            try:
+                identity, tag, *rest = self.inproc.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                break
             if tag == b"result":
                 job_id = int(rest[0])
                 frames = rest[1:]
