@@ -836,7 +836,7 @@ class Broker:
             if job.op == "start":
                 record.host_id = worker.host_id  # so a lost start is reconciled on the right host
                 record.live_xml = record.xml
-            self.store.put_domain(record)
+            self.store.put_domain_state(record)
             self.store.put_job(job)
             self._emit_job(job)
             self._to_worker(
@@ -913,7 +913,7 @@ class Broker:
         record.host_id = host_id
         if state == "shutoff":
             record.live_xml = None
-        self.store.put_domain(record)
+        self.store.put_domain_state(record)
         if changed:
             self._emit_domain(record, "state")
 

@@ -27,6 +27,17 @@ CREATE TABLE IF NOT EXISTS domains (
     generation INTEGER NOT NULL,
     live_xml TEXT
 );
+-- What changes with every job (state, host, epoch, the running definition) lives in a narrow
+-- table of its own: a job rewrites a small row here, not the domain's XML above. When a
+-- domain has a row here, it overrides the same columns of `domains`.
+CREATE TABLE IF NOT EXISTS domain_state (
+    uuid TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    host_id TEXT,
+    epoch INTEGER NOT NULL,
+    live INTEGER NOT NULL,  -- 0: not running; 1: started from `domains.xml`; 2: from live_xml
+    live_xml TEXT
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS jobs (
     job_id INTEGER PRIMARY KEY,
     uuid TEXT NOT NULL,
@@ -48,6 +59,7 @@ class Batch:
 
     deleted: list[tuple] = field(default_factory=list)
     domains: list[tuple] = field(default_factory=list)
+    states: list[tuple] = field(default_factory=list)
     jobs: list[tuple] = field(default_factory=list)
     deleted_jobs: list[tuple] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)
@@ -61,30 +73,56 @@ def _connect(path: str) -> sqlite3.Connection:
 
 
 def write_batch(db: sqlite3.Connection, batch: Batch) -> None:
+    write_batches(db, [batch])
+
+
+def write_batches(db: sqlite3.Connection, batches: list[Batch]) -> None:
+    """Batches in the order they were taken, in one transaction: one commit, one fsync."""
     db.execute("BEGIN")
     try:
-        # Deletes first: an undefine and a define of the same name in one batch must not
-        # trip the UNIQUE(name) constraint. A rename cannot happen (define refuses it), so
-        # an upsert by uuid is enough.
-        db.executemany("DELETE FROM domains WHERE uuid = ?", batch.deleted)
-        db.executemany(
-            "INSERT INTO domains (uuid, name, xml, state, host_id, epoch, generation, live_xml)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, xml=excluded.xml,"
-            " state=excluded.state, host_id=excluded.host_id, epoch=excluded.epoch,"
-            " generation=excluded.generation, live_xml=excluded.live_xml",
-            batch.domains,
-        )
-        db.executemany(
-            "INSERT OR REPLACE INTO jobs (job_id, uuid, domain_name, op, state, body) VALUES (?, ?, ?, ?, ?, ?)",
-            batch.jobs,
-        )
-        db.executemany("DELETE FROM jobs WHERE job_id = ?", batch.deleted_jobs)
-        db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", batch.meta)
+        for batch in batches:
+            _apply(db, batch)
         db.execute("COMMIT")  # with synchronous=FULL in WAL mode: one fsync of the WAL
     except BaseException:
         db.execute("ROLLBACK")
         raise
+
+
+def _apply(db: sqlite3.Connection, batch: Batch) -> None:
+    # Deletes first: an undefine and a define of the same name in one batch must not
+    # trip the UNIQUE(name) constraint. A rename cannot happen (define refuses it), so
+    # an upsert by uuid is enough.
+    db.executemany("DELETE FROM domains WHERE uuid = ?", batch.deleted)
+    db.executemany("DELETE FROM domain_state WHERE uuid = ?", batch.deleted)
+    db.executemany(
+        "INSERT INTO domains (uuid, name, xml, state, host_id, epoch, generation, live_xml)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(uuid) DO UPDATE SET name=excluded.name, xml=excluded.xml,"
+        " state=excluded.state, host_id=excluded.host_id, epoch=excluded.epoch,"
+        " generation=excluded.generation, live_xml=excluded.live_xml",
+        batch.domains,
+    )
+    db.executemany(
+        "INSERT OR REPLACE INTO domain_state (uuid, state, host_id, epoch, live, live_xml) VALUES (?, ?, ?, ?, ?, ?)",
+        batch.states,
+    )
+    db.executemany(
+        "INSERT OR REPLACE INTO jobs (job_id, uuid, domain_name, op, state, body) VALUES (?, ?, ?, ?, ?, ?)",
+        batch.jobs,
+    )
+    db.executemany("DELETE FROM jobs WHERE job_id = ?", batch.deleted_jobs)
+    db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", batch.meta)
+
+
+
+def _state_row(r: DomainRecord) -> tuple:
+    if r.live_xml is None:
+        live, live_xml = 0, None
+    elif r.live_xml is r.xml or r.live_xml == r.xml:
+        live, live_xml = 1, None  # the usual case: no second copy of the definition
+    else:
+        live, live_xml = 2, r.live_xml  # redefined while running
+    return (r.uuid, r.state, r.host_id, r.epoch, live, live_xml)
 
 
 def _job_fields(body: bytes | str) -> dict:
@@ -105,7 +143,8 @@ class Store:
         self.path = os.path.join(state_dir, "broker.sqlite3")
         self.db = _connect(self.path)
         self.db.executescript(SCHEMA)
-        self.dirty_domains: dict[str, DomainRecord] = {}
+        self.dirty_domains: dict[str, DomainRecord] = {}  # whole rows: definitions changed
+        self.dirty_states: dict[str, DomainRecord] = {}  # state rows only
         self.deleted_domains: set[str] = set()
         self.dirty_jobs: dict[int, Job] = {}
         self.deleted_jobs: set[int] = set()
@@ -114,7 +153,13 @@ class Store:
     # -- reading at startup
     def load_domains(self) -> list[DomainRecord]:
         rows = self.db.execute(
-            "SELECT uuid, name, xml, state, host_id, epoch, generation, live_xml FROM domains"
+            "SELECT d.uuid, d.name, d.xml,"
+            " CASE WHEN s.uuid IS NULL THEN d.state ELSE s.state END,"
+            " CASE WHEN s.uuid IS NULL THEN d.host_id ELSE s.host_id END,"
+            " CASE WHEN s.uuid IS NULL THEN d.epoch ELSE s.epoch END,"
+            " d.generation,"
+            " CASE WHEN s.uuid IS NULL THEN d.live_xml WHEN s.live = 1 THEN d.xml WHEN s.live = 2 THEN s.live_xml END"
+            " FROM domains d LEFT JOIN domain_state s ON s.uuid = d.uuid"
         ).fetchall()
         return [DomainRecord(*row) for row in rows]
 
@@ -128,11 +173,17 @@ class Store:
 
     # -- marking
     def put_domain(self, record: DomainRecord) -> None:
+        """The whole record: after a define."""
         self.deleted_domains.discard(record.uuid)
         self.dirty_domains[record.uuid] = record
 
+    def put_domain_state(self, record: DomainRecord) -> None:
+        """Only state, host, epoch and the running definition: what jobs change."""
+        self.dirty_states[record.uuid] = record
+
     def delete_domain(self, uuid: str) -> None:
         self.dirty_domains.pop(uuid, None)
+        self.dirty_states.pop(uuid, None)
         self.deleted_domains.add(uuid)
 
     def put_job(self, job: Job) -> None:
@@ -148,7 +199,10 @@ class Store:
 
     @property
     def pending(self) -> bool:
-        return bool(self.dirty_domains or self.deleted_domains or self.dirty_jobs or self.deleted_jobs or self.dirty_meta)
+        return bool(
+            self.dirty_domains or self.dirty_states or self.deleted_domains or self.dirty_jobs or self.deleted_jobs
+            or self.dirty_meta
+        )
 
     def take_batch(self) -> Batch | None:
         """Copy the dirty rows out (records keep changing after this) and start afresh."""
@@ -160,6 +214,8 @@ class Store:
                 (r.uuid, r.name, r.xml, r.state, r.host_id, r.epoch, r.generation, r.live_xml)
                 for r in self.dirty_domains.values()
             ],
+            # A whole-row write rewrites the state row too, so the two never disagree.
+            states=[_state_row(r) for r in (self.dirty_states | self.dirty_domains).values()],
             jobs=[
                 (j.job_id, j.uuid, j.domain_name, j.op, j.state, msgpack.packb(j.to_dict()))
                 for j in self.dirty_jobs.values()
@@ -168,6 +224,7 @@ class Store:
             meta=list(self.dirty_meta.items()),
         )
         self.dirty_domains.clear()
+        self.dirty_states.clear()
         self.deleted_domains.clear()
         self.dirty_jobs.clear()
         self.deleted_jobs.clear()
@@ -187,8 +244,9 @@ class Store:
 class StoreWriter:
     """A thread that writes batches in order, so the broker loop serves reads during fsync.
 
-    The loop submits (batch_id, Batch); the writer commits each and sends the id back on
-    an inproc PUSH socket the loop polls. A write that fails (disk full, I/O error) is
+    The loop submits (batch_id, Batch); the writer commits what has queued up, in one
+    transaction, and sends the last id back on an inproc PUSH socket the loop polls (the
+    loop releases the replies of every batch up to that id). A write that fails (disk full, I/O error) is
     fatal: the loop is told, and must exit without acknowledging anything more.
     """
 
@@ -213,18 +271,28 @@ class StoreWriter:
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self.DONE_URL)
         try:
-            while True:
-                item = self.queue.get()
-                if item is None:
-                    return
-                batch_id, batch = item
+            stopping = False
+            while not stopping:
+                # Everything submitted while the last commit ran goes into the next one:
+                # under load a commit covers many loop turns, and the disk sees one fsync.
+                items = [self.queue.get()]
+                while items[-1] is not None:
+                    try:
+                        items.append(self.queue.get_nowait())
+                    except queue.Empty:
+                        break
+                if items[-1] is None:
+                    stopping = True
+                    items.pop()
+                if not items:
+                    continue
                 try:
-                    write_batch(db, batch)
+                    write_batches(db, [batch for _, batch in items])
                 except Exception as e:
                     log.critical("cannot write the broker's state to %s: %s", self.path, e)
                     out.send_multipart([b"error", str(e).encode()])
                     return
-                out.send_multipart([b"done", str(batch_id).encode()])
+                out.send_multipart([b"done", str(items[-1][0]).encode()])
         finally:
             out.close(linger=0)
             db.close()

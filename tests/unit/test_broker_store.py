@@ -1,0 +1,93 @@
+"""broker.sqlite3: what a batch writes is what the next broker loads, whichever rows it touched."""
+
+import json
+import os
+import sqlite3
+
+import msgpack
+
+from broker.registry import DomainRecord
+from broker.scheduler import Job
+from broker.store import Store
+
+XML = "<domain type='test'><name>a</name></domain>"
+
+
+def reopen(store: Store) -> dict[str, DomainRecord]:
+    store.close()
+    again = Store(os.path.dirname(store.path))
+    try:
+        return {r.uuid: r for r in again.load_domains()}
+    finally:
+        again.close()
+
+
+def test_state_only_writes_leave_the_definition_and_are_loaded(tmp_path):
+    store = Store(str(tmp_path))
+    record = DomainRecord(uuid="u1", name="a", xml=XML)
+    store.put_domain(record)
+    store.commit()
+    record.state, record.host_id, record.epoch, record.live_xml = "running", "h1", 3, record.xml
+    store.put_domain_state(record)
+    store.commit()
+    with sqlite3.connect(store.path) as db:
+        # The job's change went to the narrow table; the definition row was not rewritten.
+        assert db.execute("SELECT state, epoch FROM domains").fetchall() == [("shutoff", 0)]
+        assert db.execute("SELECT live, live_xml FROM domain_state").fetchall() == [(1, None)]
+    loaded = reopen(store)["u1"]
+    assert (loaded.state, loaded.host_id, loaded.epoch, loaded.live_xml, loaded.xml) == ("running", "h1", 3, XML, XML)
+
+
+def test_a_guest_redefined_while_running_keeps_the_definition_it_started_from(tmp_path):
+    store = Store(str(tmp_path))
+    record = DomainRecord(uuid="u1", name="a", xml=XML, state="running", host_id="h1", epoch=1, live_xml=XML)
+    store.put_domain(record)
+    store.commit()
+    record.xml = XML.replace("<name>", "<memory>1024</memory><name>")
+    record.generation += 1
+    store.put_domain(record)
+    store.commit()
+    loaded = reopen(store)["u1"]
+    assert loaded.live_xml == XML and loaded.xml == record.xml and loaded.generation == 2
+
+
+def test_shut_off_clears_the_running_definition_and_undefine_removes_both_rows(tmp_path):
+    store = Store(str(tmp_path))
+    a = DomainRecord(uuid="u1", name="a", xml=XML, state="running", host_id="h1", live_xml=XML)
+    b = DomainRecord(uuid="u2", name="b", xml=XML)
+    store.put_domain(a)
+    store.put_domain(b)
+    store.commit()
+    a.state, a.host_id, a.live_xml = "shutoff", None, None
+    store.put_domain_state(a)
+    store.delete_domain("u2")
+    store.commit()
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("SELECT uuid FROM domain_state").fetchall() == [("u1",)]
+    loaded = reopen(store)
+    assert list(loaded) == ["u1"] and loaded["u1"].live_xml is None and loaded["u1"].state == "shutoff"
+
+
+def test_a_store_written_before_the_state_table_and_msgpack_bodies_still_loads(tmp_path):
+    store = Store(str(tmp_path))
+    store.close()
+    job = Job(job_id=7, uuid="u1", domain_name="a", op="start", state="succeeded")
+    with sqlite3.connect(tmp_path / "broker.sqlite3") as db:
+        db.execute("DELETE FROM domain_state")
+        db.execute(
+            "INSERT INTO domains VALUES ('u1', 'a', ?, 'running', 'h1', 4, 1, ?)", (XML, XML)
+        )
+        db.execute("INSERT INTO jobs VALUES (7, 'u1', 'a', 'start', 'succeeded', ?)", (json.dumps(job.to_dict()),))
+        db.execute(
+            "INSERT INTO jobs VALUES (8, 'u1', 'a', 'destroy', 'queued', ?)",
+            (msgpack.packb(Job(job_id=8, uuid="u1", domain_name="a", op="destroy").to_dict()),),
+        )
+    again = Store(str(tmp_path))
+    try:
+        (record,) = again.load_domains()
+        assert (record.state, record.host_id, record.epoch, record.live_xml) == ("running", "h1", 4, XML)
+        assert [j.to_dict() for j in again.load_jobs()] == [
+            job.to_dict(), Job(job_id=8, uuid="u1", domain_name="a", op="destroy").to_dict()
+        ]
+    finally:
+        again.close()
