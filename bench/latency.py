@@ -56,6 +56,25 @@ def probe_main(mode: str, target: str, names: list[str], go, stop, out) -> None:
         def define(_xml):
             os.write(fd, block)
             os.fsync(fd)
+    elif mode == "echo":
+        # The floor for any control plane on this host: one round trip over a local
+        # ZeroMQ socket to a process that answers at once (bench.scale.echo_main).
+        import zmq
+
+        from common import protocol as p
+
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(target)
+        frames = p.encode(p.Lookup(request_id=1, domain=names[0]))
+
+        def lookup(_name):
+            sock.send_multipart(frames)
+            sock.recv_multipart()
+
+        def define(_xml):
+            pass
     else:
         from client.api import Client
 
@@ -124,6 +143,24 @@ class Probe:
             self.proc.kill()
 
 
+@contextlib.contextmanager
+def echo_server(url: str):
+    """bench.scale's echo ROUTER in its own process, for the round-trip floor."""
+    from bench.scale import echo_main
+
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    server = ctx.Process(target=echo_main, args=(url, ready), daemon=True)
+    server.start()
+    try:
+        if not ready.wait(PROBE_READY_TIMEOUT_S):
+            raise RuntimeError("echo server did not start")
+        yield url
+    finally:
+        server.kill()
+        server.join(timeout=10)
+
+
 def libvirt_run(conn: libvirt.virConnect, n: int) -> dict:
     names = [f"{PREFIX}l{i:02d}" for i in range(n)]
     try:
@@ -142,10 +179,12 @@ def libvirt_run(conn: libvirt.virConnect, n: int) -> dict:
 
 
 def vb_run(conn: libvirt.virConnect, n: int) -> dict:
-    """The storm through virtbroker, with the virtbroker probe and, beside it, a raw fsync probe.
+    """The storm through virtbroker, with the virtbroker probe and, beside it, two floors:
+    a raw fsync probe (what the disk alone costs a durable define) and a raw ZeroMQ echo
+    probe (what one local round trip costs on this host during the storm).
 
-    The fsync probe adds a little disk load to virtbroker's run only, so it can only make
-    virtbroker's figures worse; it shows what the disk alone costs a durable define.
+    They add a little load to virtbroker's run only, so they can only make virtbroker's
+    figures worse.
     """
     names = [f"{PREFIX}l{i:02d}" for i in range(n)]
     slots = -(-n // VB_WORKERS)
@@ -154,15 +193,21 @@ def vb_run(conn: libvirt.virConnect, n: int) -> dict:
             c = vb_client(cluster)
             for name in names:
                 c.define(guest_xml(name))
-            with Probe("virtbroker", cluster.client_url, names) as probe, Probe("fsync", str(cluster.state_dir), names) as disk:
+            with (
+                echo_server(f"ipc://{cluster.state_dir}/echo.sock") as echo_url,
+                Probe("virtbroker", cluster.client_url, names) as probe,
+                Probe("fsync", str(cluster.state_dir), names) as disk,
+                Probe("echo", echo_url, names) as echo,
+            ):
                 started = time.monotonic()
                 finals = c.wait([c.submit(name, "start")["job_id"] for name in names], 300)
                 storm_s = time.monotonic() - started
                 samples = probe.finish()
                 fsync = disk.finish()
+                round_trips = echo.finish()
             check_jobs(finals, "start")
             c.wait([c.submit(name, "destroy")["job_id"] for name in names], 300)
-        return {"storm_s": storm_s, **samples, "fsync_s": fsync["define_s"]}
+        return {"storm_s": storm_s, **samples, "fsync_s": fsync["define_s"], "echo_s": round_trips["lookup_s"]}
     finally:
         cleanup_guests(conn)
 
@@ -185,6 +230,7 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                     "lookup": summary_ms(result["lookup_s"]),
                     "define": summary_ms(result["define_s"]),
                     "fsync": summary_ms(result["fsync_s"]) if "fsync_s" in result else None,
+                    "echo": summary_ms(result["echo_s"]) if "echo_s" in result else None,
                     "probe_errors": result["error_count"],
                     "probe_error_samples": result["errors"][:3],
                 }
@@ -199,9 +245,10 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
         for op in ("lookup", "define"):
             for stat in ("p50_ms", "p99_ms", "max_ms"):
                 row[f"{op}_{stat}"] = median([r[op][stat] for r in row["reps"] if r[op][stat] is not None])
-        fsyncs = [r["fsync"] for r in row["reps"] if r.get("fsync")]
-        for stat in ("p50_ms", "p99_ms", "max_ms"):
-            row[f"fsync_{stat}"] = median([f[stat] for f in fsyncs if f[stat] is not None]) if fsyncs else None
+        for floor in ("fsync", "echo"):
+            floors = [r[floor] for r in row["reps"] if r.get(floor)]
+            for stat in ("p50_ms", "p99_ms", "max_ms"):
+                row[f"{floor}_{stat}"] = median([f[stat] for f in floors if f[stat] is not None]) if floors else None
         row["samples"] = sum(r["lookup"]["count"] for r in row["reps"])
         out.append(row)
     for row in out:
@@ -216,7 +263,9 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             "pre-defined guests start (one thread and connection per guest for libvirt; 4 lifecycle workers for "
             "virtbroker). virtbroker's define is durable: the broker fsyncs its SQLite WAL before "
             "it replies. During virtbroker's storm a second process appends 4 KiB and fsyncs every 5 ms "
-            "on the state dir's file system: the disk's own floor for a durable define. "
+            "on the state dir's file system: the disk's own floor for a durable define; and a third "
+            "sends a lookup-sized message to a ZeroMQ echo process and waits for it: the floor for "
+            "any lookup over a local socket during the storm. "
             "Percentiles are per repetition; the table shows their median."
         ),
         "rows": out,
