@@ -39,11 +39,11 @@ log = logging.getLogger("virtbroker.broker")
 # bounds how long a request waits behind a flood from another peer (about 2.5 ms at 200
 # pings; 13 ms at 1,000, measured by tests/fuzz while 20,000 unread pings arrive).
 BATCH_MAX_MESSAGES = 200
-_NOBLOCK = int(zmq.NOBLOCK)
 TICK_S = 0.2
 MAX_WAIT_S = 3600.0
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0
 _DEFERRED = object()  # a handler's "no reply yet" (wait)
+_NOBLOCK = int(zmq.NOBLOCK)
 # What the read-only endpoint answers; everything else there is refused.
 RESYNC_QUIET_S = 5.0
 READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers"})

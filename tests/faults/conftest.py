@@ -25,6 +25,7 @@ from broker.server import RESYNC_QUIET_S
 from client.api import Client
 from client.templates import minimal_domain_xml
 from common.protocol import FINAL_JOB_STATES
+from tests.guests import quiet_libvirt_errors, remove_guests
 from tests.kvm.conftest import DOMAIN_TYPE, URI
 
 # Guests of this folder only: other suites (and benchmarks) share the host's libvirtd.
@@ -92,26 +93,13 @@ def fault_guest_xml(name: str, **kw) -> str:
 
 
 def remove_fault_guests(conn: libvirt.virConnect) -> None:
-    for dom in conn.listAllDomains():
-        try:
-            if not dom.name().startswith(FAULT_PREFIX):
-                continue
-            if dom.isActive():
-                dom.destroy()
-            if dom.isPersistent():
-                dom.undefine()
-        except libvirt.libvirtError:
-            pass
-
-
-def _quiet(_ctx, _err):
-    pass
+    remove_guests(conn, FAULT_PREFIX)
 
 
 @pytest.fixture
 def fault_guests():
     """A qemu:///system connection; this folder's guests are removed before and after, pass or fail."""
-    libvirt.registerErrorHandler(_quiet, None)
+    quiet_libvirt_errors()
     try:
         conn = libvirt.open(URI)
     except libvirt.libvirtError as e:
@@ -268,7 +256,7 @@ class PrivateLibvirtd:
 @pytest.fixture
 def private_libvirtd():
     daemon = PrivateLibvirtd(ensure_guest_user())
-    libvirt.registerErrorHandler(_quiet, None)
+    quiet_libvirt_errors()
     try:
         daemon.start()
         yield daemon

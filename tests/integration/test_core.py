@@ -194,6 +194,70 @@ def test_events_carry_increasing_sequence_numbers(cluster):
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
 
 
+def _subscribe(context: zmq.Context, url: str, topic: bytes = b"") -> zmq.Socket:
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, topic)
+    sub.connect(url)
+    return sub
+
+
+def _next_event(sub: zmq.Socket, kind: str, name_or_op: str, timeout_s: float = 5.0) -> p.Message:
+    deadline = time.monotonic() + timeout_s
+    while sub.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+        event = p.decode_event(sub.recv_multipart())
+        if event.KIND == kind and name_or_op in (getattr(event, "name", None), getattr(event, "op", None)):
+            return event
+    raise AssertionError(f"no {kind} event for {name_or_op} within {timeout_s} s")
+
+
+def _heard(c: Client, sub: zmq.Socket, tag: str) -> None:
+    """Make events until the subscriber hears one: it has joined (ZeroMQ's slow joiner)."""
+    c.define(minimal_domain_xml(tag))
+    for i in range(50):
+        c.run(tag, "start" if i % 2 == 0 else "destroy")
+        if sub.poll(200):
+            while sub.poll(200):  # the rest of what this made
+                sub.recv_multipart()
+            return
+    raise AssertionError("the subscriber never joined")
+
+
+def test_events_follow_subscribers_as_they_come_and_go(cluster):
+    """The broker builds events only for topics someone subscribed to (XPUB): when one of two
+    subscribers leaves, the other still hears everything; a subscriber of one topic gets
+    only that topic, and the events it does not get still take their sequence numbers."""
+    c = cluster.client()
+    url = c.ping()["events_url"]
+    context = zmq.Context()
+    try:
+        first, second = _subscribe(context, url), _subscribe(context, url)
+        _heard(c, first, "sub-a")
+        _heard(c, second, "sub-b")
+        first.close()
+        time.sleep(0.3)
+        c.define(minimal_domain_xml("sub-c"))
+        assert _next_event(second, "domain", "sub-c").event == "defined"
+        second.close()
+
+        jobs_only = _subscribe(context, url, b"job")
+        _heard(c, jobs_only, "sub-d")
+        c.define(minimal_domain_xml("sub-e"))
+        c.run("sub-e", "start")
+        c.run("sub-e", "destroy")
+        seen = []
+        while jobs_only.poll(500):
+            seen.append(p.decode_event(jobs_only.recv_multipart()))
+        assert {e.KIND for e in seen} == {"job"}
+        states = [(e.op, e.state) for e in seen]
+        assert states == [("start", "queued"), ("start", "running"), ("start", "succeeded"),
+                          ("destroy", "queued"), ("destroy", "running"), ("destroy", "succeeded")]
+        # The domain's state change after the start took the number between the two jobs.
+        assert seen[3].seq == seen[2].seq + 2
+    finally:
+        context.destroy(linger=0)
+
+
 def test_client_close_returns_while_an_events_stream_is_left_open(cluster):
     """A caller that stops reading events() without closing the generator must still be able
     to close its Client: the stream's SUB socket must not keep the context open."""

@@ -9,31 +9,20 @@ import libvirt
 import pytest
 
 from client.templates import minimal_domain_xml
+from tests.guests import quiet_libvirt_errors, remove_guests
 
 URI = "qemu:///system"
 PREFIX = "vbt-"
 DOMAIN_TYPE = "kvm" if os.path.exists("/dev/kvm") else "qemu"
 
 
-def _quiet(_ctx, _err):
-    pass
-
-
 def destroy_test_guests(conn: libvirt.virConnect) -> None:
-    for dom in conn.listAllDomains():
-        if dom.name().startswith(PREFIX):
-            try:
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-            except libvirt.libvirtError:
-                pass
+    remove_guests(conn, PREFIX)
 
 
 @pytest.fixture(scope="session")
 def libvirt_conn():
-    libvirt.registerErrorHandler(_quiet, None)
+    quiet_libvirt_errors()
     try:
         conn = libvirt.open(URI)
     except libvirt.libvirtError as e:
