@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "short": settings.short,
         "reps": settings.reps,
+        "security_reps": settings.security_reps,
         "sections_run": sections,
         "machine": report.machine(),
     }

@@ -297,10 +297,10 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
         return {"status": f"not run: {reason}"}
     n = settings.security_n
     rows: dict[str, dict] = {}
-    for rep in range(settings.reps):
+    for rep in range(settings.security_reps):
         for way, drivers, serialization in configs(settings):
             row = rows.setdefault(way, {"n": n, "way": way, "drivers": drivers, "serialization": serialization, "reps": [], "errors": []})
-            say(f"security rep {rep + 1}/{settings.reps}: N={n} {way}")
+            say(f"security rep {rep + 1}/{settings.security_reps}: N={n} {way}")
             try:
                 result = libvirt_dac(conn, n) if drivers is None else vb_security(conn, n, drivers, serialization)
             except Exception as e:
