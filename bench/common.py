@@ -9,6 +9,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import libvirt
 
 from client.api import Client
 from client.templates import minimal_domain_xml
+from tests.guests import remove_guests
 from tests.procs import Cluster
 
 URI = "qemu:///system"
@@ -144,28 +146,30 @@ def guest_xml(name: str, **kw) -> str:
 
 
 def cleanup_guests(conn: libvirt.virConnect, prefix: str = PREFIX) -> int:
-    """Destroy and undefine every guest whose name starts with prefix; returns how many were found.
+    """Destroy and undefine every guest whose name starts with prefix; returns how many were found."""
+    return remove_guests(conn, prefix)
 
-    Destroys run one thread per guest: one after another takes 1-2 s per guest.
-    """
-    import threading
 
-    doms = [d for d in conn.listAllDomains() if d.name().startswith(prefix)]
+def parallel(fn, items: list) -> None:
+    """One thread per item, released together; re-raises the first error after all have ended."""
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(items) + 1)
 
-    def remove(dom):
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isActive():
-                dom.destroy()
-        with contextlib.suppress(libvirt.libvirtError):
-            if dom.isPersistent():
-                dom.undefine()
+    def body(item):
+        gate.wait()
+        try:
+            fn(item)
+        except BaseException as e:  # collected and raised in the caller's thread
+            errors.append(e)
 
-    threads = [threading.Thread(target=remove, args=(d,)) for d in doms]
+    threads = [threading.Thread(target=body, args=(item,), daemon=True) for item in items]
     for t in threads:
         t.start()
+    gate.wait()
     for t in threads:
         t.join()
-    return len(doms)
+    if errors:
+        raise errors[0]
 
 
 # ---------------------------------------------------------------------------- virtbroker
@@ -199,6 +203,35 @@ def vb_cluster(
 
 def vb_client(cluster: Cluster, timeout_s: float = 120.0) -> Client:
     return cluster.client(timeout_s=timeout_s)
+
+
+def vb_start_destroy(cluster: Cluster, xml: dict[str, str]) -> tuple[float, float]:
+    """Define and start every guest through virtbroker, then destroy them all: (start_s, destroy_s).
+
+    One thread and client per guest, as the libvirt baseline has one thread and connection
+    per guest: each defines its guest (durable at the broker) and submits its start at once,
+    so workers start guests while other threads are still defining. A phase ends when every
+    one of its jobs is final. Raises if a job did not succeed.
+    """
+    names = list(xml)
+    clients = {name: vb_client(cluster) for name in names}  # connected before the clock starts
+    job_ids: dict[str, int] = {}
+
+    def start(name: str) -> None:
+        clients[name].define(xml[name])
+        job_ids[name] = clients[name].submit(name, "start")["job_id"]
+
+    def destroy(name: str) -> None:
+        job_ids[name] = clients[name].submit(name, "destroy")["job_id"]
+
+    times = []
+    for op, fn in (("start", start), ("destroy", destroy)):
+        started = time.monotonic()
+        parallel(fn, names)
+        finals = clients[names[0]].wait(list(job_ids.values()), 300)
+        times.append(time.monotonic() - started)
+        check_jobs(finals, op)
+    return times[0], times[1]
 
 
 def run_jobs(client: Client, names: list[str], op: str, timeout_s: float = 300.0) -> list[dict]:

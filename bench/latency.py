@@ -19,13 +19,13 @@ from bench.common import (
     guest_xml,
     median,
     open_libvirt,
+    parallel,
     ratio,
     say,
     summary_ms,
     vb_client,
     vb_cluster,
 )
-from bench.storm import parallel
 
 PROBE_PERIOD_S = 0.005
 PROBE_READY_TIMEOUT_S = 30.0

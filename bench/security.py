@@ -20,17 +20,17 @@ from bench.common import (
     PREFIX,
     SETTLE_S,
     Settings,
-    check_jobs,
     cleanup_guests,
     connections,
     guest_xml,
     median,
+    parallel,
     ratio,
     say,
     vb_client,
     vb_cluster,
+    vb_start_destroy,
 )
-from bench.storm import parallel
 from common import domxml
 from common.resources import Resource
 
@@ -165,19 +165,8 @@ def vb_security(conn: libvirt.virConnect, n: int, drivers: list[str], serializat
         with vb_cluster(
             VB_WORKERS, slots, extra=_cluster_args(drivers, images.root, serialization), security_drivers=drivers
         ) as cluster:
+            start_s, destroy_s = vb_start_destroy(cluster, xml)
             c = vb_client(cluster)
-            started = time.monotonic()
-            job_ids = []
-            for name in names:
-                c.define(xml[name])
-                job_ids.append(c.submit(name, "start")["job_id"])
-            finals = c.wait(job_ids, 300)
-            start_s = time.monotonic() - started
-            check_jobs(finals, "start")
-            started = time.monotonic()
-            finals = c.wait([c.submit(name, "destroy")["job_id"] for name in names], 300)
-            destroy_s = time.monotonic() - started
-            check_jobs(finals, "destroy")
             out = {"start_s": start_s, "destroy_s": destroy_s}
             if drivers:
                 out["base_restored"] = owner(images.base) == (0, 0)
@@ -285,7 +274,7 @@ def not_runnable() -> str | None:
     if shutil.which("qemu-img") is None:
         return "qemu-img is not installed"
     try:
-        import workers.security.service  # noqa: F401  (the lead's security worker service)
+        import workers.security.service  # noqa: F401  (the security worker must import)
     except Exception as e:
         return f"the security worker service does not import: {e}"
     return None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import libvirt
@@ -12,45 +11,22 @@ from bench.common import (
     PREFIX,
     SETTLE_S,
     Settings,
-    check_jobs,
     cleanup_guests,
     connections,
     guest_xml,
     median,
+    parallel,
     ratio,
     say,
-    vb_client,
     vb_cluster,
+    vb_start_destroy,
 )
 
 BASELINE_WAY = "libvirt-threads"
-MAX_SLOTS = 20
 
 
 def _names(n: int, tag: str) -> list[str]:
     return [f"{PREFIX}{tag}{i:02d}" for i in range(n)]
-
-
-def parallel(fn, items: list) -> None:
-    """One thread per item, released together; re-raises the first error after all have ended."""
-    errors: list[BaseException] = []
-    gate = threading.Barrier(len(items) + 1)
-
-    def body(item):
-        gate.wait()
-        try:
-            fn(item)
-        except BaseException as e:  # collected and raised in the caller's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=body, args=(item,), daemon=True) for item in items]
-    for t in threads:
-        t.start()
-    gate.wait()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
 
 
 # ---------------------------------------------------------------------------- libvirt-python
@@ -102,22 +78,7 @@ def vb_storm(conn: libvirt.virConnect, names: list[str], workers: int) -> tuple[
     xml = {name: guest_xml(name) for name in names}
     try:
         with vb_cluster(workers, slots) as cluster:
-            c = vb_client(cluster)
-            started = time.monotonic()
-            # Define (durable at the broker) and submit each guest's start right away, as a
-            # client would; the workers start guests while later ones are still defined.
-            job_ids = []
-            for name in names:
-                c.define(xml[name])
-                job_ids.append(c.submit(name, "start")["job_id"])
-            finals = c.wait(job_ids, 300)
-            start_s = time.monotonic() - started
-            check_jobs(finals, "start")
-            started = time.monotonic()
-            finals = c.wait([c.submit(name, "destroy")["job_id"] for name in names], 300)
-            destroy_s = time.monotonic() - started
-            check_jobs(finals, "destroy")
-            return start_s, destroy_s
+            return vb_start_destroy(cluster, xml)
     finally:
         cleanup_guests(conn)
 
@@ -130,10 +91,7 @@ def ways_for(settings: Settings, n: int) -> list[tuple[str, int | None]]:
     ways.append((BASELINE_WAY, None))
     if not settings.short and n == 20:
         ways.append(("libvirt-threads-shared", None))
-    # One worker with 40 slots loses leases (15 of 40 starts ended "lost" in every
-    # repetition of the 2026-11-25 full run; see docs/BENCHMARKS.md), so no worker gets
-    # more than MAX_SLOTS slots here.
-    ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts if math.ceil(n / w) <= MAX_SLOTS]
+    ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts]
     return ways
 
 
