@@ -134,7 +134,8 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             "destroy until every destroy returned (destroy). The baseline gives each thread its own "
             "libvirt connection (libvirtd runs at most 5 calls of one connection at a time); "
             "libvirt-threads-shared is the same on one shared connection. virtbroker gets "
-            "ceil(N/workers) slots per worker, so every way can have all N in flight."
+            "ceil(N/workers) slots per worker, so every way can have all N in flight, and defines and "
+            "submits with one thread and client per guest."
         ),
         "rows": rows,
     }
