@@ -72,10 +72,6 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
-def write_batch(db: sqlite3.Connection, batch: Batch) -> None:
-    write_batches(db, [batch])
-
-
 def write_batches(db: sqlite3.Connection, batches: list[Batch]) -> None:
     """Batches in the order they were taken, in one transaction: one commit, one fsync."""
     db.execute("BEGIN")
@@ -112,7 +108,6 @@ def _apply(db: sqlite3.Connection, batch: Batch) -> None:
     )
     db.executemany("DELETE FROM jobs WHERE job_id = ?", batch.deleted_jobs)
     db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", batch.meta)
-
 
 
 def _state_row(r: DomainRecord) -> tuple:
@@ -235,7 +230,7 @@ class Store:
         """Write what is dirty now, in this thread (startup, shutdown, tests)."""
         batch = self.take_batch()
         if batch is not None:
-            write_batch(self.db, batch)
+            write_batches(self.db, [batch])
 
     def close(self) -> None:
         self.db.close()
