@@ -26,6 +26,7 @@ from bench.common import (
     vb_client,
     vb_cluster,
 )
+from bench.scale import echo_server
 
 PROBE_PERIOD_S = 0.005
 PROBE_READY_TIMEOUT_S = 30.0
@@ -141,24 +142,6 @@ class Probe:
         self.proc.join(timeout=30)
         if self.proc.is_alive():
             self.proc.kill()
-
-
-@contextlib.contextmanager
-def echo_server(url: str):
-    """bench.scale's echo ROUTER in its own process, for the round-trip floor."""
-    from bench.scale import echo_main
-
-    ctx = multiprocessing.get_context("spawn")
-    ready = ctx.Event()
-    server = ctx.Process(target=echo_main, args=(url, ready), daemon=True)
-    server.start()
-    try:
-        if not ready.wait(PROBE_READY_TIMEOUT_S):
-            raise RuntimeError("echo server did not start")
-        yield url
-    finally:
-        server.kill()
-        server.join(timeout=10)
 
 
 def libvirt_run(conn: libvirt.virConnect, n: int) -> dict:

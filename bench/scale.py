@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import msgpack
 import zmq
@@ -75,7 +76,8 @@ def _dealer(context: zmq.Context, url: str) -> zmq.Socket:
 
 # ---------------------------------------------------------------------------- raw pyzmq
 def echo_main(url: str, ready) -> None:
-    """A ROUTER that sends every message back: the transport's own limit, no broker logic."""
+    """A ROUTER that sends every message back: the transport's own limit, no broker logic.
+    Runs until killed (echo_server)."""
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -84,59 +86,66 @@ def echo_main(url: str, ready) -> None:
     sock.bind(url)
     ready.set()
     while True:
-        frames = sock.recv_multipart(copy=True)
-        if frames[1] == b"stop":
-            break
-        sock.send_multipart(frames, copy=True)
-    sock.close()
-    context.term()
+        sock.send_multipart(sock.recv_multipart(copy=True), copy=True)
 
 
-def raw_zmq(state_dir: Path) -> dict:
-    """Round-trip latency (one at a time) and throughput (pipelined) of ROUTER/DEALER on ipc://."""
-    url = f"ipc://{state_dir}/echo.sock"
+@contextlib.contextmanager
+def echo_server(url: str, ready_timeout_s: float = 30.0) -> Iterator[str]:
+    """echo_main in a process of its own, bound and ready; killed on exit. Yields the URL."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
     server = ctx.Process(target=echo_main, args=(url, ready), daemon=True)
     server.start()
-    context = zmq.Context()
-    sock = _dealer(context, url)
+    try:
+        if not ready.wait(ready_timeout_s):
+            raise RuntimeError("echo server did not start")
+        yield url
+    finally:
+        server.kill()
+        server.join(timeout=10)
+
+
+def raw_zmq(state_dir: Path) -> dict:
+    """Round-trip latency (one at a time) and throughput (pipelined) of ROUTER/DEALER on ipc://."""
     # A body the size of a lookup request, in the same three frames as the protocol.
     frames = p.encode(p.Lookup(request_id=1, domain=f"{PREFIX}scale-000001"))
-    try:
-        if not ready.wait(30):
-            raise RuntimeError("echo server did not start")
-        for _ in range(200):  # warm up the connection
-            sock.send_multipart(frames)
-            sock.recv_multipart()
-        rtts_s = []
-        for _ in range(ZMQ_PINGPONG_SAMPLES):
-            t0 = time.perf_counter()
-            sock.send_multipart(frames)
-            sock.recv_multipart()
-            rtts_s.append(time.perf_counter() - t0)
-        started = time.perf_counter()
-        sent = received = 0
-        while received < ZMQ_PIPELINED_MESSAGES:
-            while sent < ZMQ_PIPELINED_MESSAGES and sent - received < WINDOW:
-                sock.send_multipart(frames)
-                sent += 1
-            sock.recv_multipart()
-            received += 1
-        pipelined_per_s = ZMQ_PIPELINED_MESSAGES / (time.perf_counter() - started)
-        sock.send_multipart([b"stop"])
-    finally:
-        sock.close(linger=0)
-        context.term()
-        server.join(timeout=10)
-        if server.is_alive():
-            server.kill()
+    with echo_server(f"ipc://{state_dir}/echo.sock") as url:
+        context = zmq.Context()
+        sock = _dealer(context, url)
+        try:
+            rtts_s, pipelined_per_s = _echo_rates(sock, frames)
+        finally:
+            sock.close(linger=0)
+            context.term()
     return {
         "rtt_p50_ms": percentile(rtts_s, 50) * 1000,
         "rtt_p99_ms": percentile(rtts_s, 99) * 1000,
         "pingpong_per_s": len(rtts_s) / sum(rtts_s),
         "pipelined_per_s": pipelined_per_s,
     }
+
+
+def _echo_rates(sock: zmq.Socket, frames: list[bytes]) -> tuple[list[float], float]:
+    """Round trips one at a time (seconds each), then pipelined round trips per second."""
+    for _ in range(200):  # warm up the connection
+        sock.send_multipart(frames)
+        sock.recv_multipart()
+    rtts_s = []
+    for _ in range(ZMQ_PINGPONG_SAMPLES):
+        t0 = time.perf_counter()
+        sock.send_multipart(frames)
+        sock.recv_multipart()
+        rtts_s.append(time.perf_counter() - t0)
+    started = time.perf_counter()
+    sent = received = 0
+    while received < ZMQ_PIPELINED_MESSAGES:
+        while sent < ZMQ_PIPELINED_MESSAGES and sent - received < WINDOW:
+            sock.send_multipart(frames)
+            sent += 1
+        sock.recv_multipart()
+        received += 1
+    pipelined_per_s = ZMQ_PIPELINED_MESSAGES / (time.perf_counter() - started)
+    return rtts_s, pipelined_per_s
 
 
 # ---------------------------------------------------------------------------- registry scale
