@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import uuid as uuidlib
 from collections import deque
 from collections.abc import Container
@@ -116,6 +117,11 @@ class Scheduler:
         # domain whose job ends goes to the back, so domains take turns for free slots.
         self.ready: dict[str, None] = {}
         self.leases: dict[str, Lease] = {}
+        # No lease expires before this (monotonic seconds). A lower bound, kept so that a
+        # busy broker does not walk every lease on every turn: leases are only added
+        # (expiring no earlier than this), renewed (later) or released, so the earliest
+        # expiry found by the last walk can only move later until the next walk.
+        self.earliest_expiry = math.inf
         self.by_key: dict[str, int] = {}
         self.next_job_id = 1
         self.finished: deque[int] = deque()  # final jobs, in the order they became final
@@ -229,7 +235,7 @@ class Scheduler:
             epoch=epoch,
             expires_at=now + self.lease_ttl_s,
         )
-        self.leases[lease.lease_id] = lease
+        self._add_lease(lease)
         self.active[job.uuid] = job.job_id
         self.ready.pop(job.uuid, None)
         worker.jobs.add(job.job_id)
@@ -246,7 +252,7 @@ class Scheduler:
         """After a broker restart a running job keeps its lease for one more TTL: its worker
         may still report (it reconnects and says hello with its leases) before it expires."""
         lease = Lease(job.lease_id, job.job_id, job.uuid, job.worker_id, job.epoch, now + self.lease_ttl_s)
-        self.leases[lease.lease_id] = lease
+        self._add_lease(lease)
         self.active[job.uuid] = job.job_id
         self.ready.pop(job.uuid, None)
         return lease
@@ -262,8 +268,22 @@ class Scheduler:
                 lease.renew(now, self.lease_ttl_s)
         return unknown
 
+    def _add_lease(self, lease: Lease) -> None:
+        self.leases[lease.lease_id] = lease
+        self.earliest_expiry = min(self.earliest_expiry, lease.expires_at)
+
     def expired(self, now: float) -> list[Lease]:
-        return [lease for lease in self.leases.values() if lease.expires_at <= now]
+        """Leases whose time is up; the caller ends their jobs (which releases them)."""
+        if now < self.earliest_expiry:
+            return []
+        out = []
+        earliest = math.inf
+        for lease in self.leases.values():
+            if lease.expires_at <= now:
+                out.append(lease)
+            earliest = min(earliest, lease.expires_at)
+        self.earliest_expiry = earliest
+        return out
 
     def release(self, lease: Lease) -> None:
         self.leases.pop(lease.lease_id, None)

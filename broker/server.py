@@ -244,10 +244,7 @@ class Broker:
                 self._publish(events)
 
     def _poll_timeout_ms(self) -> int:
-        timeout_s = TICK_S
-        now = time.monotonic()
-        for lease in self.scheduler.leases.values():
-            timeout_s = min(timeout_s, lease.expires_at - now)
+        timeout_s = min(TICK_S, self.scheduler.earliest_expiry - time.monotonic())
         return max(0, int(timeout_s * 1000))
 
     def _drain(self, sock: zmq.Socket, handler) -> int:

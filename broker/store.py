@@ -15,6 +15,7 @@ import zmq
 
 from broker.registry import DomainRecord
 from broker.scheduler import Job
+from common import protocol as p
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (
@@ -212,7 +213,7 @@ class Store:
             # A whole-row write rewrites the state row too, so the two never disagree.
             states=[_state_row(r) for r in (self.dirty_states | self.dirty_domains).values()],
             jobs=[
-                (j.job_id, j.uuid, j.domain_name, j.op, j.state, msgpack.packb(j.to_dict()))
+                (j.job_id, j.uuid, j.domain_name, j.op, j.state, p.pack(j.to_dict()))
                 for j in self.dirty_jobs.values()
             ],
             deleted_jobs=[(j,) for j in self.deleted_jobs],

@@ -16,6 +16,7 @@ ignored, so a newer peer can add optional fields. docs/PROTOCOL.md documents eac
 from __future__ import annotations
 
 import dataclasses
+import threading
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,9 +47,14 @@ _KINDS: dict[tuple[bytes, str], type[Message]] = {}
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per message class, filled on first encode
 
 
-@dataclass(frozen=True)
+@dataclass
 class Message:
-    """Base of every message kind; subclasses set KIND and VERSION."""
+    """Base of every message kind; subclasses set KIND and VERSION.
+
+    Messages are plain dataclasses, not frozen ones, and nothing changes a message once it
+    is built: a frozen dataclass's __init__ sets each field through object.__setattr__,
+    which makes it three times as slow, and the broker builds several per job.
+    """
 
     KIND: ClassVar[str] = ""
     VERSION: ClassVar[bytes] = b""
@@ -69,14 +75,14 @@ class Message:
 # Every client request carries request_id (any int the client chooses); the reply echoes it.
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ping(Message):
     KIND = "ping"
     VERSION = CLIENT_VERSION
     request_id: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Define(Message):
     KIND = "define"
     VERSION = CLIENT_VERSION
@@ -84,7 +90,7 @@ class Define(Message):
     xml: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lookup(Message):
     """Find a domain by name or UUID; the reply is its record (dominfo)."""
 
@@ -94,7 +100,7 @@ class Lookup(Message):
     domain: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class ListDomains(Message):
     KIND = "list"
     VERSION = CLIENT_VERSION
@@ -103,7 +109,7 @@ class ListDomains(Message):
     state: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class DumpXml(Message):
     KIND = "dumpxml"
     VERSION = CLIENT_VERSION
@@ -112,7 +118,7 @@ class DumpXml(Message):
     inactive: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass
 class Submit(Message):
     """Submit a lifecycle job for a domain (named by name or UUID)."""
 
@@ -125,7 +131,7 @@ class Submit(Message):
     idempotency_key: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class GetJob(Message):
     KIND = "job"
     VERSION = CLIENT_VERSION
@@ -133,7 +139,7 @@ class GetJob(Message):
     job_id: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class ListJobs(Message):
     KIND = "jobs"
     VERSION = CLIENT_VERSION
@@ -143,7 +149,7 @@ class ListJobs(Message):
     limit: int = 100
 
 
-@dataclass(frozen=True)
+@dataclass
 class Wait(Message):
     """Reply when every job is final, or at timeout_s with the jobs as they are."""
 
@@ -154,7 +160,7 @@ class Wait(Message):
     timeout_s: float = 60.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cancel(Message):
     KIND = "cancel"
     VERSION = CLIENT_VERSION
@@ -162,7 +168,7 @@ class Cancel(Message):
     job_id: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class ListWorkers(Message):
     KIND = "workers"
     VERSION = CLIENT_VERSION
@@ -172,7 +178,7 @@ class ListWorkers(Message):
 # --------------------------------------------------------------------------- broker -> client
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ok(Message):
     KIND = "ok"
     VERSION = CLIENT_VERSION
@@ -180,7 +186,7 @@ class Ok(Message):
     result: Any = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Error(Message):
     KIND = "error"
     VERSION = CLIENT_VERSION
@@ -192,7 +198,7 @@ class Error(Message):
 # --------------------------------------------------------------------------- worker -> broker
 
 
-@dataclass(frozen=True)
+@dataclass
 class Hello(Message):
     """A worker joins (or rejoins after a broker restart) and says what it holds."""
 
@@ -208,7 +214,7 @@ class Hello(Message):
     leases: list[dict] = field(default_factory=list)  # [{lease_id, job_id, epoch}] still being worked
 
 
-@dataclass(frozen=True)
+@dataclass
 class Heartbeat(Message):
     KIND = "heartbeat"
     VERSION = WORKER_VERSION
@@ -219,7 +225,7 @@ class Heartbeat(Message):
     guests: list[dict] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Result(Message):
     """A job's outcome, carrying the lease it ran under."""
 
@@ -235,7 +241,7 @@ class Result(Message):
     domain_state: str | None = None  # state the worker observed after the job
 
 
-@dataclass(frozen=True)
+@dataclass
 class Bye(Message):
     """A worker leaves on purpose (SIGTERM) after finishing its jobs."""
 
@@ -244,7 +250,7 @@ class Bye(Message):
     worker_id: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class LabelRequest(Message):
     """Lifecycle worker -> broker -> security worker(s) of the same host: label or restore."""
 
@@ -260,7 +266,7 @@ class LabelRequest(Message):
     driver: str = ""  # which driver must answer; the broker routes to a security worker serving it
 
 
-@dataclass(frozen=True)
+@dataclass
 class LabelReply(Message):
     """Security worker -> broker -> lifecycle worker."""
 
@@ -277,7 +283,7 @@ class LabelReply(Message):
 # --------------------------------------------------------------------------- broker -> worker
 
 
-@dataclass(frozen=True)
+@dataclass
 class Welcome(Message):
     KIND = "welcome"
     VERSION = WORKER_VERSION
@@ -285,7 +291,7 @@ class Welcome(Message):
     lease_ttl_s: float
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reregister(Message):
     """Sent to a worker the broker does not know (it restarted): say hello again."""
 
@@ -293,7 +299,7 @@ class Reregister(Message):
     VERSION = WORKER_VERSION
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobAssignment(Message):
     KIND = "job"
     VERSION = WORKER_VERSION
@@ -309,7 +315,7 @@ class JobAssignment(Message):
     security: list[str] = field(default_factory=list)  # security drivers to ask before start
 
 
-@dataclass(frozen=True)
+@dataclass
 class ResultAck(Message):
     KIND = "result-ack"
     VERSION = WORKER_VERSION
@@ -318,7 +324,7 @@ class ResultAck(Message):
     reason: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class Shutdown(Message):
     """Broker stopping: workers may finish and wait for it to come back."""
 
@@ -329,7 +335,7 @@ class Shutdown(Message):
 # --------------------------------------------------------------------------- both ways
 
 
-@dataclass(frozen=True)
+@dataclass
 class Batch(Message):
     """Several worker-socket messages in one: [[kind, body], ...], each body its own msgpack
     bytes, handled in order exactly as if each had come alone. Batches do not nest."""
@@ -366,7 +372,7 @@ def _batch_frames(items: list[list]) -> list[bytes]:
     if len(items) == 1:
         kind, body = items[0]
         return [WORKER_VERSION, kind.encode(), body]
-    return [WORKER_VERSION, Batch.KIND.encode(), msgpack.packb({"messages": items}, use_bin_type=True)]
+    return [WORKER_VERSION, Batch.KIND.encode(), pack({"messages": items})]
 
 
 def unbatch(msg: Message) -> list[Message]:
@@ -385,14 +391,14 @@ def unbatch(msg: Message) -> list[Message]:
             raise ProtocolError("batch: each item must be [kind, body bytes]", item)
         if item[0] == Batch.KIND:
             raise ProtocolError("batch: batches do not nest")
-        out.append(decode([WORKER_VERSION, item[0].encode(), item[1]], WORKER_VERSION))
+        out.append(_decode_body(WORKER_VERSION, item[0], item[1], MAX_FRAME_BYTES))
     return out
 
 
 # --------------------------------------------------------------------------- events (PUB)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DomainEvent(Message):
     KIND = "domain"
     VERSION = EVENT_VERSION
@@ -404,7 +410,7 @@ class DomainEvent(Message):
     host_id: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class JobEvent(Message):
     KIND = "job"
     VERSION = EVENT_VERSION
@@ -419,13 +425,29 @@ class JobEvent(Message):
 # --------------------------------------------------------------------------- encode / decode
 
 
+_local = threading.local()
+
+
+def pack(value: Any) -> bytes:
+    """msgpack.packb(value, use_bin_type=True) with this thread's own Packer.
+
+    packb builds a Packer and its buffer for every call, which for a message's small body
+    costs as much as the packing itself. A Packer is not shared between threads.
+    """
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _local.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(value)
+
+
 def encode(msg: Message) -> list[bytes]:
     """Frames for one message: [version, kind, body]."""
-    return [msg.VERSION, msg.KIND.encode(), msgpack.packb(msg.body(), use_bin_type=True)]
+    return [msg.VERSION, msg.KIND.encode(), pack(msg.body())]
 
 
 def encode_event(msg: Message) -> list[bytes]:
-    return [msg.KIND.encode(), msg.VERSION, msgpack.packb(msg.body(), use_bin_type=True)]
+    return [msg.KIND.encode(), msg.VERSION, pack(msg.body())]
 
 
 def decode(frames: list[bytes], version: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
@@ -435,12 +457,16 @@ def decode(frames: list[bytes], version: bytes, max_bytes: int = MAX_FRAME_BYTES
     got_version, kind_raw, raw = frames
     if got_version != version:
         raise ProtocolError(f"unsupported protocol version {bytes(got_version)[:16]!r}, expected {version!r}")
-    if len(raw) > max_bytes:
-        raise ProtocolError(f"body of {len(raw)} bytes is over the limit of {max_bytes}")
     try:
         kind = bytes(kind_raw).decode("ascii")
     except UnicodeDecodeError:
         raise ProtocolError("message kind is not ASCII", bytes(kind_raw)[:64]) from None
+    return _decode_body(version, kind, raw, max_bytes)
+
+
+def _decode_body(version: bytes, kind: str, raw: bytes, max_bytes: int) -> Message:
+    if len(raw) > max_bytes:
+        raise ProtocolError(f"body of {len(raw)} bytes is over the limit of {max_bytes}")
     cls = _KINDS.get((version, kind))
     if cls is None:
         raise ProtocolError(f"unknown message kind {kind!r}", kind)
@@ -463,16 +489,20 @@ def from_body(cls: type[Message], body: Any) -> Message:
         raise ProtocolError(f"{cls.KIND}: body must be a map, got {type(body).__name__}", body)
     values = {}
     for name, check, required in _schema(cls):
-        if name in body:
-            value = body[name]
-            if not check(value, 0):
-                raise ProtocolError(
-                    f"{cls.KIND}: field {name!r} has the wrong type ({type(value).__name__})", {name: value}
-                )
+        value = body.get(name, _ABSENT)
+        if value is _ABSENT:
+            if required:
+                raise ProtocolError(f"{cls.KIND}: missing field {name!r}", sorted(map(str, body))[:20])
+        elif check(value, 0):
             values[name] = value
-        elif required:
-            raise ProtocolError(f"{cls.KIND}: missing field {name!r}", sorted(map(str, body))[:20])
+        else:
+            raise ProtocolError(
+                f"{cls.KIND}: field {name!r} has the wrong type ({type(value).__name__})", {name: value}
+            )
     return cls(**values)
+
+
+_ABSENT = object()  # a field the body does not carry (None is a value)
 
 
 Check = typing.Callable[[Any, int], bool]

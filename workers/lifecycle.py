@@ -1,18 +1,21 @@
 """Lifecycle worker: runs domain jobs through libvirt-python under the broker's leases.
 
-The main thread owns the DEALER socket to the broker. Jobs run in a thread pool; each pool
-thread talks to the main thread over its own inproc DEALER (never a shared socket), and
-the main thread forwards results and label requests to the broker and label replies back.
+The main thread owns the DEALER socket to the broker. Jobs run in a fixed set of job
+threads. A finished job's result goes into the Mailbox, which the main thread empties and
+forwards to the broker in one batch. A job thread that needs labels talks to the main
+thread over its own inproc DEALER (never a shared socket): the main thread forwards label
+requests to the broker and label replies back.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import queue
 import threading
 import time
 import uuid as uuidlib
-from concurrent.futures import ThreadPoolExecutor
 
 import libvirt
 import msgpack
@@ -190,7 +193,7 @@ class Hypervisor:
 
 
 class JobRunner:
-    """What one pool thread does for one job. Holds the thread's inproc socket."""
+    """What one job thread does for one job. Holds the thread's inproc socket (for labels)."""
 
     def __init__(self, worker: LifecycleWorker, sock: zmq.Socket):
         self.worker = worker
@@ -372,6 +375,81 @@ class JobRunner:
         return replies
 
 
+class Mailbox:
+    """Finished jobs, handed from the job threads to the main thread.
+
+    A deque, and an eventfd that the main thread's poller watches. A job thread writes to
+    the eventfd only for the first item since the main thread last emptied the box, so a
+    burst of results costs one wake-up of the main thread, not a socket message each.
+    """
+
+    def __init__(self):
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._items: collections.deque = collections.deque()
+        self._signalled = False
+
+    def put(self, item) -> None:
+        self._items.append(item)
+        if not self._signalled:
+            self._signalled = True
+            os.eventfd_write(self.fd, 1)
+
+    def take(self) -> list:
+        """Everything in the box, oldest first.
+
+        The order matters. The eventfd is reset first, then the flag is cleared, then the
+        box is emptied: a put that comes after the emptying finds the flag clear (or set
+        by a put that signals after the reset) and wakes the main thread again. Clearing
+        the flag before the reset would let a put see it still set after the reset had
+        consumed its signal, and its item would wait for the next put.
+        """
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            pass
+        self._signalled = False
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class JobThreads:
+    """`count` threads that run `target(job)` for each submitted job, in submission order.
+
+    Leaner than a ThreadPoolExecutor (no future per job), which a worker does not need:
+    results travel through the Mailbox. The threads are daemons: at exit a thread stuck in
+    a libvirt call must not hold the process, its lease expires instead.
+    """
+
+    def __init__(self, count: int, target, name: str = "job"):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._target = target
+        self._threads = [threading.Thread(target=self._loop, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job) -> None:
+        self._queue.put(job)
+
+    def stop(self) -> None:
+        """Each thread leaves after the job it is running, if any; jobs not started are dropped."""
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            self._target(job)
+
+
 class LifecycleWorker:
     def __init__(self, config: Config, context: zmq.Context, worker_id: str | None = None):
         self.config = config
@@ -389,7 +467,8 @@ class LifecycleWorker:
         self.heartbeat_interval_s = config.heartbeat_interval_s
         self.resync_stop = threading.Event()
         self._local = threading.local()
-        self.pool = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="job")
+        self.mailbox = Mailbox()
+        self.threads = JobThreads(self.slots, self._in_thread)
 
         self.sock = connect_worker_socket(context, config, self.worker_id)
         self.inproc = context.socket(zmq.ROUTER)
@@ -416,6 +495,7 @@ class LifecycleWorker:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.inproc, zmq.POLLIN)
+        poller.register(self.mailbox.fd, zmq.POLLIN)
         resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
         resync.start()
         next_beat = time.monotonic() + self.heartbeat_interval_s
@@ -433,7 +513,7 @@ class LifecycleWorker:
             ready = dict(poller.poll(min(timeout_ms, 200)))
             if self.sock in ready:
                 self._drain_broker()
-            if self.inproc in ready:
+            if self.inproc in ready or self.mailbox.fd in ready:
                 self._drain_threads()
             if time.monotonic() >= next_beat:
                 self._heartbeat()
@@ -443,9 +523,10 @@ class LifecycleWorker:
         self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))
         self.resync_stop.set()
         resync.join(timeout=5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.threads.stop()
         self.sock.close(linger=0)
         self.inproc.close(linger=0)
+        self.mailbox.close()
 
     def _heartbeat(self, guests: list[dict] | None = None) -> None:
         lease_ids = [j.lease_id for j in self.running.values()]
@@ -498,24 +579,31 @@ class LifecycleWorker:
             return
         self.running[job.job_id] = job
         log.debug("job %d: %s %s (epoch %d)", job.job_id, job.op, job.domain_name, job.epoch)
-        self.pool.submit(self._in_thread, job)
+        self.threads.submit(job)
 
     def _drain_threads(self) -> None:
-        """Forward what the job threads sent: every result and label request waiting goes to
-        the broker in one batch, in the order the threads sent them."""
+        """Forward what the job threads sent: every finished job in the mailbox, and every
+        label request waiting on the inproc socket, goes to the broker in one batch."""
         out: list[list[bytes]] = []
+        for job, result, frames, elapsed_s in self.mailbox.take():
+            self.running.pop(job.job_id, None)
+            self.unacked[job.job_id] = frames
+            out.append(frames)
+            log.info(
+                "job %d: %s %s %s in %.2f s%s",
+                job.job_id,
+                job.op,
+                job.domain_name,
+                "succeeded" if result.ok else "failed",
+                elapsed_s,
+                f": {result.error}" if result.error else "",
+            )
         while True:
             try:
                 identity, tag, *rest = self.inproc.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
-            if tag == b"result":
-                job_id = int(rest[0])
-                frames = rest[1:]
-                self.running.pop(job_id, None)
-                self.unacked[job_id] = frames
-                out.append(frames)
-            elif tag == b"label":
+            if tag == b"label":
                 self.label_threads[rest[0].decode()] = identity
                 out.append(rest[1:])
             elif tag == b"guests":
@@ -523,7 +611,7 @@ class LifecycleWorker:
         for frames in p.batch_frames(out):
             send_frames(self.sock, frames)
 
-    # -- pool threads
+    # -- job threads
     def _thread_socket(self) -> zmq.Socket:
         sock = getattr(self._local, "sock", None)
         if sock is None:
@@ -534,19 +622,9 @@ class LifecycleWorker:
         return sock
 
     def _in_thread(self, job: p.JobAssignment) -> None:
-        sock = self._thread_socket()
         started = time.monotonic()
-        result = JobRunner(self, sock).run(job)
-        log.info(
-            "job %d: %s %s %s in %.2f s%s",
-            job.job_id,
-            job.op,
-            job.domain_name,
-            "succeeded" if result.ok else "failed",
-            time.monotonic() - started,
-            f": {result.error}" if result.error else "",
-        )
-        send_frames(sock, [b"result", str(job.job_id).encode(), *p.encode(result)])
+        result = JobRunner(self, self._thread_socket()).run(job)
+        self.mailbox.put((job, result, p.encode(result), time.monotonic() - started))
 
 
 def run_worker(config: Config, worker_id: str | None = None) -> int:

@@ -1,6 +1,7 @@
 """Per-domain queues and leases, driven by an explicit clock (no sleeping)."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from broker.scheduler import Scheduler, WorkerInfo
 from common.errors import OperationInvalidError
@@ -93,3 +94,33 @@ def test_restored_lease_keeps_its_domain_out_of_the_ready_line():
     assert s.ready_domains() == []
     s.finish(running, "succeeded", 1.0)
     assert s.ready_domains() == [U] and s.head(U) is queued
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["grant", "renew", "finish", "tick"]), st.integers(0, 7),
+                          st.floats(0, 3, allow_nan=False)), max_size=60))
+def test_expired_finds_what_a_walk_of_every_lease_finds(steps):
+    """expired() skips its walk while the clock is before the earliest expiry it last saw;
+    through any mix of grants, renewals, finishes and ticks it must return exactly the
+    leases a walk of every lease would."""
+    s = Scheduler(lease_ttl_s=5)
+    w = worker(slots=100)
+    now = 100.0
+    jobs = {}
+    for action, n, advance in steps:
+        now += advance
+        uuid = f"00000000-0000-0000-0000-{n:012d}"
+        if action == "grant" and uuid not in s.active:
+            job = submit(s, "start", uuid)
+            s.pop_head(uuid)
+            jobs[uuid] = job
+            s.grant(job, w, epoch=1, now=now, now_wall=now)
+        elif action == "renew" and uuid in s.active:
+            s.renew("w1", [jobs[uuid].lease_id], now=now)
+        elif action == "finish" and uuid in s.active:
+            s.finish(jobs[uuid], "succeeded", now)
+        walked = sorted(lease.lease_id for lease in s.leases.values() if lease.expires_at <= now)
+        found = sorted(lease.lease_id for lease in s.expired(now))
+        assert found == walked
+        for lease in s.expired(now):  # the broker ends an expired lease's job
+            s.finish(s.jobs[lease.job_id], "lost", now)
