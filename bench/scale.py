@@ -33,7 +33,8 @@ WINDOW = 200  # requests in flight from one pipelining client
 LOOKUP_SAMPLES = 2000
 ZMQ_PINGPONG_SAMPLES = 5000
 ZMQ_PIPELINED_MESSAGES = 50000
-NOOP_DOMAINS = 2000  # each gets a suspend and a resume per repetition
+NOOP_DOMAINS = 2000
+NOOP_ROUNDS = 2  # each guest is suspended and resumed this many times per repetition
 # A no-op job holds its slot for microseconds, so the rate depends on how many jobs each
 # message between the broker and a worker carries: with 16 slots per worker about 4,000 a
 # second, with 128 about 6,000 (measured; see docs/BENCHMARKS.md).
@@ -256,7 +257,7 @@ def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS) -> dict:
             pipelined(sock, [p.Define(request_id=next(request_ids), xml=minimal_domain_xml(n, "test")) for n in names])
             _run_ops(sock, names, ["start"], request_ids)
             for rep in range(reps):
-                jobs, elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * int(__import__("os").environ.get("MULT", "1")), request_ids)
+                jobs, elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * NOOP_ROUNDS, request_ids)
                 rates.append(jobs / elapsed_s)
         finally:
             sock.close(linger=0)

@@ -3,11 +3,18 @@
 import logging
 import sys
 
+FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
+
 
 def setup_logging(level: str = "INFO", role: str = "") -> None:
-    fmt = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(logging.Formatter(FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Workers log a line per job. Every record would otherwise walk the stack for its
+    # caller's file and line and look up its thread and process id, which FORMAT never
+    # prints: the "Optimization" section of the logging documentation turns them off so.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False

@@ -91,3 +91,43 @@ def test_a_store_written_before_the_state_table_and_msgpack_bodies_still_loads(t
         ]
     finally:
         again.close()
+
+
+def test_batches_larger_than_one_statement_write_every_row(tmp_path):
+    """Rows go to SQLite in multi-row statements of ROWS_PER_STATEMENT: a batch of several
+    statements and a remainder, with deletes and upserts in the same batches."""
+    from broker.store import ROWS_PER_STATEMENT
+
+    n = ROWS_PER_STATEMENT * 2 + 37
+    store = Store(str(tmp_path))
+    records = [DomainRecord(uuid=f"u{i}", name=f"d{i}", xml=XML.replace("<name>a", f"<name>d{i}")) for i in range(n)]
+    for record in records:
+        store.put_domain(record)
+    for i in range(n):
+        store.put_job(Job(job_id=i + 1, uuid=f"u{i}", domain_name=f"d{i}", op="start", state="queued"))
+    store.commit()
+    for record in records[::2]:  # every other guest runs: a state row each
+        record.state, record.host_id, record.epoch = "running", "h1", 1
+        store.put_domain_state(record)
+    for record in records[1::3]:  # a third is undefined, with its job
+        store.delete_domain(record.uuid)
+        store.delete_job(int(record.uuid[1:]) + 1)
+    record = records[0]
+    record.xml = XML.replace("<name>a", "<memory>1</memory><name>d0")  # an upsert of an existing row
+    record.generation += 1
+    store.put_domain(record)
+    store.commit()
+    gone = {r.uuid for r in records[1::3]}
+    again = Store(str(tmp_path))
+    try:
+        loaded = {r.uuid: r for r in again.load_domains()}
+        jobs = {j.job_id for j in again.load_jobs()}
+    finally:
+        again.close()
+        store.close()
+    assert set(loaded) == {r.uuid for r in records} - gone
+    for i, r in enumerate(records):
+        if r.uuid in loaded:
+            assert (loaded[r.uuid].state, loaded[r.uuid].epoch) == (("running", 1) if i % 2 == 0 else ("shutoff", 0))
+    assert loaded["u0"].xml == record.xml and loaded["u0"].generation == 2
+    assert jobs == {int(u[1:]) + 1 for u in {r.uuid for r in records} - gone}
