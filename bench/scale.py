@@ -35,10 +35,14 @@ ZMQ_PINGPONG_SAMPLES = 5000
 ZMQ_PIPELINED_MESSAGES = 50000
 NOOP_DOMAINS = 2000
 NOOP_ROUNDS = 2  # each guest is suspended and resumed this many times per repetition
-# A no-op job holds its slot for microseconds, so the rate depends on how many jobs each
-# message between the broker and a worker carries: with 16 slots per worker about 4,000 a
-# second, with 128 about 6,000 (measured; see docs/BENCHMARKS.md).
-NOOP_SLOTS = 128
+# A no-op job runs for microseconds, but it holds its slot from its grant (which waits for
+# the group commit that records the lease) until the broker reads its result: tens of ms
+# under load. A throughput figure needs enough jobs in flight to cover that round trip, or
+# it measures the round trip: every guest may have a job in flight (the window), and the
+# workers' slots can hold them all. With 128 slots and a 200-request window the same run
+# gives 8,500 to 9,200 a second (bench/analysis.md).
+NOOP_SLOTS = 512
+NOOP_WINDOW = NOOP_DOMAINS
 NOOP_FEW_SLOTS = 16  # the same run with fewer jobs in flight, for comparison
 DEFINE_CHUNKS = 3  # define throughput is measured per chunk of the fill; the median is shown
 
@@ -269,7 +273,7 @@ def _run_ops(sock, names, ops, request_ids) -> tuple[int, float]:
     """Submit every op for every name (pipelined), then wait for all of them to end."""
     requests = [p.Submit(request_id=next(request_ids), domain=n, op=op) for op in ops for n in names]
     started = time.perf_counter()
-    job_ids = [job["job_id"] for job in pipelined(sock, requests)]
+    job_ids = [job["job_id"] for job in pipelined(sock, requests, window=NOOP_WINDOW)]
     (waited,) = pipelined(sock, [p.Wait(request_id=next(request_ids), job_ids=job_ids, timeout_s=300)], timeout_s=310)
     elapsed_s = time.perf_counter() - started
     if waited["timed_out"]:
@@ -328,7 +332,8 @@ def run(settings: Settings) -> dict:
             "client.api.Client, p99 of 2,000 random names; list all is Client.list(all=True), and "
             "'raw' the same request on a plain DEALER decoded by msgpack alone (no 2 MiB reply limit). "
             "No-op jobs are suspend/resume on libvirt's test:///default, one host per worker process "
-            f"({NOOP_DOMAINS} guests, {NOOP_SLOTS} slots per worker), submitted pipelined and waited for "
+            f"({NOOP_DOMAINS} guests, {NOOP_ROUNDS} rounds of suspend and resume per repetition, "
+            f"{NOOP_SLOTS} slots per worker), submitted pipelined ({NOOP_WINDOW} in flight) and waited for "
             "with one `wait` for all of them."
         ),
         "transport": transport,
