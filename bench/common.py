@@ -31,6 +31,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTLE_S = 0.5  # pause between measurements, so QEMU processes of the last one have exited
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def wait_for_idle_cpu(min_idle: float = 0.9, window_s: float = 1.0, timeout_s: float = 30.0) -> float:
+    """Wait until the CPUs were at least min_idle idle over one window (what an earlier
+    section started, QEMU teardown or writeback, has ended), or timeout_s passed; returns
+    the idle fraction of the last window, for the results."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        idle0, total0 = _cpu_times()
+        time.sleep(window_s)
+        idle1, total1 = _cpu_times()
+        idle = (idle1 - idle0) / max(1, total1 - total0)
+        if idle >= min_idle or time.monotonic() >= deadline:
+            return idle
+
+
 @dataclass
 class Settings:
     """How much to run: --short keeps the whole suite under a few minutes."""

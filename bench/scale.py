@@ -23,6 +23,7 @@ from bench.common import (
     rss_mb,
     say,
     vb_cluster,
+    wait_for_idle_cpu,
 )
 from client.api import Client
 from client.templates import minimal_domain_xml
@@ -314,14 +315,18 @@ def run(settings: Settings) -> dict:
     noop_rows = []
     for workers in settings.noop_worker_counts:
         say(f"scale: no-op jobs with {workers} workers")
+        idle = wait_for_idle_cpu()
         row = noop_throughput(workers, settings.reps)
+        row["cpu_idle_before"] = idle
         row["ratio_to_zmq"] = ratio(row["jobs_per_s"], transport["pipelined_per_s"])
         noop_rows.append(row)
         say(f"  {row['jobs_per_s']:.0f} jobs/s")
     few = None
     if not settings.short:
         say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
+        idle = wait_for_idle_cpu()
         few = noop_throughput(4, settings.reps, slots=NOOP_FEW_SLOTS)
+        few["cpu_idle_before"] = idle
         few["ratio_to_zmq"] = ratio(few["jobs_per_s"], transport["pipelined_per_s"])
         say(f"  {few['jobs_per_s']:.0f} jobs/s")
     return {

@@ -32,6 +32,11 @@ log = logging.getLogger("virtbroker.worker")
 INPROC_URL = "inproc://jobs"
 LABEL_TIMEOUT_S = 120.0
 STOP_GRACE_S = 30.0
+# Job threads run this much nicer than the worker's main thread. A worker may have hundreds
+# of job threads runnable at once, and the kernel shares the CPU between threads: at equal
+# priority they starve the one thread that sends heartbeats and results (and, on a shared
+# machine, the broker's loop). Measured with no-op jobs: 10 to 25% more jobs a second.
+JOB_THREAD_NICE = 5
 SHUTDOWN_POLL_S = 0.25
 ALIVE_CHECK_S = 1.0
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -418,7 +423,8 @@ class Mailbox:
 
 
 class JobThreads:
-    """`count` threads that run `target(job)` for each submitted job, in submission order.
+    """`count` threads that run `target(job)` for each submitted job; the next free thread
+    takes the oldest job.
 
     Leaner than a ThreadPoolExecutor (no future per job), which a worker does not need:
     results travel through the Mailbox. The threads are daemons: at exit a thread stuck in
@@ -446,8 +452,18 @@ class JobThreads:
             self._queue.put(None)
 
     def _loop(self) -> None:
+        _lower_priority(JOB_THREAD_NICE)
         while (job := self._queue.get()) is not None:
             self._target(job)
+
+
+def _lower_priority(by: int) -> None:
+    """Raise this thread's nice value by `by` (Linux keeps one per thread). Never fatal."""
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError as e:
+        log.debug("cannot lower the priority of job thread %d: %s", tid, e)
 
 
 class LifecycleWorker:
@@ -526,7 +542,8 @@ class LifecycleWorker:
         self.threads.stop()
         self.sock.close(linger=0)
         self.inproc.close(linger=0)
-        self.mailbox.close()
+        # The mailbox's eventfd stays open until the process exits: a job thread still in a
+        # libvirt call may finish after this, and must not write to a reused descriptor.
 
     def _heartbeat(self, guests: list[dict] | None = None) -> None:
         lease_ids = [j.lease_id for j in self.running.values()]

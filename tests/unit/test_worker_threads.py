@@ -93,3 +93,24 @@ def test_job_threads_run_jobs_concurrently_and_stop():
         thread.join(timeout=5)
         assert not thread.is_alive()
     assert sorted(done) == list(range(8))
+
+
+def test_job_threads_run_nicer_than_the_thread_that_started_them():
+    import os
+
+    from workers.lifecycle import JOB_THREAD_NICE
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = []
+    done = threading.Event()
+
+    def run(job):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        done.set()
+
+    pool = JobThreads(1, run, name="t")
+    pool.submit("job")
+    assert done.wait(timeout=5)
+    pool.stop()
+    assert seen == [min(19, mine + JOB_THREAD_NICE)]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the caller's is untouched
