@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     domain_name TEXT NOT NULL,
     op TEXT NOT NULL,
     state TEXT NOT NULL,
-    body BLOB NOT NULL  -- every field of the job, a msgpack map (JSON text in older stores)
+    body BLOB NOT NULL  -- the job's other fields that differ from their defaults, a msgpack
+                        -- map (every field, as JSON text or msgpack, in older stores)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
@@ -140,9 +142,24 @@ def _state_row(r: DomainRecord) -> tuple:
     return (r.uuid, r.state, r.host_id, r.epoch, live, live_xml)
 
 
-def _job_fields(body: bytes | str) -> dict:
-    """A stored job body: msgpack (bytes), or JSON (text) as stores before msgpack wrote it."""
-    return json.loads(body) if isinstance(body, str) else msgpack.unpackb(body, raw=False)
+_JOB_COLUMNS = ("job_id", "uuid", "domain_name", "op", "state")
+_JOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job) if f.name not in _JOB_COLUMNS}
+
+
+def _job_body(job: Job) -> bytes:
+    """What a job's row holds besides its columns: the fields that differ from their
+    defaults. A job's row is rewritten at each of its transitions, and a narrow row keeps
+    more jobs on each page the commit writes."""
+    return p.pack({k: v for k, v in job.__dict__.items() if k in _JOB_DEFAULTS and v != _JOB_DEFAULTS[k]})
+
+
+def _job_fields(row: tuple) -> dict:
+    """A stored job: its columns over its body. The body is msgpack (bytes), or JSON (text)
+    as stores before msgpack wrote it; older bodies carry every field, columns too."""
+    job_id, uuid, domain_name, op, state, body = row
+    fields = json.loads(body) if isinstance(body, str) else msgpack.unpackb(body, raw=False)
+    fields.update(job_id=job_id, uuid=uuid, domain_name=domain_name, op=op, state=state)
+    return fields
 
 
 class Store:
@@ -179,8 +196,8 @@ class Store:
         return [DomainRecord(*row) for row in rows]
 
     def load_jobs(self) -> list[Job]:
-        rows = self.db.execute("SELECT body FROM jobs ORDER BY job_id").fetchall()
-        return [Job.from_dict(_job_fields(row[0])) for row in rows]
+        rows = self.db.execute("SELECT job_id, uuid, domain_name, op, state, body FROM jobs ORDER BY job_id")
+        return [Job.from_dict(_job_fields(row)) for row in rows]
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -232,7 +249,7 @@ class Store:
             # A whole-row write rewrites the state row too, so the two never disagree.
             states=[_state_row(r) for r in (self.dirty_states | self.dirty_domains).values()],
             jobs=[
-                (j.job_id, j.uuid, j.domain_name, j.op, j.state, p.pack(j.to_dict()))
+                (j.job_id, j.uuid, j.domain_name, j.op, j.state, _job_body(j))
                 for j in self.dirty_jobs.values()
             ],
             deleted_jobs=[(j,) for j in self.deleted_jobs],

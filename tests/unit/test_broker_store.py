@@ -131,3 +131,24 @@ def test_batches_larger_than_one_statement_write_every_row(tmp_path):
             assert (loaded[r.uuid].state, loaded[r.uuid].epoch) == (("running", 1) if i % 2 == 0 else ("shutoff", 0))
     assert loaded["u0"].xml == record.xml and loaded["u0"].generation == 2
     assert jobs == {int(u[1:]) + 1 for u in {r.uuid for r in records} - gone}
+
+
+def test_job_rows_carry_only_what_differs_from_the_defaults_and_load_whole(tmp_path):
+    store = Store(str(tmp_path))
+    plain = Job(job_id=1, uuid="u1", domain_name="a", op="start")
+    full = Job(job_id=2, uuid="u2", domain_name="b", op="shutdown", state="failed", submitted_at=1.5,
+               started_at=2.5, finished_at=3.5, error="boom", error_code="driver", timeout_s=60.0,
+               idempotency_key="k", worker_id="w1", host_id="h1", lease_id="l1", epoch=4)
+    store.put_job(plain)
+    store.put_job(full)
+    store.commit()
+    with sqlite3.connect(store.path) as db:
+        bodies = [msgpack.unpackb(b) for (b,) in db.execute("SELECT body FROM jobs ORDER BY job_id")]
+    assert bodies[0] == {}  # a queued job at its defaults: the columns say it all
+    assert "uuid" not in bodies[1] and bodies[1]["error"] == "boom"
+    store.close()
+    again = Store(str(tmp_path))
+    try:
+        assert [j.to_dict() for j in again.load_jobs()] == [plain.to_dict(), full.to_dict()]
+    finally:
+        again.close()
