@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         "short": settings.short,
         "reps": settings.reps,
         "security_reps": settings.security_reps,
+        "noop_reps": settings.noop_reps,
         "sections_run": sections,
         "machine": report.machine(),
     }

@@ -438,7 +438,8 @@ def render(results: dict) -> str:
         ["kernel", m.get("kernel")],
         ["Python / pyzmq / libzmq", f"{m.get('python')} / {m.get('pyzmq')} / {m.get('libzmq')}"],
         ["run", f"{meta.get('started')}, {'--short' if meta.get('short') else 'full'}, {meta.get('duration_s', 0):.0f} s, "
-                f"{meta.get('reps')} repetitions ({meta.get('security_reps', meta.get('reps'))} for security)"],
+                f"{meta.get('reps')} repetitions ({meta.get('security_reps', meta.get('reps'))} for security, "
+                f"{meta.get('noop_reps', meta.get('reps'))} for no-op jobs)"],
     ]))
     parts.append("\n## Targets\n")
     parts.append(targets_markdown(targets))

@@ -45,7 +45,6 @@ NOOP_ROUNDS = 2  # each guest is suspended and resumed this many times per repet
 NOOP_SLOTS = 512
 NOOP_WINDOW = NOOP_DOMAINS
 NOOP_FEW_SLOTS = 16  # the same run with fewer jobs in flight, for comparison
-NOOP_REPS = 5  # one repetition takes about a second, and they spread by +-15% on this host
 DEFINE_CHUNKS = 3  # define throughput is measured per chunk of the fill; the median is shown
 
 
@@ -317,7 +316,7 @@ def run(settings: Settings) -> dict:
     for workers in settings.noop_worker_counts:
         say(f"scale: no-op jobs with {workers} workers")
         idle = wait_for_idle_cpu()
-        row = noop_throughput(workers, max(settings.reps, NOOP_REPS))
+        row = noop_throughput(workers, settings.noop_reps)
         row["cpu_idle_before"] = idle
         row["ratio_to_zmq"] = ratio(row["jobs_per_s"], transport["pipelined_per_s"])
         noop_rows.append(row)
@@ -326,7 +325,7 @@ def run(settings: Settings) -> dict:
     if not settings.short:
         say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
         idle = wait_for_idle_cpu()
-        few = noop_throughput(4, max(settings.reps, NOOP_REPS), slots=NOOP_FEW_SLOTS)
+        few = noop_throughput(4, settings.noop_reps, slots=NOOP_FEW_SLOTS)
         few["cpu_idle_before"] = idle
         few["ratio_to_zmq"] = ratio(few["jobs_per_s"], transport["pipelined_per_s"])
         say(f"  {few['jobs_per_s']:.0f} jobs/s")

@@ -39,11 +39,6 @@ class Job:
     def final(self) -> bool:
         return self.state in ("succeeded", "failed", "cancelled", "lost")
 
-    def to_dict(self) -> dict:
-        # Every field is a plain value: a copy of __dict__ is what asdict() would build, at a
-        # fraction of its cost (this runs for every job transition written to disk).
-        return dict(self.__dict__)
-
     @classmethod
     def from_dict(cls, data: dict) -> Job:
         return cls(**data)

@@ -77,17 +77,17 @@ def test_a_store_written_before_the_state_table_and_msgpack_bodies_still_loads(t
         db.execute(
             "INSERT INTO domains VALUES ('u1', 'a', ?, 'running', 'h1', 4, 1, ?)", (XML, XML)
         )
-        db.execute("INSERT INTO jobs VALUES (7, 'u1', 'a', 'start', 'succeeded', ?)", (json.dumps(job.to_dict()),))
+        db.execute("INSERT INTO jobs VALUES (7, 'u1', 'a', 'start', 'succeeded', ?)", (json.dumps(job.__dict__),))
         db.execute(
             "INSERT INTO jobs VALUES (8, 'u1', 'a', 'destroy', 'queued', ?)",
-            (msgpack.packb(Job(job_id=8, uuid="u1", domain_name="a", op="destroy").to_dict()),),
+            (msgpack.packb(Job(job_id=8, uuid="u1", domain_name="a", op="destroy").__dict__),),
         )
     again = Store(str(tmp_path))
     try:
         (record,) = again.load_domains()
         assert (record.state, record.host_id, record.epoch, record.live_xml) == ("running", "h1", 4, XML)
-        assert [j.to_dict() for j in again.load_jobs()] == [
-            job.to_dict(), Job(job_id=8, uuid="u1", domain_name="a", op="destroy").to_dict()
+        assert [j.__dict__ for j in again.load_jobs()] == [
+            job.__dict__, Job(job_id=8, uuid="u1", domain_name="a", op="destroy").__dict__
         ]
     finally:
         again.close()
@@ -149,6 +149,6 @@ def test_job_rows_carry_only_what_differs_from_the_defaults_and_load_whole(tmp_p
     store.close()
     again = Store(str(tmp_path))
     try:
-        assert [j.to_dict() for j in again.load_jobs()] == [plain.to_dict(), full.to_dict()]
+        assert [j.__dict__ for j in again.load_jobs()] == [plain.__dict__, full.__dict__]
     finally:
         again.close()
