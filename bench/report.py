@@ -395,7 +395,7 @@ def _save(fig, name: str) -> str:
 INTRO = """# Benchmarks
 
 `python -m bench` runs the whole suite (about 20 minutes here) and writes
-`bench/results/latest.json`; `python -m bench --short` is a reduced smoke run (N=10 only,
+`bench/results/latest.json`; `python -m bench --short` is a reduced smoke run (N=8 only,
 fewer configurations, 10,000 domains instead of 100,000), under 3 minutes here.
 The targets are judged on the full run. This page shows the run described under Machine:
 the full run kept in `bench/results/full.json` (made with `python -m bench --out
