@@ -126,7 +126,8 @@ def _insert(db: sqlite3.Connection, head: str, rows: list[tuple], tail: str = ""
 
 
 def _delete(db: sqlite3.Connection, table: str, key: str, rows: list[tuple]) -> None:
-    """DELETE every row whose key is the only value of one of `rows`."""
+    """Delete the rows of `table` whose `key` is in `rows` (one-value tuples),
+    ROWS_PER_STATEMENT keys a statement."""
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         chunk = rows[start : start + ROWS_PER_STATEMENT]
         db.execute(f"DELETE FROM {table} WHERE {key} IN ({', '.join('?' * len(chunk))})", [row[0] for row in chunk])
