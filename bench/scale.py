@@ -250,8 +250,10 @@ def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS) -> dict:
     The broker has no no-op operation; on libvirt's embedded test driver each lifecycle
     worker process is its own host, and suspend and resume return at once, so the rate
     measures the broker, the protocol and the workers' job handling. The client learns
-    that its jobs ended the way a bulk client would: one `wait` for all of them.
+    that its jobs ended the way a bulk client would: one `wait` for all of them. It starts
+    once the CPUs are idle (what an earlier section started has ended).
     """
+    idle = wait_for_idle_cpu()
     rates: list[float] = []
     with vb_cluster(workers, slots, uri="test:///default") as cluster:
         context = zmq.Context()
@@ -267,7 +269,8 @@ def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS) -> dict:
         finally:
             sock.close(linger=0)
             context.term()
-    return {"workers": workers, "slots": slots, "jobs_per_s": median(rates), "jobs_per_s_reps": rates}
+    return {"workers": workers, "slots": slots, "jobs_per_s": median(rates), "jobs_per_s_reps": rates,
+            "cpu_idle_before": idle}
 
 
 def _run_ops(sock, names, ops, request_ids) -> tuple[int, float]:
@@ -315,18 +318,14 @@ def run(settings: Settings) -> dict:
     noop_rows = []
     for workers in settings.noop_worker_counts:
         say(f"scale: no-op jobs with {workers} workers")
-        idle = wait_for_idle_cpu()
         row = noop_throughput(workers, settings.noop_reps)
-        row["cpu_idle_before"] = idle
         row["ratio_to_zmq"] = ratio(row["jobs_per_s"], transport["pipelined_per_s"])
         noop_rows.append(row)
         say(f"  {row['jobs_per_s']:.0f} jobs/s")
     few = None
     if not settings.short:
         say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
-        idle = wait_for_idle_cpu()
         few = noop_throughput(4, settings.noop_reps, slots=NOOP_FEW_SLOTS)
-        few["cpu_idle_before"] = idle
         few["ratio_to_zmq"] = ratio(few["jobs_per_s"], transport["pipelined_per_s"])
         say(f"  {few['jobs_per_s']:.0f} jobs/s")
     return {
