@@ -45,12 +45,18 @@ NOOP_ROUNDS = 2  # each guest is suspended and resumed this many times per repet
 NOOP_SLOTS = 512
 NOOP_WINDOW = NOOP_DOMAINS
 NOOP_FEW_SLOTS = 16  # the same run with fewer jobs in flight, for comparison
+# A bulk client submits its jobs in batches (one message, one reply, for this many); the
+# full run also measures one message per job.
+NOOP_BATCH = 100
 DEFINE_CHUNKS = 3  # define throughput is measured per chunk of the fill; the median is shown
 
 
 # ---------------------------------------------------------------------------- pipelining
-def pipelined(sock: zmq.Socket, requests: list[p.Message], window: int = WINDOW, timeout_s: float = 120.0) -> list:
+def pipelined(
+    sock: zmq.Socket, requests: list[p.Message], window: int = WINDOW, timeout_s: float = 120.0, batch: int = 1
+) -> list:
     """Send requests over one DEALER with up to `window` unanswered; results in request order.
+    With batch > 1 they travel `batch` to a message (the client socket's `batch` kind).
 
     Client.call() waits for each answer; a real bulk client pipelines, and so must a
     throughput figure, or it measures the round trip instead of the broker.
@@ -60,8 +66,10 @@ def pipelined(sock: zmq.Socket, requests: list[p.Message], window: int = WINDOW,
     deadline = time.monotonic() + timeout_s
     while len(results) < len(requests):
         while sent < len(requests) and sent - len(results) < window:
-            sock.send_multipart(p.encode(requests[sent]))
-            sent += 1
+            group = requests[sent : sent + min(batch, window - (sent - len(results)))]
+            for frames in p.batch_frames([p.encode(msg) for msg in group]):
+                sock.send_multipart(frames)
+            sent += len(group)
         if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
             raise RuntimeError(f"broker stopped answering after {len(results)} of {len(requests)} requests")
         # Every reply that is waiting, without a poll for each: the load generator shares
@@ -71,10 +79,10 @@ def pipelined(sock: zmq.Socket, requests: list[p.Message], window: int = WINDOW,
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            reply = p.decode(frames, p.CLIENT_VERSION, max_bytes=p.MAX_REPLY_BYTES)
-            if isinstance(reply, p.Error):
-                raise RuntimeError(f"request {reply.request_id} failed: {reply.code}: {reply.message}")
-            results[reply.request_id] = reply.result
+            for reply in p.unbatch(p.decode(frames, p.CLIENT_VERSION, max_bytes=p.MAX_REPLY_BYTES)):
+                if isinstance(reply, p.Error):
+                    raise RuntimeError(f"request {reply.request_id} failed: {reply.code}: {reply.message}")
+                results[reply.request_id] = reply.result
     return [results[r.request_id] for r in requests]
 
 
@@ -244,7 +252,7 @@ def _list_raw_s(sock: zmq.Socket, request_id: int, size: int) -> float:
 
 
 # ---------------------------------------------------------------------------- no-op jobs
-def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS) -> dict:
+def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS, batch: int = NOOP_BATCH) -> dict:
     """suspend/resume jobs on test:///default guests: a job whose hypervisor call costs microseconds.
 
     The broker has no no-op operation; on libvirt's embedded test driver each lifecycle
@@ -262,22 +270,22 @@ def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS) -> dict:
             names = [f"{PREFIX}noop-{i:04d}" for i in range(NOOP_DOMAINS)]
             request_ids = iter(range(1, 10**9))
             pipelined(sock, [p.Define(request_id=next(request_ids), xml=minimal_domain_xml(n, "test")) for n in names])
-            _run_ops(sock, names, ["start"], request_ids)
+            _run_ops(sock, names, ["start"], request_ids, batch)
             for rep in range(reps):
-                jobs, elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * NOOP_ROUNDS, request_ids)
+                jobs, elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * NOOP_ROUNDS, request_ids, batch)
                 rates.append(jobs / elapsed_s)
         finally:
             sock.close(linger=0)
             context.term()
-    return {"workers": workers, "slots": slots, "jobs_per_s": median(rates), "jobs_per_s_reps": rates,
+    return {"workers": workers, "slots": slots, "batch": batch, "jobs_per_s": median(rates), "jobs_per_s_reps": rates,
             "cpu_idle_before": idle}
 
 
-def _run_ops(sock, names, ops, request_ids) -> tuple[int, float]:
+def _run_ops(sock, names, ops, request_ids, batch: int) -> tuple[int, float]:
     """Submit every op for every name (pipelined), then wait for all of them to end."""
     requests = [p.Submit(request_id=next(request_ids), domain=n, op=op) for op in ops for n in names]
     started = time.perf_counter()
-    job_ids = [job["job_id"] for job in pipelined(sock, requests, window=NOOP_WINDOW)]
+    job_ids = [job["job_id"] for job in pipelined(sock, requests, window=NOOP_WINDOW, batch=batch)]
     (waited,) = pipelined(sock, [p.Wait(request_id=next(request_ids), job_ids=job_ids, timeout_s=300)], timeout_s=310)
     elapsed_s = time.perf_counter() - started
     if waited["timed_out"]:

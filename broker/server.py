@@ -326,14 +326,44 @@ class Broker:
         return self._on_client_frames(frames, self.readonly_sock)
 
     def _on_client_frames(self, frames: list[bytes], sock: zmq.Socket | None = None) -> int:
-        """Handle one client request; returns 1 (the messages handled)."""
+        """Handle one client request, or each request of its batch; returns how many."""
         sock = sock or self.client_sock
         identity, body = frames[0], frames[1:]
-        request_id = None
-        msg = None
         try:
             msg = p.decode(body, p.CLIENT_VERSION)
-            request_id = getattr(msg, "request_id", None)
+            messages = p.unbatch(msg)
+        except ProtocolError as e:
+            self.metrics.request("undecodable", e.code)
+            log.warning("bad client message: %s", e)
+            self._reply(identity, p.Error(request_id=None, code=e.code, message=e.message), sock)
+            return 1
+        if type(msg) is not p.ClientBatch:
+            reply, durable = self._answer(msg, identity, sock)
+            if reply is not None:
+                self._reply(identity, reply, sock, durable)
+            return 1
+        # One batch of replies, in the requests' order. It waits for the disk if any of
+        # its requests changed something.
+        replies = []
+        any_durable = False
+        for item in messages:
+            if item.KIND == "wait":
+                self.metrics.request(item.KIND, "invalid")
+                reply = p.Error(request_id=item.request_id, code="invalid", message="wait cannot travel in a batch: send it alone")
+            else:
+                reply, durable = self._answer(item, identity, sock)
+                any_durable = any_durable or durable
+            replies.append(p.encode(reply))
+        box = self.durable_outbox if any_durable else self.outbox
+        for frames_out in p.batch_frames(replies):
+            box.append((sock, [identity, *frames_out]))
+        return len(messages)
+
+    def _answer(self, msg: p.Message, identity: bytes, sock: zmq.Socket) -> tuple[p.Message | None, bool]:
+        """Handle one decoded request: (its reply, or None while a wait is pending; whether
+        the reply must wait for this turn's changes to be on disk)."""
+        request_id = getattr(msg, "request_id", None)
+        try:
             if sock is self.readonly_sock and msg.KIND not in READONLY_KINDS:
                 raise PermissionError_(f"'{msg.KIND}' is not allowed on the read-only endpoint")
             handler = getattr(self, "handle_" + msg.KIND.replace("-", "_"), None)
@@ -343,17 +373,16 @@ class Broker:
             self.metrics.request(msg.KIND, "ok")
             if result is _DEFERRED:
                 self.waiters[-1].sock = sock
-                return 1
-            self._reply(identity, p.Ok(request_id=request_id, result=result), sock, durable=msg.KIND not in READ_KINDS)
+                return None, False
+            return p.Ok(request_id=request_id, result=result), msg.KIND not in READ_KINDS
         except VirtbrokerError as e:
-            self.metrics.request(msg.KIND if msg is not None else "undecodable", e.code)
+            self.metrics.request(msg.KIND, e.code)
             if isinstance(e, ProtocolError):
                 log.warning("bad client message: %s", e)
-            self._reply(identity, p.Error(request_id=request_id, code=e.code, message=e.message), sock)
+            return p.Error(request_id=request_id, code=e.code, message=e.message), False
         except Exception as e:  # a bug: report it and keep serving everyone else
             log.exception("internal error handling a client request")
-            self._reply(identity, p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"), sock)
-        return 1
+            return p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"), False
 
     def _reply(self, identity: bytes, msg: p.Message, sock: zmq.Socket | None = None, durable: bool = False) -> None:
         """Queue a reply; durable ones leave only once this turn's changes are on disk."""

@@ -12,7 +12,7 @@ import zmq
 from common import protocol as p
 from common.config import default_client_url
 from common.curve import use_as_client
-from common.errors import TimeoutError_, UnavailableError, error_from_code
+from common.errors import TimeoutError_, UnavailableError, VirtbrokerError, error_from_code
 
 
 class Client:
@@ -85,6 +85,36 @@ class Client:
                 raise error_from_code(reply.code, reply.message)
             return reply.result
 
+    def call_many(self, requests: list[p.Message], timeout_s: float | None = None) -> list[Any]:
+        """Send requests as batches (up to p.BATCH_MAX_ITEMS a round trip), each handled as if
+        sent alone, in order; return each one's result, or in its place the typed error it got
+        (an instance, not raised). Sets each request's request_id. A `wait` cannot be batched.
+
+        Raises, for the whole call, the error of a batch the broker could not read, and
+        UnavailableError if the replies do not all come within timeout_s.
+        """
+        ids = []
+        for msg in requests:
+            msg.request_id = next(self._ids)
+            ids.append(msg.request_id)
+        for frames in p.batch_frames([p.encode(msg) for msg in requests]):
+            self.sock.send_multipart(frames)
+        results: dict[int, Any] = {}
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        wanted = set(ids)
+        while len(results) < len(ids):
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
+                raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
+            for reply in p.unbatch(p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION, p.MAX_REPLY_BYTES)):
+                if reply.request_id is None and isinstance(reply, p.Error):
+                    raise error_from_code(reply.code, reply.message)  # a whole batch refused
+                if reply.request_id in wanted:
+                    results[reply.request_id] = (
+                        error_from_code(reply.code, reply.message) if isinstance(reply, p.Error) else reply.result
+                    )
+        return [results[i] for i in ids]
+
     # -- requests
     def ping(self, timeout_s: float | None = None) -> dict:
         return self.call(p.Ping, timeout_s=timeout_s)
@@ -103,6 +133,11 @@ class Client:
 
     def submit(self, domain: str, op: str, timeout_s: float | None = None, idempotency_key: str | None = None) -> dict:
         return self.call(p.Submit, domain=domain, op=op, timeout_s=timeout_s, idempotency_key=idempotency_key)
+
+    def submit_many(self, jobs: list[tuple[str, str]], timeout_s: float | None = None) -> list[dict | VirtbrokerError]:
+        """Submit (domain, op) pairs in batches: each one's job, or the error it got, in order.
+        timeout_s is every shutdown's, as in submit()."""
+        return self.call_many([p.Submit(request_id=0, domain=d, op=op, timeout_s=timeout_s) for d, op in jobs])
 
     def job(self, job_id: int) -> dict:
         return self.call(p.GetJob, job_id=job_id)

@@ -8,6 +8,7 @@ import sys
 import time
 
 from client.api import Client
+from common import protocol as p
 from common.config import default_client_url
 from common.errors import VirtbrokerError
 
@@ -58,20 +59,31 @@ def cmd_define(c: Client, args) -> int:
 
 
 def cmd_lifecycle(c: Client, args) -> int:
-    """start/shutdown/destroy/...: one job per domain named; wait unless --no-wait."""
-    jobs = []
+    """start/shutdown/destroy/...: one job per domain named, submitted as one batch; wait
+    unless --no-wait. A domain whose job is refused (unknown, bad state) gets its error
+    line, and the others' jobs still run."""
+    requests = []
     for domain in args.domains:
-        timeout = getattr(args, "timeout", None)
         key = args.idempotency_key
         if key and len(args.domains) > 1:
             key = f"{key}:{domain}"  # one key per job: a key names exactly one submission
-        jobs.append(c.submit(domain, args.verb, timeout_s=timeout, idempotency_key=key))
+        requests.append(
+            p.Submit(request_id=0, domain=domain, op=args.verb, timeout_s=getattr(args, "timeout", None),
+                     idempotency_key=key)
+        )
+    status = EXIT_OK
+    jobs = []
+    for domain, job in zip(args.domains, c.call_many(requests)):
+        if isinstance(job, VirtbrokerError):
+            print(f"error: Failed to {args.verb} domain '{domain}': {job}", file=sys.stderr)
+            status = EXIT_FAILED
+        else:
+            jobs.append(job)
     if args.no_wait:
         for job in jobs:
             print(job["job_id"])
-        return EXIT_OK
-    finals = _wait_with_progress(c, [j["job_id"] for j in jobs], args.wait_timeout)
-    status = EXIT_OK
+        return status
+    finals = _wait_with_progress(c, [j["job_id"] for j in jobs], args.wait_timeout) if jobs else []
     for job in finals:
         if job["state"] == "succeeded":
             print(f"Domain '{job['domain']}' {VERB_DONE[job['op']]}")

@@ -5,8 +5,9 @@ Frames (after any ROUTER identity frame):  [version, kind, body]
   kind     ASCII message kind, e.g. b"define"
   body     one msgpack map
 Events on the PUB socket are [topic, b"VBE1", body], topic b"domain" or b"job".
-On the worker socket several messages to one peer may travel as one `batch` message (see
-Batch): one send and one wake-up for many jobs.
+Several messages to one peer may travel as one `batch` message: on the worker socket (see
+Batch), one send and one wake-up for many jobs; on the client socket (see ClientBatch),
+many requests in one round trip, answered by one batch of their replies.
 
 A body's fields are checked against the kind's dataclass: a missing field, a wrong type or
 an unknown kind is a ProtocolError carrying what was received. Unknown extra fields are
@@ -345,53 +346,67 @@ class Batch(Message):
     messages: list[list]
 
 
+@dataclass
+class ClientBatch(Message):
+    """Several client requests in one, [[kind, body], ...] as in Batch, handled in order,
+    each as if it had come alone; the broker answers with one ClientBatch of their replies
+    (ok or error, each with its request's request_id), in the same order. A `wait` cannot
+    travel in a batch (its answer comes later than the others'). Batches do not nest."""
+
+    KIND = "batch"
+    VERSION = CLIENT_VERSION
+    messages: list[list]
+
+
 BATCH_MAX_ITEMS = 1000
 BATCH_MAX_BYTES = MAX_FRAME_BYTES // 2  # a sender starts a new batch before its bodies pass this
 
 
 def batch_frames(encoded: list[list[bytes]]) -> list[list[bytes]]:
-    """Encoded worker-socket messages to one peer ([version, kind, body] each), as few
+    """Encoded messages to one peer on one socket ([version, kind, body] each), as few
     messages as the limits allow: one stays itself; more travel as batches, each closed at
     BATCH_MAX_ITEMS messages or BATCH_MAX_BYTES of bodies (a larger message goes alone)."""
     if len(encoded) <= 1:
         return encoded
+    version = encoded[0][0]
     out: list[list[bytes]] = []
     items: list[list] = []
     size = 0
     for _, kind, body in encoded:
         if items and (len(items) >= BATCH_MAX_ITEMS or size + len(body) > BATCH_MAX_BYTES):
-            out.append(_batch_frames(items))
+            out.append(_batch_frames(version, items))
             items, size = [], 0
         items.append([kind.decode(), body])
         size += len(body)
-    out.append(_batch_frames(items))
+    out.append(_batch_frames(version, items))
     return out
 
 
-def _batch_frames(items: list[list]) -> list[bytes]:
+def _batch_frames(version: bytes, items: list[list]) -> list[bytes]:
     if len(items) == 1:
         kind, body = items[0]
-        return [WORKER_VERSION, kind.encode(), body]
-    return [WORKER_VERSION, Batch.KIND.encode(), pack({"messages": items})]
+        return [version, kind.encode(), body]
+    return [version, Batch.KIND.encode(), pack({"messages": items})]
 
 
 def unbatch(msg: Message) -> list[Message]:
-    """The messages a decoded worker-socket message stands for: a batch's, in order, or itself.
+    """The messages a decoded message stands for: a batch's (Batch or ClientBatch), in
+    order, or itself.
 
     Raises ProtocolError for a malformed batch; one bad item spoils the whole batch, as
     a bad body spoils its message.
     """
-    if not isinstance(msg, Batch):
+    if type(msg) is not Batch and type(msg) is not ClientBatch:
         return [msg]
-    if len(msg.messages) > BATCH_MAX_ITEMS:
-        raise ProtocolError(f"batch of {len(msg.messages)} messages is over the limit of {BATCH_MAX_ITEMS}")
+    if not 0 < len(msg.messages) <= BATCH_MAX_ITEMS:
+        raise ProtocolError(f"batch of {len(msg.messages)} messages: 1 to {BATCH_MAX_ITEMS} are allowed")
     out = []
     for item in msg.messages:
         if len(item) != 2 or type(item[0]) is not str or type(item[1]) is not bytes:
             raise ProtocolError("batch: each item must be [kind, body bytes]", item)
         if item[0] == Batch.KIND:
             raise ProtocolError("batch: batches do not nest")
-        out.append(_decode_body(WORKER_VERSION, item[0], item[1], MAX_FRAME_BYTES))
+        out.append(_decode_body(msg.VERSION, item[0], item[1], MAX_REPLY_BYTES))
     return out
 
 

@@ -288,7 +288,8 @@ def test_broker_kill9_loses_no_acknowledged_define_or_job(cluster_factory):
     acked = []
     for i in range(200):
         acked.append(c.define(minimal_domain_xml(f"d{i:03d}"))["uuid"])
-    jobs = [c.submit(f"d{i:03d}", "start")["job_id"] for i in range(20)]
+    jobs = [c.submit(f"d{i:03d}", "start")["job_id"] for i in range(10)]
+    jobs += [job["job_id"] for job in c.submit_many([(f"d{i:03d}", "start") for i in range(10, 20)])]
     cluster.broker.kill9()
     cluster.start_broker()
     c2 = cluster.client()
@@ -442,6 +443,46 @@ def test_bad_frames_get_an_error_and_the_broker_keeps_serving(cluster):
     assert cluster.client().ping()["domains"] == 0
 
 
+def test_a_client_batch_runs_each_request_as_if_alone_and_answers_in_order(cluster):
+    c = cluster.client()
+    defined = c.call_many([p.Define(request_id=0, xml=minimal_domain_xml(f"b{i}")) for i in range(3)])
+    assert [d["name"] for d in defined] == ["b0", "b1", "b2"]
+    results = c.call_many([
+        p.Submit(request_id=0, domain="b0", op="start"),
+        p.Submit(request_id=0, domain="ghost", op="start"),
+        p.Lookup(request_id=0, domain="b1"),
+        p.Wait(request_id=0, job_ids=[1], timeout_s=1),
+        p.Submit(request_id=0, domain="b1", op="start"),
+        p.Submit(request_id=0, domain="b2", op="resume"),  # refused when its turn comes: not running
+    ])
+    assert results[0]["domain"] == "b0" and results[4]["domain"] == "b1" and results[5]["domain"] == "b2"
+    assert isinstance(results[1], NotFoundError) and "ghost" in str(results[1])
+    assert results[2]["name"] == "b1" and results[2]["state"] == "shutoff"
+    assert isinstance(results[3], InvalidError) and "batch" in str(results[3])
+    finals = c.wait([results[i]["job_id"] for i in (0, 4, 5)], 30)
+    assert [j["state"] for j in finals] == ["succeeded", "succeeded", "failed"]
+    jobs = c.submit_many([("b0", "destroy"), ("b1", "destroy")])
+    assert [j["state"] for j in c.wait([j["job_id"] for j in jobs], 30)] == ["succeeded"] * 2
+
+
+def test_a_batch_with_a_bad_item_is_refused_whole(cluster):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(cluster.client_url)
+    try:
+        good = p.encode(p.Define(request_id=1, xml=minimal_domain_xml("never")))
+        for items in ([["define", good[2]], ["define", b"\xc1"]], [["define", good[2]], ["batch", good[2]]], []):
+            sock.send_multipart([p.CLIENT_VERSION, b"batch", msgpack.packb({"messages": items}, use_bin_type=True)])
+            assert sock.poll(5000)
+            reply = p.decode(sock.recv_multipart(), p.CLIENT_VERSION)
+            assert isinstance(reply, p.Error) and reply.code == "protocol" and reply.request_id is None
+    finally:
+        sock.close(0)
+        ctx.term()
+    assert cluster.client().list(all=True) == []
+
+
 def vbctl(cluster, *args, check=True):
     proc = subprocess.run(
         [sys.executable, "-m", "client.vbctl", "--connect", cluster.client_url, *args],
@@ -468,6 +509,10 @@ def test_vbctl_verbs(cluster, tmp_path):
     assert failed.stderr.strip().count("\n") == 0 and "is not running" in failed.stderr
     missing = vbctl(cluster, "dominfo", "ghost", check=False)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr and "ghost" in missing.stderr
+    both = vbctl(cluster, "start", "cli", "ghost", check=False)
+    assert both.returncode == 1 and "Domain 'cli' started" in both.stdout
+    assert both.stderr.strip().count("\n") == 0 and "Failed to start domain 'ghost'" in both.stderr
+    vbctl(cluster, "destroy", "cli")
     assert "lifecycle" in vbctl(cluster, "workers").stdout
     top = vbctl(cluster, "top", "--once").stdout
     assert "w1" in top and "domains 1 " in top and "workers 1 on 1 host(s)" in top

@@ -121,8 +121,23 @@ def test_a_bad_item_spoils_its_batch(items, fragment):
         p.unbatch(p.decode(frames, p.WORKER_VERSION))
 
 
-def test_batches_are_bounded():
-    items = [["result", msgpack.packb({})]] * (p.BATCH_MAX_ITEMS + 1)
-    frames = [p.WORKER_VERSION, b"batch", msgpack.packb({"messages": items}, use_bin_type=True)]
-    with pytest.raises(ProtocolError, match="over the limit"):
-        p.unbatch(p.decode(frames, p.WORKER_VERSION))
+@pytest.mark.parametrize("version", [p.WORKER_VERSION, p.CLIENT_VERSION])
+@pytest.mark.parametrize("count", [0, p.BATCH_MAX_ITEMS + 1])
+def test_batches_are_bounded(version, count):
+    items = [["ping", msgpack.packb({"request_id": 1})]] * count
+    frames = [version, b"batch", msgpack.packb({"messages": items}, use_bin_type=True)]
+    with pytest.raises(ProtocolError, match=f"batch of {count} messages: 1 to 1000"):
+        p.unbatch(p.decode(frames, version))
+
+
+def test_client_requests_travel_as_one_batch_and_come_back_in_order():
+    requests = [p.Submit(request_id=i, domain=f"g{i}", op="start") for i in range(1, 4)] + [p.Ping(request_id=9)]
+    (frames,) = p.batch_frames([p.encode(m) for m in requests])
+    assert frames[:2] == [p.CLIENT_VERSION, b"batch"]
+    decoded = p.decode(frames, p.CLIENT_VERSION)
+    assert type(decoded) is p.ClientBatch
+    assert p.unbatch(decoded) == requests
+    # A worker kind is not a client request, in a batch as alone.
+    frames = [p.CLIENT_VERSION, b"batch", msgpack.packb({"messages": [["heartbeat", msgpack.packb({})]]})]
+    with pytest.raises(ProtocolError, match="unknown message kind"):
+        p.unbatch(p.decode(frames, p.CLIENT_VERSION))
