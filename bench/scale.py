@@ -330,12 +330,16 @@ def run(settings: Settings) -> dict:
         row["ratio_to_zmq"] = ratio(row["jobs_per_s"], transport["pipelined_per_s"])
         noop_rows.append(row)
         say(f"  {row['jobs_per_s']:.0f} jobs/s")
-    few = None
+    few = unbatched = None
     if not settings.short:
         say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
         few = noop_throughput(4, settings.noop_reps, slots=NOOP_FEW_SLOTS)
         few["ratio_to_zmq"] = ratio(few["jobs_per_s"], transport["pipelined_per_s"])
         say(f"  {few['jobs_per_s']:.0f} jobs/s")
+        say("scale: no-op jobs with 4 workers, one submit a message")
+        unbatched = noop_throughput(4, settings.noop_reps, batch=1)
+        unbatched["ratio_to_zmq"] = ratio(unbatched["jobs_per_s"], transport["pipelined_per_s"])
+        say(f"  {unbatched['jobs_per_s']:.0f} jobs/s")
     return {
         "status": "ok",
         "baseline": "raw pyzmq ROUTER/DEALER echo on ipc:// (same machine); for list/RSS/define the smallest size",
@@ -345,12 +349,13 @@ def run(settings: Settings) -> dict:
             "'raw' the same request on a plain DEALER decoded by msgpack alone (no 2 MiB reply limit). "
             "No-op jobs are suspend/resume on libvirt's test:///default, one host per worker process "
             f"({NOOP_DOMAINS} guests, {NOOP_ROUNDS} rounds of suspend and resume per repetition, "
-            f"{NOOP_SLOTS} slots per worker), submitted pipelined ({NOOP_WINDOW} in flight) and waited for "
-            "with one `wait` for all of them."
+            f"{NOOP_SLOTS} slots per worker), submitted pipelined ({NOOP_WINDOW} in flight, {NOOP_BATCH} submits "
+            "a `batch` message, and one a message in the last row) and waited for with one `wait` for all of them."
         ),
         "transport": transport,
         "transport_reps": zmq_reps,
         "registry": registry_rows,
         "noop": noop_rows,
         "noop_few_slots": few,
+        "noop_unbatched": unbatched,
     }

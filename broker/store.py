@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -143,15 +142,15 @@ def _state_row(r: DomainRecord) -> tuple:
     return (r.uuid, r.state, r.host_id, r.epoch, live, live_xml)
 
 
-_JOB_COLUMNS = ("job_id", "uuid", "domain_name", "op", "state")
-_JOB_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Job) if f.name not in _JOB_COLUMNS}
+_JOB_COLUMNS = frozenset({"job_id", "uuid", "domain_name", "op", "state"})
 
 
 def _job_body(job: Job) -> bytes:
-    """What a job's row holds besides its columns: the fields that differ from their
-    defaults. A job's row is rewritten at each of its transitions, and a narrow row keeps
-    more jobs on each page the commit writes."""
-    return p.pack({k: v for k, v in job.__dict__.items() if k in _JOB_DEFAULTS and v != _JOB_DEFAULTS[k]})
+    """What a job's row holds besides its columns: the fields that are set (not None; a
+    field left out loads as its default, which is None for all of them but submitted_at).
+    A job's row is rewritten at each of its transitions, and a narrow row keeps more jobs
+    on each page the commit writes."""
+    return p.pack({k: v for k, v in job.__dict__.items() if v is not None and k not in _JOB_COLUMNS})
 
 
 def _job_fields(row: tuple) -> dict:

@@ -1,5 +1,6 @@
 """broker.sqlite3: what a batch writes is what the next broker loads, whichever rows it touched."""
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -8,7 +9,7 @@ import msgpack
 
 from broker.registry import DomainRecord
 from broker.scheduler import Job
-from broker.store import Store
+from broker.store import _JOB_COLUMNS, Store
 
 XML = "<domain type='test'><name>a</name></domain>"
 
@@ -133,7 +134,7 @@ def test_batches_larger_than_one_statement_write_every_row(tmp_path):
     assert jobs == {int(u[1:]) + 1 for u in {r.uuid for r in records} - gone}
 
 
-def test_job_rows_carry_only_what_differs_from_the_defaults_and_load_whole(tmp_path):
+def test_job_rows_carry_only_the_fields_that_are_set_and_load_whole(tmp_path):
     store = Store(str(tmp_path))
     plain = Job(job_id=1, uuid="u1", domain_name="a", op="start")
     full = Job(job_id=2, uuid="u2", domain_name="b", op="shutdown", state="failed", submitted_at=1.5,
@@ -144,7 +145,7 @@ def test_job_rows_carry_only_what_differs_from_the_defaults_and_load_whole(tmp_p
     store.commit()
     with sqlite3.connect(store.path) as db:
         bodies = [msgpack.unpackb(b) for (b,) in db.execute("SELECT body FROM jobs ORDER BY job_id")]
-    assert bodies[0] == {}  # a queued job at its defaults: the columns say it all
+    assert bodies[0] == {"submitted_at": 0.0}  # a queued job at its defaults: the columns say the rest
     assert "uuid" not in bodies[1] and bodies[1]["error"] == "boom"
     store.close()
     again = Store(str(tmp_path))
@@ -152,3 +153,10 @@ def test_job_rows_carry_only_what_differs_from_the_defaults_and_load_whole(tmp_p
         assert [j.__dict__ for j in again.load_jobs()] == [plain.__dict__, full.__dict__]
     finally:
         again.close()
+
+
+def test_job_fields_left_out_of_a_row_default_to_none():
+    """A row leaves out the fields that are None, and loading fills them from the defaults:
+    a field whose default is not None would come back changed."""
+    others = [f for f in dataclasses.fields(Job) if f.name not in _JOB_COLUMNS and f.name != "submitted_at"]
+    assert others and {f.default for f in others} == {None}
