@@ -186,7 +186,8 @@ def evaluate(results: dict) -> list[dict]:
                            row["broker_rss_mb"] <= 400 if full else None, note))
         noop = next((r for r in scale["noop"] if r["workers"] == TARGET_WORKERS), None)
         if noop:
-            label = "No-op jobs with 4 workers" + (f" ({noop['batch']} submits a message)" if noop.get("batch", 1) > 1 else "")
+            batched = f" ({noop['batch']} submits a message)" if noop.get("batch", 1) > 1 else ""
+            label = "No-op jobs with 4 workers" + batched
             out.append(_target(label, f"{noop['jobs_per_s']:,.0f} /s", ">= 10,000 /s",
                                noop["jobs_per_s"] >= 10000))
     else:
@@ -290,8 +291,8 @@ def scale_markdown(section: dict) -> str:
             rows.append(section[extra])
     noop = _table(
         ["lifecycle workers", "slots each", "submits per message", "no-op jobs /s", "/ raw zmq pipelined round trips"],
-        [[r["workers"], r.get("slots", "16"), r.get("batch", 1), f"{r['jobs_per_s']:,.0f}", _f(r["ratio_to_zmq"], "{:.3f}x")]
-         for r in rows],
+        [[r["workers"], r.get("slots", "16"), r.get("batch", 1), f"{r['jobs_per_s']:,.0f}",
+          _f(r["ratio_to_zmq"], "{:.3f}x")] for r in rows],
     )
     return transport + "\n\n" + registry + "\n\n" + noop
 

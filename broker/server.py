@@ -349,7 +349,9 @@ class Broker:
         for item in messages:
             if item.KIND == "wait":
                 self.metrics.request(item.KIND, "invalid")
-                reply = p.Error(request_id=item.request_id, code="invalid", message="wait cannot travel in a batch: send it alone")
+                reply = p.Error(
+                    request_id=item.request_id, code="invalid", message="wait cannot travel in a batch: send it alone"
+                )
             else:
                 reply, durable = self._answer(item, identity, sock)
                 any_durable = any_durable or durable

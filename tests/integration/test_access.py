@@ -129,7 +129,9 @@ def test_readonly_endpoint_reads_but_refuses_changes(secured):
             bob.submit("shown", "destroy")
         with pytest.raises(PermissionError_):
             bob.cancel(job["job_id"])
-        looked, refused = bob.call_many([p.Lookup(request_id=0, domain="shown"), p.Submit(request_id=0, domain="shown", op="destroy")])
+        looked, refused = bob.call_many(
+            [p.Lookup(request_id=0, domain="shown"), p.Submit(request_id=0, domain="shown", op="destroy")]
+        )
         assert looked["state"] == "running" and isinstance(refused, PermissionError_)
     with Client(urls["client"], timeout_s=10) as alice:
         assert alice.lookup("shown")["state"] == "running"
