@@ -93,9 +93,10 @@ class FuzzBroker:
             if remaining_ms <= 0 or not sock.poll(remaining_ms):
                 break
             reply = p.decode(sock.recv_multipart(), p.CLIENT_VERSION)
-            assert isinstance(reply, (p.Ok, p.Error)), reply
-            if isinstance(reply, p.Error):
-                self.stats.codes[reply.code] = self.stats.codes.get(reply.code, 0) + 1
+            for item in p.unbatch(reply):  # the replies to a batch come as one
+                assert isinstance(item, (p.Ok, p.Error)), item
+                if isinstance(item, p.Error):
+                    self.stats.codes[item.code] = self.stats.codes.get(item.code, 0) + 1
             replies.append(reply)
         self.stats.replies += len(replies)
         return replies

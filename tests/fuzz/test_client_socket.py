@@ -29,6 +29,7 @@ from tests.fuzz.strategies import (
 CLIENT_KINDS = sorted(kind for (version, kind) in p.kinds() if version == p.CLIENT_VERSION)
 REQUEST_CLASSES = [cls for (version, kind), cls in sorted(p.kinds().items())
                    if version == p.CLIENT_VERSION and kind not in ("ok", "error")]
+SINGLE_REQUEST_CLASSES = [cls for cls in REQUEST_CLASSES if cls is not p.ClientBatch]
 # Everything but undefine, which would legitimately change the registry.
 SAFE_OPS = [op for op in p.JOB_OPS if op != "undefine"]
 XML_JUNK = [
@@ -72,7 +73,7 @@ def _send_batch(broker, batch: list[list[bytes]]) -> list[p.Message]:
         expected = sum(1 for frames in batch if len(frames) < 2 or frames[1] != b"wait")
         replies = broker.collect(sock, expected)
         assert len(replies) >= expected, f"{expected - len(replies)} message(s) got no reply"
-        internal = [r for r in replies if isinstance(r, p.Error) and r.code == "internal"]
+        internal = [r for reply in replies for r in p.unbatch(reply) if isinstance(r, p.Error) and r.code == "internal"]
         assert not internal, internal
         return replies
     finally:
@@ -101,6 +102,36 @@ def test_well_framed_requests_with_hostile_fields(broker, batch):
     and those that pass reach their handler with wrong types, huge ints, NaN, missing and
     extra fields."""
     _send_batch(broker, batch)
+    assert _identity(broker.probe()) == broker.baseline
+
+
+@FUZZ
+@given(
+    batches=st.lists(
+        st.lists(
+            st.sampled_from(SINGLE_REQUEST_CLASSES).flatmap(
+                lambda cls: body_for(cls, OVERRIDES, strict=True).map(lambda body: [cls.KIND, packed(body)])
+            ),
+            min_size=1,
+            max_size=8,
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_batches_of_hostile_requests_get_one_answer_each(broker, batches):
+    """Batches whose items mostly decode, so they reach their handlers one after another in
+    one turn: each batch gets one reply (its items' replies, or one protocol error), a wait
+    among them included."""
+    frames = [[p.CLIENT_VERSION, b"batch", packed({"messages": items})] for items in batches]
+    replies = _send_batch(broker, frames)
+    assert len(replies) == len(batches)
+    for reply in replies:
+        items = p.unbatch(reply)
+        if isinstance(reply, p.Error) and reply.request_id is None:
+            assert reply.code == "protocol"  # refused whole
+        else:
+            assert len(items) in {len(b) for b in batches}
     assert _identity(broker.probe()) == broker.baseline
 
 
