@@ -31,6 +31,7 @@ from bench.scale import echo_server
 PROBE_PERIOD_S = 0.005
 PROBE_READY_TIMEOUT_S = 30.0
 VB_WORKERS = 4
+VB_WAY = f"virtbroker-{VB_WORKERS}w"
 
 
 def probe_main(mode: str, target: str, names: list[str], go, stop, out) -> None:
@@ -161,13 +162,12 @@ def libvirt_run(conn: libvirt.virConnect, n: int) -> dict:
         cleanup_guests(conn)
 
 
-def vb_run(conn: libvirt.virConnect, n: int) -> dict:
-    """The storm through virtbroker, with the virtbroker probe and, beside it, two floors:
-    a raw fsync probe (what the disk alone costs a durable define) and a raw ZeroMQ echo
-    probe (what one local round trip costs on this host during the storm).
-
-    They add a little load to virtbroker's run only, so they can only make virtbroker's
-    figures worse.
+def vb_run(conn: libvirt.virConnect, n: int, floors: bool = False) -> dict:
+    """The storm through virtbroker with the virtbroker probe, or (floors) the same storm with
+    two other probes instead: a raw fsync probe (what the disk alone costs a durable define)
+    and a raw ZeroMQ echo probe (what one local round trip costs on this host during the
+    storm). On 2 cores every probe process adds load, so each run has one probe's worth,
+    as libvirt's does.
     """
     names = [f"{PREFIX}l{i:02d}" for i in range(n)]
     slots = -(-n // VB_WORKERS)
@@ -176,31 +176,45 @@ def vb_run(conn: libvirt.virConnect, n: int) -> dict:
             c = vb_client(cluster)
             for name in names:
                 c.define(guest_xml(name))
-            with (
-                echo_server(f"ipc://{cluster.state_dir}/echo.sock") as echo_url,
-                Probe("virtbroker", cluster.client_url, names) as probe,
-                Probe("fsync", str(cluster.state_dir), names) as disk,
-                Probe("echo", echo_url, names) as echo,
-            ):
+            with contextlib.ExitStack() as probes:
+                if floors:
+                    echo_url = probes.enter_context(echo_server(f"ipc://{cluster.state_dir}/echo.sock"))
+                    disk = probes.enter_context(Probe("fsync", str(cluster.state_dir), names))
+                    echo = probes.enter_context(Probe("echo", echo_url, names))
+                else:
+                    probe = probes.enter_context(Probe("virtbroker", cluster.client_url, names))
                 started = time.monotonic()
                 finals = c.wait([c.submit(name, "start")["job_id"] for name in names], 300)
                 storm_s = time.monotonic() - started
-                samples = probe.finish()
-                fsync = disk.finish()
-                round_trips = echo.finish()
+                if floors:
+                    fsync, round_trips = disk.finish(), echo.finish()
+                    samples = {"fsync_s": fsync["define_s"], "echo_s": round_trips["lookup_s"],
+                               "error_count": fsync["error_count"] + round_trips["error_count"],
+                               "errors": fsync["errors"] + round_trips["errors"]}
+                else:
+                    samples = probe.finish()
             check_jobs(finals, "start")
             c.wait([c.submit(name, "destroy")["job_id"] for name in names], 300)
-        return {"storm_s": storm_s, **samples, "fsync_s": fsync["define_s"], "echo_s": round_trips["lookup_s"]}
+        return {"storm_s": storm_s, **samples}
     finally:
         cleanup_guests(conn)
+
+
+def floors_run(conn: libvirt.virConnect, n: int) -> dict:
+    return vb_run(conn, n, floors=True)
 
 
 def run(settings: Settings, conn: libvirt.virConnect) -> dict:
     rows: dict[tuple[int, str], dict] = {}
     for rep in range(settings.reps):
         for n in settings.latency_ns:
-            for way, fn in (("libvirt", libvirt_run), (f"virtbroker-{VB_WORKERS}w", vb_run)):
-                row = rows.setdefault((n, way), {"n": n, "way": way, "reps": [], "errors": []})
+            ways = [("libvirt", libvirt_run), (VB_WAY, vb_run)]
+            if not settings.short:  # the floors explain the full run's verdicts; the smoke run has no time for them
+                ways.append(("floors", floors_run))
+            for way, fn in ways:
+                # The floors belong with virtbroker's row: the same storm, another run of it.
+                key = (n, VB_WAY if way == "floors" else way)
+                row = rows.setdefault(key, {"n": n, "way": key[1], "reps": [], "floor_reps": [], "errors": []})
                 say(f"latency rep {rep + 1}/{settings.reps}: N={n} {way}")
                 try:
                     result = fn(conn, n)
@@ -208,20 +222,20 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                     say(f"  failed: {e}")
                     row["errors"].append(str(e)[:500])
                     continue
-                rep_row = {
-                    "storm_s": result["storm_s"],
-                    "lookup": summary_ms(result["lookup_s"]),
-                    "define": summary_ms(result["define_s"]),
-                    "fsync": summary_ms(result["fsync_s"]) if "fsync_s" in result else None,
-                    "echo": summary_ms(result["echo_s"]) if "echo_s" in result else None,
-                    "probe_errors": result["error_count"],
-                    "probe_error_samples": result["errors"][:3],
-                }
-                row["reps"].append(rep_row)
-                say(
-                    f"  storm {result['storm_s']:.2f} s; lookup p99 {rep_row['lookup']['p99_ms']:.2f} ms, "
-                    f"define p99 {rep_row['define']['p99_ms']:.2f} ms ({rep_row['lookup']['count']} samples)"
-                )
+                rep_row = {"storm_s": result["storm_s"], "probe_errors": result["error_count"],
+                           "probe_error_samples": result["errors"][:3]}
+                if way == "floors":
+                    rep_row = {"fsync": summary_ms(result["fsync_s"]), "echo": summary_ms(result["echo_s"]), **rep_row}
+                    row["floor_reps"].append(rep_row)
+                    say(f"  storm {result['storm_s']:.2f} s; echo p99 {rep_row['echo']['p99_ms']:.2f} ms, "
+                        f"fsync p99 {rep_row['fsync']['p99_ms']:.2f} ms")
+                else:
+                    rep_row = {"lookup": summary_ms(result["lookup_s"]), "define": summary_ms(result["define_s"]), **rep_row}
+                    row["reps"].append(rep_row)
+                    say(
+                        f"  storm {result['storm_s']:.2f} s; lookup p99 {rep_row['lookup']['p99_ms']:.2f} ms, "
+                        f"define p99 {rep_row['define']['p99_ms']:.2f} ms ({rep_row['lookup']['count']} samples)"
+                    )
                 time.sleep(SETTLE_S)
     out = []
     for (n, way), row in rows.items():
@@ -229,7 +243,7 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             for stat in ("p50_ms", "p99_ms", "max_ms"):
                 row[f"{op}_{stat}"] = median([r[op][stat] for r in row["reps"] if r[op][stat] is not None])
         for floor in ("fsync", "echo"):
-            floors = [r[floor] for r in row["reps"] if r.get(floor)]
+            floors = [r[floor] for r in row["floor_reps"]]
             for stat in ("p50_ms", "p99_ms", "max_ms"):
                 row[f"{floor}_{stat}"] = median([f[stat] for f in floors if f[stat] is not None]) if floors else None
         row["samples"] = sum(r["lookup"]["count"] for r in row["reps"])
@@ -245,10 +259,10 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             "A separate process looks up a storm guest and defines a new name every 5 ms while N "
             "pre-defined guests start (one thread and connection per guest for libvirt; 4 lifecycle workers for "
             "virtbroker). virtbroker's define is durable: the broker fsyncs its SQLite WAL before "
-            "it replies. During virtbroker's storm a second process appends 4 KiB and fsyncs every 5 ms "
-            "on the state dir's file system: the disk's own floor for a durable define; and a third "
-            "sends a lookup-sized message to a ZeroMQ echo process and waits for it: the floor for "
-            "any lookup over a local socket during the storm. "
+            "it replies. A second virtbroker storm, after each, carries two other probes instead: one "
+            "appends 4 KiB and fsyncs every 5 ms on the state dir's file system (the disk's own floor for a "
+            "durable define), the other sends a lookup-sized message to a ZeroMQ echo process and waits "
+            "for it (the floor for any lookup over a local socket during the storm). "
             "Percentiles are per repetition; the table shows their median."
         ),
         "rows": out,

@@ -93,14 +93,14 @@ def evaluate(results: dict) -> list[dict]:
         lv = next((r for r in latency["rows"] if r["way"] == "libvirt" and r["n"] == row["n"]), {})
         notes = []
         if row.get("echo_p99_ms"):
-            notes.append(f"raw ZeroMQ echo round trip p99 during the storm: {row['echo_p99_ms']:.2f} ms")
+            notes.append(f"raw ZeroMQ echo round trip p99 during the same storm (run again): {row['echo_p99_ms']:.2f} ms")
         if lv.get("lookup_p99_ms"):
             notes.append(f"libvirt in the same run: {lv['lookup_p99_ms']:.2f} ms")
         out.append(_target("During the storm: virtbroker lookup p99", f"{row['lookup_p99_ms']:.2f} ms", "<= 1 ms",
                            row["lookup_p99_ms"] <= 1.0, "; ".join(notes)))
         notes = []
         if row.get("fsync_p99_ms"):
-            notes.append(f"raw fsync p99 on the same disk during the storm: {row['fsync_p99_ms']:.2f} ms")
+            notes.append(f"raw fsync p99 on the same disk during the same storm (run again): {row['fsync_p99_ms']:.2f} ms")
         if lv.get("define_p99_ms"):
             notes.append(f"libvirt in the same run: {lv['define_p99_ms']:.2f} ms")
         note = "; ".join(notes)
