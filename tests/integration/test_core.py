@@ -463,6 +463,9 @@ def test_a_client_batch_runs_each_request_as_if_alone_and_answers_in_order(clust
     assert [j["state"] for j in finals] == ["succeeded", "succeeded", "failed"]
     jobs = c.submit_many([("b0", "destroy"), ("b1", "destroy")])
     assert [j["state"] for j in c.wait([j["job_id"] for j in jobs], 30)] == ["succeeded"] * 2
+    # More than one batch holds: the client splits at BATCH_MAX_ITEMS and puts the answers back in order.
+    names = [f"b{i % 3}" for i in range(p.BATCH_MAX_ITEMS + 200)]
+    assert [d["name"] for d in c.call_many([p.Lookup(request_id=0, domain=n) for n in names])] == names
 
 
 def test_a_batch_with_a_bad_item_is_refused_whole(cluster):
