@@ -269,6 +269,12 @@ def security_markdown(section: dict) -> str:
     return main + "\n\nThe labelling part alone (the DAC driver, in process):\n\n" + driver
 
 
+def _cpu_per_job(cpu: dict | None) -> str:
+    if not cpu:
+        return "-"  # not recorded by older runs
+    return " / ".join(f"{cpu[role]:.0f}" for role in ("broker", "workers", "client"))
+
+
 def scale_markdown(section: dict) -> str:
     t = section["transport"]
     transport = _table(
@@ -290,9 +296,10 @@ def scale_markdown(section: dict) -> str:
         if section.get(extra):
             rows.append(section[extra])
     noop = _table(
-        ["lifecycle workers", "slots each", "submits per message", "no-op jobs /s", "/ raw zmq pipelined round trips"],
+        ["lifecycle workers", "slots each", "submits per message", "no-op jobs /s", "/ raw zmq pipelined round trips",
+         "CPU per job: broker / workers / client (µs)"],
         [[r["workers"], r.get("slots", "16"), r.get("batch", 1), f"{r['jobs_per_s']:,.0f}",
-          _f(r["ratio_to_zmq"], "{:.3f}x")] for r in rows],
+          _f(r["ratio_to_zmq"], "{:.3f}x"), _cpu_per_job(r.get("cpu_us_per_job"))] for r in rows],
     )
     return transport + "\n\n" + registry + "\n\n" + noop
 
