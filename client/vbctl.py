@@ -60,8 +60,8 @@ def cmd_define(c: Client, args) -> int:
 
 def cmd_lifecycle(c: Client, args) -> int:
     """start/shutdown/destroy/...: one job per domain named, submitted as one batch; wait
-    unless --no-wait. A domain whose job is refused (unknown, bad state) gets its error
-    line, and the others' jobs still run."""
+    unless --no-wait. A domain whose submit is refused (unknown domain, idempotency key in
+    use) gets its error line, and the others' jobs still run."""
     requests = []
     for domain in args.domains:
         key = args.idempotency_key
