@@ -26,6 +26,7 @@ URI = "qemu:///system"
 # Every guest a benchmark makes is named with this prefix, so cleanup can find them all
 # and never touches anyone else's (the test suite uses vbt-).
 PREFIX = "vbb-"
+TARGET_WORKERS = 4  # the worker count the targets judge virtbroker by (start storm, no-op jobs)
 DOMAIN_TYPE = "kvm" if os.path.exists("/dev/kvm") else "qemu"
 ROOT = Path(__file__).resolve().parents[1]
 SETTLE_S = 0.5  # pause between measurements, so QEMU processes of the last one have exited
@@ -279,3 +280,10 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_s(pid: int) -> float:
+    """User and system CPU seconds of a process, all its threads, so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

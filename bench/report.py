@@ -9,13 +9,12 @@ import re
 import subprocess
 from pathlib import Path
 
-from bench.common import ROOT
+from bench.common import ROOT, TARGET_WORKERS
 
 DOC_PATH = ROOT / "docs" / "BENCHMARKS.md"
 PLOT_DIR = ROOT / "docs" / "benchmarks"
 ANALYSIS_PATH = ROOT / "bench" / "analysis.md"
 TARGET_N = 20
-TARGET_WORKERS = 4
 TARGET_SIZE = 100000
 
 

@@ -17,7 +17,9 @@ import zmq
 
 from bench.common import (
     PREFIX,
+    TARGET_WORKERS,
     Settings,
+    cpu_s,
     median,
     percentile,
     ratio,
@@ -253,7 +255,9 @@ def _list_raw_s(sock: zmq.Socket, request_id: int, size: int) -> float:
 
 
 # ---------------------------------------------------------------------------- no-op jobs
-def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS, batches: tuple[int, ...] = (NOOP_BATCH,)) -> list[dict]:
+def noop_throughput(
+    workers: int, reps: int, slots: int = NOOP_SLOTS, batches: tuple[int, ...] = (NOOP_BATCH,)
+) -> list[dict]:
     """suspend/resume jobs on test:///default guests: a job whose hypervisor call costs microseconds.
 
     The broker has no no-op operation; on libvirt's embedded test driver each lifecycle
@@ -298,13 +302,6 @@ def noop_throughput(workers: int, reps: int, slots: int = NOOP_SLOTS, batches: t
         }
         row["cpu_idle_before"] = idle
     return list(rows.values())
-
-
-def cpu_s(pid: int) -> float:
-    """User and system CPU seconds of a process, all its threads, so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _run_ops(sock, names, ops, request_ids, batch: int) -> tuple[int, float]:
@@ -352,9 +349,9 @@ def run(settings: Settings) -> dict:
     noop_rows = []
     few = unbatched = None
     for workers in settings.noop_worker_counts:
-        # With 4 workers (the target's case) the full run takes turns with one submit a
+        # With the target's worker count the full run takes turns with one submit a
         # message, on the same cluster.
-        both = workers == 4 and not settings.short
+        both = workers == TARGET_WORKERS and not settings.short
         say(f"scale: no-op jobs with {workers} workers" + (", batched and one submit a message in turn" if both else ""))
         row, *rest = noop_throughput(workers, settings.noop_reps, batches=(NOOP_BATCH, 1) if both else (NOOP_BATCH,))
         noop_rows.append(row)
