@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from broker.local import LocalConnection, LocalEndpoint
 from broker.metrics import BrokerMetrics
 from broker.registry import DomainRecord, Registry
 from broker.scheduler import Job, Scheduler, WorkerInfo
@@ -34,6 +35,10 @@ from common.errors import (
 )
 
 log = logging.getLogger("virtbroker.broker")
+
+# Where a client's reply goes: a ROUTER socket (with the identity as the first frame), or a
+# connection of the local endpoint.
+ClientSocket = zmq.Socket | LocalConnection
 
 # Messages read from one socket per loop turn. Replies leave at the end of a turn, so this
 # bounds how long a request waits behind a flood from another peer (about 2.5 ms at 200
@@ -63,7 +68,7 @@ class Waiter:
     request_id: int
     job_ids: list[int]
     deadline: float
-    sock: zmq.Socket | None = None  # the endpoint the wait came in on
+    sock: ClientSocket | None = None  # the endpoint the wait came in on
     final_prefix: int = 0  # job_ids[:final_prefix] are final
 
 
@@ -82,8 +87,8 @@ class Broker:
         # Replies that depend on nothing unwritten (reads, errors, routing) leave at the end
         # of the loop turn; the rest (acknowledged changes, job assignments, events) leave
         # when the batch holding their changes is on disk.
-        self.outbox: list[tuple[zmq.Socket, list[bytes]]] = []
-        self.durable_outbox: list[tuple[zmq.Socket, list[bytes]]] = []
+        self.outbox: list[tuple[ClientSocket, list[bytes]]] = []
+        self.durable_outbox: list[tuple[ClientSocket, list[bytes]]] = []
         self.events: list[p.Message] = []
         self.subscriptions: set[bytes] = set()  # topic prefixes subscribers asked for
         self.listening = {b"domain": False, b"job": False}  # per topic: does any subscriber want it
@@ -97,6 +102,7 @@ class Broker:
         self.seq = self.saved_seq = int(self.store.meta("event_seq", "0"))
         self._load()
         self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
+        self.local: LocalEndpoint | None = None
         self.curve = CurveServer(context, config.curve_dir) if config.curve_dir else None
 
     # ------------------------------------------------------------------ startup
@@ -141,11 +147,13 @@ class Broker:
             self.pub_sock = self._socket(zmq.XPUB, self.config.events_url, "events")
             if self.config.readonly_url:
                 self.readonly_sock = self._socket(zmq.ROUTER, self.config.readonly_url, "readonly")
+            self.local = LocalEndpoint(self.config.local_url)
         finally:
             os.umask(old_umask)
         log.info(
-            "broker listening: clients %s, workers %s, events %s",
+            "broker listening: clients %s and %s, workers %s, events %s",
             self.config.client_url,
+            self.config.local_url,
             self.config.worker_url,
             self.config.events_url,
         )
@@ -178,6 +186,7 @@ class Broker:
         poller.register(self.pub_sock, zmq.POLLIN)
         if self.readonly_sock is not None:
             poller.register(self.readonly_sock, zmq.POLLIN)
+        self.local.start(poller)
         while not self.stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
             now = time.monotonic()
@@ -192,6 +201,7 @@ class Broker:
                 handled += self._drain(self.client_sock, self._on_client_frames)
             if self.readonly_sock is not None and self.readonly_sock in ready:
                 handled += self._drain(self.readonly_sock, self._on_readonly_frames)
+            handled += self._serve_local(ready)
             if handled:
                 self.metrics.batch_messages.observe(handled)
             self.tick(now)
@@ -258,7 +268,7 @@ class Broker:
             count += handler(frames)
         return count
 
-    def _send(self, outbox: list[tuple[zmq.Socket, list[bytes]]]) -> None:
+    def _send(self, outbox: list[tuple[ClientSocket, list[bytes]]]) -> None:
         """Send queued messages. A worker's are grouped into batches (one send, one wake-up
         for every job it got this turn), in the order they were queued."""
         to_workers: dict[bytes, list[list[bytes]]] = {}
@@ -273,7 +283,10 @@ class Broker:
         outbox.clear()
 
     @staticmethod
-    def _send_one(sock: zmq.Socket, frames: list[bytes]) -> None:
+    def _send_one(sock: ClientSocket, frames: list[bytes]) -> None:
+        if type(sock) is LocalConnection:
+            sock.send_message(frames[1:])  # a connection needs no identity frame
+            return
         try:
             send_frames(sock, frames, noblock=True)
         except zmq.Again:
@@ -318,14 +331,29 @@ class Broker:
         for sock in (self.client_sock, self.worker_sock, self.pub_sock, self.readonly_sock):
             if sock is not None:
                 sock.close(linger=0)
+        if self.local is not None:
+            self.local.close()
         if self.curve is not None:
             self.curve.stop()
 
     # ------------------------------------------------------------------ client side
+    def _serve_local(self, ready: dict) -> int:
+        """Requests from the local endpoint's connections: handled as the client endpoint's are."""
+        handled = 0
+        for conn, item in self.local.service(ready):
+            if isinstance(item, ProtocolError):
+                self.metrics.request("undecodable", item.code)
+                log.warning("bad local client message: %s", item)
+                self._reply(b"", p.Error(request_id=None, code=item.code, message=item.message), conn)
+                handled += 1
+            else:
+                handled += self._on_client_frames([b"", *item], conn)
+        return handled
+
     def _on_readonly_frames(self, frames: list[bytes]) -> int:
         return self._on_client_frames(frames, self.readonly_sock)
 
-    def _on_client_frames(self, frames: list[bytes], sock: zmq.Socket | None = None) -> int:
+    def _on_client_frames(self, frames: list[bytes], sock: ClientSocket | None = None) -> int:
         """Handle one client request, or each request of its batch; returns how many."""
         sock = sock or self.client_sock
         identity, body = frames[0], frames[1:]
@@ -361,7 +389,7 @@ class Broker:
             box.append((sock, [identity, *frames_out]))
         return len(messages)
 
-    def _answer(self, msg: p.Message, identity: bytes, sock: zmq.Socket) -> tuple[p.Message | None, bool]:
+    def _answer(self, msg: p.Message, identity: bytes, sock: ClientSocket) -> tuple[p.Message | None, bool]:
         """Handle one decoded request: (its reply, or None while a wait is pending; whether
         the reply must wait for this turn's changes to be on disk)."""
         request_id = getattr(msg, "request_id", None)
@@ -386,7 +414,7 @@ class Broker:
             log.exception("internal error handling a client request")
             return p.Error(request_id=request_id, code="internal", message=f"internal error: {e}"), False
 
-    def _reply(self, identity: bytes, msg: p.Message, sock: zmq.Socket | None = None, durable: bool = False) -> None:
+    def _reply(self, identity: bytes, msg: p.Message, sock: ClientSocket | None = None, durable: bool = False) -> None:
         """Queue a reply; durable ones leave only once this turn's changes are on disk."""
         box = self.durable_outbox if durable else self.outbox
         box.append((sock or self.client_sock, [identity, *p.encode(msg)]))

@@ -30,6 +30,9 @@ class Config:
     client_url: str = ""  # default: ipc://STATE_DIR/client.sock
     worker_url: str = ""  # default: ipc://STATE_DIR/worker.sock
     events_url: str = ""  # default: ipc://STATE_DIR/events.sock
+    # The client endpoint again, over a plain UNIX stream socket (common/stream.py): the
+    # lowest-latency way in for a client on the broker's host.
+    local_url: str = ""  # default: unix://STATE_DIR/local.sock
     uri: str = "test:///default"
     workers: int = 2  # lifecycle workers started by `virtbroker up`
     slots: int = 4  # jobs one lifecycle worker runs at once
@@ -68,6 +71,12 @@ class Config:
             self.worker_url = f"ipc://{self.state_dir}/worker.sock"
         if not self.events_url:
             self.events_url = f"ipc://{self.state_dir}/events.sock"
+        if not self.local_url:
+            self.local_url = f"unix://{self.state_dir}/local.sock"
+        if not self.local_url.startswith("unix://") or not self.local_url[len("unix://") :].startswith("/"):
+            raise ConfigError(f"local_url must be unix:///ABSOLUTE/PATH, not '{self.local_url}'")
+        if len(self.local_url.encode()) - len("unix://") > 107:
+            raise ConfigError(f"local_url's path is over 107 bytes, the limit of a UNIX socket: {self.local_url}")
         if self.heartbeat_interval_s <= 0:
             self.heartbeat_interval_s = self.lease_ttl_s / 4
         if self.lease_ttl_s <= 0:

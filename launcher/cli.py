@@ -27,6 +27,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--client-url", help="client endpoint (default ipc://STATE_DIR/client.sock)")
     parser.add_argument("--worker-url", help="worker endpoint (default ipc://STATE_DIR/worker.sock)")
     parser.add_argument("--events-url", help="event endpoint (default ipc://STATE_DIR/events.sock)")
+    parser.add_argument("--local-url", help="client endpoint over a UNIX stream socket (default unix://STATE_DIR/local.sock)")
     parser.add_argument("--uri", help="libvirt URI of the lifecycle workers (default test:///default)")
     parser.add_argument("--slots", type=int, help="jobs one lifecycle worker runs at once (default 4)")
     parser.add_argument("--lease-ttl", type=float, dest="lease_ttl_s", help="lease TTL in seconds (default 10)")
@@ -50,7 +51,7 @@ def _config(args: argparse.Namespace) -> Config:
     overrides = {
         key: getattr(args, key, None)
         for key in (
-            "state_dir", "client_url", "worker_url", "events_url", "uri", "slots", "lease_ttl_s",
+            "state_dir", "client_url", "worker_url", "events_url", "local_url", "uri", "slots", "lease_ttl_s",
             "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s",
             "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key",
             "curve_secret_key", "job_history",

@@ -74,6 +74,7 @@ class Cluster:
         self.workers: dict[str, Proc] = {}
         self.security: dict[str, Proc] = {}
         self.client_url = f"ipc://{state_dir}/client.sock"
+        self.local_url = f"unix://{state_dir}/local.sock"
         self._clients: list[Client] = []
 
     def _argv(self, command: str, *more: str) -> list[str]:
@@ -98,8 +99,8 @@ class Cluster:
         self.security[driver] = proc.start()
         return proc
 
-    def client(self, timeout_s: float = 30.0) -> Client:
-        c = Client(self.client_url, timeout_s=timeout_s)
+    def client(self, timeout_s: float = 30.0, url: str | None = None) -> Client:
+        c = Client(url or self.client_url, timeout_s=timeout_s)
         self._clients.append(c)
         return c
 

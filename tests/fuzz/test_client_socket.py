@@ -1,4 +1,4 @@
-"""Random frames and msgpack bodies on the broker's client socket.
+"""Random frames and msgpack bodies on the broker's client socket, and on its local endpoint.
 
 Properties, for every batch hypothesis makes: every message that cannot be a deferred
 `wait` gets exactly one reply, each reply decodes as ok or error, no error is 'internal'
@@ -8,14 +8,16 @@ answers `list --all` within the probe deadline.
 
 from __future__ import annotations
 
+import socket
+
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from client.templates import minimal_domain_xml
-from common import protocol as p
-from tests.fuzz.conftest import FUZZ, PROBE_DEADLINE_S
+from common import protocol as p, stream
+from tests.fuzz.conftest import FUZZ, PROBE_DEADLINE_S, REPLY_DEADLINE_S
 from tests.fuzz.strategies import (
     NAME_POOL,
     body_for,
@@ -24,6 +26,7 @@ from tests.fuzz.strategies import (
     ints,
     packed,
     texts,
+    values,
 )
 
 CLIENT_KINDS = sorted(kind for (version, kind) in p.kinds() if version == p.CLIENT_VERSION)
@@ -208,3 +211,72 @@ def test_wait_with_a_nan_timeout_still_ends(broker):
         assert replies, "a wait with timeout_s=NaN was never answered"
     finally:
         c.cancel(job["job_id"])
+
+
+# ---------------------------------------------------------------------------- the local endpoint
+# The same requests over the local endpoint's stream (common/stream.py), and what only a
+# stream can get wrong: bytes that are not msgpack, and msgpack that is not a message.
+
+
+def _stream_replies(broker, data: bytes, expected: int | None) -> tuple[list[p.Message], bool]:
+    """Send data on a fresh connection; read replies until `expected` came or the broker closed
+    the connection. With expected None, the end of data is the end of the stream (a
+    half-close), and the broker closes its side after its replies: read up to that.
+    Returns (replies, closed by the broker)."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.settimeout(REPLY_DEADLINE_S)
+    try:
+        conn.connect(stream.stream_path(broker.cluster.local_url))
+        conn.sendall(data)
+        if expected is None:
+            conn.shutdown(socket.SHUT_WR)
+        unpacker = msgpack.Unpacker(raw=False)
+        replies: list[p.Message] = []
+        closed = False
+        while expected is None or len(replies) < expected:
+            try:
+                chunk = conn.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                closed = True
+                break
+            unpacker.feed(chunk)
+            for frames in unpacker:
+                reply = p.decode(frames, p.CLIENT_VERSION, p.MAX_REPLY_BYTES)
+                for item in p.unbatch(reply):
+                    assert isinstance(item, (p.Ok, p.Error)), item
+                    if isinstance(item, p.Error):
+                        assert item.code != "internal", item
+                        broker.stats.codes[item.code] = broker.stats.codes.get(item.code, 0) + 1
+                replies.append(reply)
+        broker.stats.replies += len(replies)
+        return replies, closed
+    finally:
+        conn.close()
+
+
+@FUZZ
+@given(batch=st.lists(frames_for(p.CLIENT_VERSION, CLIENT_KINDS, OVERRIDES), min_size=1, max_size=8))
+def test_random_frames_on_the_local_stream_get_an_answer_each(broker, batch):
+    data = b"".join(stream.encode_message(frames) for frames in batch)
+    broker.stats.messages += len(batch)
+    expected = sum(1 for frames in batch if len(frames) < 2 or frames[1] != b"wait")
+    replies, closed = _stream_replies(broker, data, expected)
+    assert len(replies) >= expected, f"{expected - len(replies)} message(s) got no reply"
+    assert not closed or len(replies) == expected
+    assert _identity(broker.probe()) == broker.baseline
+
+
+@FUZZ
+@given(chunks=st.lists(st.one_of(st.binary(max_size=64), st.builds(packed, values)), min_size=1, max_size=8))
+def test_hostile_bytes_on_the_local_stream_get_errors_and_change_nothing(broker, chunks):
+    """Random bytes and random msgpack values: each well-framed value that is not a message
+    gets a protocol error, bytes that are not msgpack get one and the connection's end."""
+    broker.stats.messages += len(chunks)
+    replies, closed = _stream_replies(broker, b"".join(chunks), None)
+    assert closed, "the broker kept a connection its client had closed"
+    for reply in replies:
+        if isinstance(reply, p.Error) and reply.request_id is None:
+            assert reply.code == "protocol", reply
+    assert _identity(broker.probe()) == broker.baseline

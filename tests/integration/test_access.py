@@ -138,9 +138,9 @@ def test_readonly_endpoint_reads_but_refuses_changes(secured):
         alice.run("shown", "destroy")
 
 
-def test_ipc_sockets_are_owner_only(cluster_factory):
+def test_ipc_and_local_sockets_are_owner_only(cluster_factory):
     cluster = cluster_factory()
     cluster.start_broker()
-    for name in ("client.sock", "worker.sock", "events.sock"):
+    for name in ("client.sock", "worker.sock", "events.sock", "local.sock"):
         mode = stat.S_IMODE(os.stat(cluster.state_dir / name).st_mode)
         assert mode & 0o077 == 0, f"{name} is {oct(mode)}"
