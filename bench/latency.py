@@ -31,7 +31,11 @@ from bench.scale import echo_server
 PROBE_PERIOD_S = 0.005
 PROBE_READY_TIMEOUT_S = 30.0
 VB_WORKERS = 4
+# virtbroker's probe is a Client on the broker's host: it connects to the local endpoint. The
+# full run also puts two probes in one storm, one on each transport, to compare them.
 VB_WAY = f"virtbroker-{VB_WORKERS}w"
+PAIRED_LOCAL_WAY = f"{VB_WAY}, paired: local"
+PAIRED_ZMQ_WAY = f"{VB_WAY}, paired: ZeroMQ"
 
 
 def probe_main(mode: str, target: str, names: list[str], go, stop, out) -> None:
@@ -59,16 +63,20 @@ def probe_main(mode: str, target: str, names: list[str], go, stop, out) -> None:
             os.write(fd, block)
             os.fsync(fd)
     elif mode == "echo":
-        # The floor for any control plane on this host: one round trip over a local
-        # ZeroMQ socket to a process that answers at once (bench.scale.echo_main).
+        # The floor for any control plane on this host: one round trip over a local socket
+        # to a process that answers at once (bench.scale.echo_main), ZeroMQ or, for a
+        # unix:// target, the local endpoint's stream through the client's own transport.
         import zmq
 
         from common import protocol as p
+        from common.stream import StreamSocket, is_stream_url
 
-        context = zmq.Context()
-        sock = context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(target)
+        if is_stream_url(target):
+            sock = StreamSocket(target)
+        else:
+            sock = zmq.Context().socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(target)
         frames = p.encode(p.Lookup(request_id=1, domain=names[0]))
 
         def lookup(_name):
@@ -162,12 +170,18 @@ def libvirt_run(conn: libvirt.virConnect, n: int) -> dict:
         cleanup_guests(conn)
 
 
-def vb_run(conn: libvirt.virConnect, n: int, floors: bool = False) -> dict:
-    """The storm through virtbroker with the virtbroker probe, or (floors) the same storm with
-    two other probes instead: a raw fsync probe (what the disk alone costs a durable define)
-    and a raw ZeroMQ echo probe (what one local round trip costs on this host during the
-    storm). On 2 cores every probe process adds load, so each run has one probe's worth,
-    as libvirt's does.
+def vb_run(conn: libvirt.virConnect, n: int, mode: str = "single") -> dict:
+    """The storm through virtbroker, with probes by mode:
+
+    - single: the virtbroker probe on the local endpoint, alone, as libvirt's probe is alone
+      in its storm (on 2 cores every probe process adds load);
+    - paired: two virtbroker probes side by side, one on the local endpoint and one on the
+      ZeroMQ client endpoint, so both transports meet the same storm;
+    - floors: a raw fsync probe (what the disk alone costs a durable define) and two raw
+      echo probes, over ZeroMQ and over a UNIX stream (what one local round trip costs on
+      this host during the storm).
+
+    Returns {"storm_s": ..., "probes": {label: the probe's samples}}.
     """
     names = [f"{PREFIX}l{i:02d}" for i in range(n)]
     slots = -(-n // VB_WORKERS)
@@ -176,64 +190,77 @@ def vb_run(conn: libvirt.virConnect, n: int, floors: bool = False) -> dict:
             c = vb_client(cluster)
             for name in names:
                 c.define(guest_xml(name))
-            with contextlib.ExitStack() as probes:
-                if floors:
-                    echo_url = probes.enter_context(echo_server(f"ipc://{cluster.state_dir}/echo.sock"))
-                    disk = probes.enter_context(Probe("fsync", str(cluster.state_dir), names))
-                    echo = probes.enter_context(Probe("echo", echo_url, names))
+            with contextlib.ExitStack() as stack:
+                if mode == "floors":
+                    echo_url = stack.enter_context(echo_server(f"ipc://{cluster.state_dir}/echo.sock"))
+                    stream_url = stack.enter_context(echo_server(f"unix://{cluster.state_dir}/echo-stream.sock"))
+                    targets = {"fsync": ("fsync", str(cluster.state_dir)), "echo": ("echo", echo_url),
+                               "stream_echo": ("echo", stream_url)}
+                elif mode == "paired":
+                    targets = {"local": ("virtbroker", cluster.local_url), "zeromq": ("virtbroker", cluster.client_url)}
                 else:
-                    probe = probes.enter_context(Probe("virtbroker", cluster.client_url, names))
+                    targets = {"local": ("virtbroker", cluster.local_url)}
+                probes = {label: stack.enter_context(Probe(kind, url, names)) for label, (kind, url) in targets.items()}
                 started = time.monotonic()
                 finals = c.wait([c.submit(name, "start")["job_id"] for name in names], 300)
                 storm_s = time.monotonic() - started
-                if floors:
-                    fsync, round_trips = disk.finish(), echo.finish()
-                    samples = {"fsync_s": fsync["define_s"], "echo_s": round_trips["lookup_s"],
-                               "error_count": fsync["error_count"] + round_trips["error_count"],
-                               "errors": fsync["errors"] + round_trips["errors"]}
-                else:
-                    samples = probe.finish()
+                samples = {label: probe.finish() for label, probe in probes.items()}
             check_jobs(finals, "start")
             c.wait([c.submit(name, "destroy")["job_id"] for name in names], 300)
-        return {"storm_s": storm_s, **samples}
+        return {"storm_s": storm_s, "probes": samples}
     finally:
         cleanup_guests(conn)
 
 
-def floors_run(conn: libvirt.virConnect, n: int) -> dict:
-    return vb_run(conn, n, floors=True)
+def _rep_row(storm_s: float, samples: dict) -> dict:
+    return {"lookup": summary_ms(samples["lookup_s"]), "define": summary_ms(samples["define_s"]), "storm_s": storm_s,
+            "probe_errors": samples["error_count"], "probe_error_samples": samples["errors"][:3]}
 
 
 def run(settings: Settings, conn: libvirt.virConnect) -> dict:
     rows: dict[tuple[int, str], dict] = {}
+
+    def row_for(n: int, way: str) -> dict:
+        return rows.setdefault((n, way), {"n": n, "way": way, "reps": [], "floor_reps": [], "errors": []})
+
     for rep in range(settings.reps):
         for n in settings.latency_ns:
-            ways = [("libvirt", libvirt_run), (VB_WAY, vb_run)]
-            if not settings.short:  # the floors explain the full run's verdicts; the smoke run has no time for them
-                ways.append(("floors", floors_run))
-            for way, fn in ways:
-                # The floors belong with virtbroker's row: the same storm, another run of it.
-                key = (n, VB_WAY if way == "floors" else way)
-                row = rows.setdefault(key, {"n": n, "way": key[1], "reps": [], "floor_reps": [], "errors": []})
+            ways = ["libvirt", VB_WAY]
+            if not settings.short:  # these explain the full run's verdicts; the smoke run has no time for them
+                ways += ["paired", "floors"]
+            for way in ways:
                 say(f"latency rep {rep + 1}/{settings.reps}: N={n} {way}")
+                # The floors belong with virtbroker's row: the same storm, another run of it.
+                first = row_for(n, {"paired": PAIRED_LOCAL_WAY, "floors": VB_WAY}.get(way, way))
                 try:
-                    result = fn(conn, n)
+                    result = libvirt_run(conn, n) if way == "libvirt" else vb_run(conn, n, {VB_WAY: "single"}.get(way, way))
                 except Exception as e:
                     say(f"  failed: {e}")
-                    row["errors"].append(str(e)[:500])
+                    first["errors"].append(str(e)[:500])
                     continue
-                rep_row = {"storm_s": result["storm_s"], "probe_errors": result["error_count"],
-                           "probe_error_samples": result["errors"][:3]}
-                if way == "floors":
-                    rep_row = {"fsync": summary_ms(result["fsync_s"]), "echo": summary_ms(result["echo_s"]), **rep_row}
-                    row["floor_reps"].append(rep_row)
-                    say(f"  storm {result['storm_s']:.2f} s; echo p99 {rep_row['echo']['p99_ms']:.2f} ms, "
-                        f"fsync p99 {rep_row['fsync']['p99_ms']:.2f} ms")
+                storm_s = result["storm_s"]
+                if way == "libvirt":
+                    measured = {"libvirt": result}
+                elif way == "floors":
+                    floors = result["probes"]
+                    rep_row = {"fsync": summary_ms(floors["fsync"]["define_s"]), "echo": summary_ms(floors["echo"]["lookup_s"]),
+                               "stream_echo": summary_ms(floors["stream_echo"]["lookup_s"]), "storm_s": storm_s,
+                               "probe_errors": sum(f["error_count"] for f in floors.values()),
+                               "probe_error_samples": [e for f in floors.values() for e in f["errors"]][:3]}
+                    first["floor_reps"].append(rep_row)
+                    say(f"  storm {storm_s:.2f} s; echo p99 {rep_row['echo']['p99_ms']:.2f} ms (ZeroMQ), "
+                        f"{rep_row['stream_echo']['p99_ms']:.2f} ms (stream), fsync p99 {rep_row['fsync']['p99_ms']:.2f} ms")
+                    time.sleep(SETTLE_S)
+                    continue
+                elif way == "paired":
+                    measured = {PAIRED_LOCAL_WAY: result["probes"]["local"], PAIRED_ZMQ_WAY: result["probes"]["zeromq"]}
                 else:
-                    rep_row = {"lookup": summary_ms(result["lookup_s"]), "define": summary_ms(result["define_s"]), **rep_row}
-                    row["reps"].append(rep_row)
+                    measured = {VB_WAY: result["probes"]["local"]}
+                for row_way, samples in measured.items():
+                    rep_row = _rep_row(storm_s, samples)
+                    row_for(n, row_way)["reps"].append(rep_row)
                     say(
-                        f"  storm {result['storm_s']:.2f} s; lookup p99 {rep_row['lookup']['p99_ms']:.2f} ms, "
+                        f"  storm {storm_s:.2f} s; {row_way}: lookup p99 {rep_row['lookup']['p99_ms']:.2f} ms, "
                         f"define p99 {rep_row['define']['p99_ms']:.2f} ms ({rep_row['lookup']['count']} samples)"
                     )
                 time.sleep(SETTLE_S)
@@ -242,14 +269,16 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
         for op in ("lookup", "define"):
             for stat in ("p50_ms", "p99_ms", "max_ms"):
                 row[f"{op}_{stat}"] = median([r[op][stat] for r in row["reps"] if r[op][stat] is not None])
-        for floor in ("fsync", "echo"):
-            floors = [r[floor] for r in row["floor_reps"]]
+        for floor in ("fsync", "echo", "stream_echo"):
+            floors = [r[floor] for r in row["floor_reps"] if floor in r]
             for stat in ("p50_ms", "p99_ms", "max_ms"):
                 row[f"{floor}_{stat}"] = median([f[stat] for f in floors if f[stat] is not None]) if floors else None
         row["samples"] = sum(r["lookup"]["count"] for r in row["reps"])
         out.append(row)
     for row in out:
         base = rows.get((row["n"], "libvirt"), {})
+        if row["way"] in (PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY):
+            continue  # two probes in one storm: compare them with each other, not with libvirt's one
         for key in ("lookup_p50_ms", "lookup_p99_ms", "lookup_max_ms", "define_p50_ms", "define_p99_ms", "define_max_ms"):
             row[key.replace("_ms", "_ratio")] = ratio(row.get(key), base.get(key))
     return {
@@ -258,11 +287,15 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
         "note": (
             "A separate process looks up a storm guest and defines a new name every 5 ms while N "
             "pre-defined guests start (one thread and connection per guest for libvirt; 4 lifecycle workers for "
-            "virtbroker). virtbroker's define is durable: the broker fsyncs its SQLite WAL before "
-            "it replies. A second virtbroker storm, after each, carries two other probes instead: one "
-            "appends 4 KiB and fsyncs every 5 ms on the state dir's file system (the disk's own floor for a "
-            "durable define), the other sends a lookup-sized message to a ZeroMQ echo process and waits "
-            "for it (the floor for any lookup over a local socket during the storm). "
+            "virtbroker). virtbroker's probe is a Client on the local endpoint (a UNIX stream socket). "
+            "virtbroker's define is durable: the broker fsyncs its SQLite WAL before it replies. "
+            "In the full run, two more virtbroker storms follow each. The 'paired' one carries two virtbroker "
+            "probes side by side, one on the local endpoint and one on the ZeroMQ client endpoint: the two "
+            "transports in the same storm (with two probes' load, so not comparable with the other rows). The "
+            "other carries raw probes instead: one appends 4 KiB and fsyncs every 5 ms on the state dir's file system (the "
+            "disk's own floor for a durable define), two send a lookup-sized message to an echo process and "
+            "wait for it, over ZeroMQ and over a UNIX stream (the floor for any lookup over that transport "
+            "during the storm). "
             "Percentiles are per repetition; the table shows their median."
         ),
         "rows": out,

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from bench.common import ROOT, TARGET_WORKERS
+from bench.latency import PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY, VB_WAY as VB_LATENCY_WAY
 
 DOC_PATH = ROOT / "docs" / "BENCHMARKS.md"
 PLOT_DIR = ROOT / "docs" / "benchmarks"
@@ -87,12 +88,19 @@ def evaluate(results: dict) -> list[dict]:
     latency = _section(results, "latency")
     row = None
     if latency:
-        row = next((r for r in latency["rows"] if r["way"].startswith("virtbroker") and r["n"] == TARGET_N), None)
+        row = next((r for r in latency["rows"] if r["way"] == VB_LATENCY_WAY and r["n"] == TARGET_N), None)
     if row and row.get("lookup_p99_ms") is not None:
         lv = next((r for r in latency["rows"] if r["way"] == "libvirt" and r["n"] == row["n"]), {})
         notes = []
-        if row.get("echo_p99_ms"):
+        if row.get("stream_echo_p99_ms"):
+            notes.append("raw echo round trip p99 during the same storm (run again): "
+                         f"{row['stream_echo_p99_ms']:.2f} ms over a UNIX stream, {row['echo_p99_ms']:.2f} ms over ZeroMQ")
+        elif row.get("echo_p99_ms"):
             notes.append(f"raw ZeroMQ echo round trip p99 during the same storm (run again): {row['echo_p99_ms']:.2f} ms")
+        paired = {r["way"]: r for r in latency["rows"] if r["way"] in (PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY) and r["n"] == row["n"]}
+        if all(paired.get(way, {}).get("lookup_p99_ms") for way in (PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY)):
+            notes.append(f"two probes in one storm: {paired[PAIRED_LOCAL_WAY]['lookup_p99_ms']:.2f} ms on the local "
+                         f"endpoint, {paired[PAIRED_ZMQ_WAY]['lookup_p99_ms']:.2f} ms on ZeroMQ")
         if lv.get("lookup_p99_ms"):
             notes.append(f"libvirt in the same run: {lv['lookup_p99_ms']:.2f} ms")
         out.append(_target("During the storm: virtbroker lookup p99", f"{row['lookup_p99_ms']:.2f} ms", "<= 1 ms",
@@ -231,8 +239,8 @@ def storm_markdown(section: dict) -> str:
 def latency_markdown(section: dict) -> str:
     return _table(
         ["N", "way", "lookup p50 / p99 / max (ms)", "define p50 / p99 / max (ms)", "lookup p99 / baseline",
-         "define p99 / baseline", "raw fsync p50 / p99 / max (ms)", "raw echo round trip p50 / p99 / max (ms)",
-         "samples", "probe errors"],
+         "define p99 / baseline", "raw fsync p50 / p99 / max (ms)", "raw echo round trip p50 / p99 / max (ms): ZeroMQ",
+         "raw echo round trip: UNIX stream", "samples", "probe errors"],
         [
             [r["n"], r["way"],
              f"{_f(r['lookup_p50_ms'])} / {_f(r['lookup_p99_ms'])} / {_f(r['lookup_max_ms'])}",
@@ -240,6 +248,8 @@ def latency_markdown(section: dict) -> str:
              _f(r.get("lookup_p99_ratio"), "{:.2f}x"), _f(r.get("define_p99_ratio"), "{:.2f}x"),
              f"{_f(r.get('fsync_p50_ms'))} / {_f(r.get('fsync_p99_ms'))} / {_f(r.get('fsync_max_ms'))}" if r.get("fsync_p99_ms") else "-",
              f"{_f(r.get('echo_p50_ms'), '{:.3f}')} / {_f(r.get('echo_p99_ms'))} / {_f(r.get('echo_max_ms'))}" if r.get("echo_p99_ms") else "-",
+             f"{_f(r.get('stream_echo_p50_ms'), '{:.3f}')} / {_f(r.get('stream_echo_p99_ms'))} / {_f(r.get('stream_echo_max_ms'))}"
+             if r.get("stream_echo_p99_ms") else "-",
              r["samples"],
              sum(x["probe_errors"] for x in r["reps"])]
             for r in section["rows"]

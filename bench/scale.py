@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from bench.common import (
 from client.api import Client
 from client.templates import minimal_domain_xml
 from common import protocol as p
+from common.stream import is_stream_url, stream_path
 from tests.procs import Cluster
 
 WINDOW = 200  # requests in flight from one pipelining client
@@ -101,7 +103,18 @@ def _dealer(context: zmq.Context, url: str) -> zmq.Socket:
 # ---------------------------------------------------------------------------- raw pyzmq
 def echo_main(url: str, ready) -> None:
     """A ROUTER that sends every message back: the transport's own limit, no broker logic.
-    Runs until killed (echo_server)."""
+    For a unix:// URL, a UNIX stream socket that sends every byte back (the local endpoint's
+    transport), one connection at a time. Runs until killed (echo_server)."""
+    if is_stream_url(url):
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(stream_path(url))
+        listener.listen(8)
+        ready.set()
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
     context = zmq.Context()
     sock = context.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)

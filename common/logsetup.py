@@ -12,7 +12,7 @@ def setup_logging(level: str = "INFO", role: str = "") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # Workers log a line per job. Every record would otherwise walk the stack for its
+    # At DEBUG, workers log a line per job. Every record would otherwise walk the stack for its
     # caller's file and line and look up its thread and process id, which FORMAT never
     # prints: the "Optimization" section of the logging documentation turns them off so.
     logging._srcfile = None
