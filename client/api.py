@@ -20,13 +20,12 @@ from common.errors import TimeoutError_, UnavailableError, VirtbrokerError, erro
 class Client:
     """A connection to one broker. Not thread-safe: use one Client per thread.
 
-    >>> with Client("ipc:///var/lib/virtbroker/client.sock") as c:
+    >>> with Client() as c:  # the local endpoint: unix://STATE_DIR/local.sock
     ...     c.define(open("guest.xml").read())
     ...     job = c.submit("guest", "start")
     ...     c.wait([job["job_id"]])
 
-    On the broker's host, Client("unix:///var/lib/virtbroker/local.sock") does the same with
-    a round trip about half as long.
+    From another host: Client("tcp://broker.example:5640", server_key=..., secret_key=...).
     """
 
     def __init__(

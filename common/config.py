@@ -20,8 +20,9 @@ def default_state_dir() -> str:
 
 
 def default_client_url() -> str:
-    """Where clients find the broker when neither --connect nor VIRTBROKER_URL is given."""
-    return os.environ.get("VIRTBROKER_URL") or f"ipc://{default_state_dir()}/client.sock"
+    """Where clients find the broker when neither --connect nor VIRTBROKER_URL is given: its
+    local endpoint in the default state dir, as virsh finds libvirtd's local socket."""
+    return os.environ.get("VIRTBROKER_URL") or f"unix://{default_state_dir()}/local.sock"
 
 
 @dataclass

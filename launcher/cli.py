@@ -148,7 +148,7 @@ def cmd_up(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     for name, target, extra in specs:
         spawn(name, target, extra)
-    log.info("virtbroker up: clients connect at %s", config.client_url)
+    log.info("virtbroker up: clients connect at %s or, on this host, %s", config.client_url, config.local_url)
     by_name = {name: (target, extra) for name, target, extra in specs}
     backoff_s = {name: 0.5 for name in by_name}
     restart_at: dict[str, float] = {}

@@ -474,10 +474,14 @@ def test_a_client_batch_runs_each_request_as_if_alone_and_answers_in_order(clust
     assert [d["name"] for d in c.call_many([p.Lookup(request_id=0, domain=n) for n in names])] == names
 
 
-def vbctl(cluster, *args, check=True):
+def vbctl(cluster, *args, check=True, connect=True):
+    """vbctl on the cluster's ZeroMQ client endpoint, or (connect=False) on its default: the
+    local endpoint of the state dir named by $VIRTBROKER_STATE_DIR."""
+    env = dict(os.environ, VIRTBROKER_STATE_DIR=str(cluster.state_dir))
+    env.pop("VIRTBROKER_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "client.vbctl", "--connect", cluster.client_url, *args],
-        capture_output=True, text=True, cwd=str(ROOT), timeout=60,
+        [sys.executable, "-m", "client.vbctl", *(["--connect", cluster.client_url] if connect else []), *args],
+        capture_output=True, text=True, cwd=str(ROOT), timeout=60, env=env,
     )
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -508,6 +512,24 @@ def test_vbctl_verbs(cluster, tmp_path):
     top = vbctl(cluster, "top", "--once").stdout
     assert "w1" in top and "domains 1 " in top and "workers 1 on 1 host(s)" in top
     vbctl(cluster, "undefine", "cli")
+
+
+def test_vbctl_finds_the_broker_by_its_state_dir(cluster, tmp_path):
+    """With no --connect and no $VIRTBROKER_URL, vbctl uses the local endpoint in the state dir."""
+    xml = tmp_path / "near.xml"
+    xml.write_text(minimal_domain_xml("near"))
+    assert "defined" in vbctl(cluster, "define", str(xml), connect=False).stdout
+    assert "started" in vbctl(cluster, "start", "near", connect=False).stdout
+    assert cluster.client().lookup("near")["state"] == "running"  # the same broker over ZeroMQ
+    assert f"unix://{cluster.state_dir}/local.sock" in vbctl(cluster, "--help", connect=False).stdout
+    vbctl(cluster, "destroy", "near", connect=False)
+    env = dict(os.environ, VIRTBROKER_STATE_DIR=str(tmp_path / "none"))
+    env.pop("VIRTBROKER_URL", None)
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "client.vbctl", "list"], capture_output=True, text=True, cwd=str(ROOT), timeout=60, env=env,
+    )
+    assert elsewhere.returncode == 1 and "cannot connect to the broker at unix://" in elsewhere.stderr
+    assert "Traceback" not in elsewhere.stderr
 
 
 def test_embedded_host_dies_with_its_worker_and_its_domains_start_elsewhere(cluster_factory):
