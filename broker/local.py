@@ -26,7 +26,10 @@ from common.errors import ProtocolError
 log = logging.getLogger("virtbroker.broker")
 
 MAX_CONNECTIONS = 1024
-READ_BYTES = 256 * 1024  # read from one connection per loop turn: one peer cannot hold the loop
+# Read from one connection per loop turn, so that one peer cannot hold the loop: at most
+# about 500 small requests (a lookup is about 40 bytes), as the ZeroMQ sockets give up after
+# 200 messages a turn. A 1 MiB definition takes 64 turns to arrive, a few milliseconds.
+READ_BYTES = 16 * 1024
 # Replies queued for a peer that does not read them. Past this the peer is dropped: a stream
 # cannot skip a reply, as a ZeroMQ socket drops a message at its high-water mark.
 MAX_PENDING_BYTES = p.MAX_REPLY_BYTES
