@@ -30,15 +30,6 @@ def wait_until(predicate, timeout_s=20.0, interval_s=0.05):
     raise AssertionError("condition not met in time")
 
 
-@pytest.fixture
-def cluster(cluster_factory):
-    c = cluster_factory()
-    c.start_broker()
-    c.start_worker("w1")
-    c.wait_workers(1)
-    return c
-
-
 def test_embedded_up_runs_50_guests(tmp_path):
     """`virtbroker up` with no libvirtd: 50 guests through define, start, list, destroy, undefine."""
     up = Proc("up", [sys.executable, "-m", "launcher", "up", "--state-dir", str(tmp_path), "--workers", "4"], tmp_path)

@@ -15,15 +15,6 @@ from common.errors import NotFoundError, UnavailableError
 REPLY_TIMEOUT_S = 5.0
 
 
-@pytest.fixture
-def cluster(cluster_factory):
-    c = cluster_factory()
-    c.start_broker()
-    c.start_worker("w1")
-    c.wait_workers(1)
-    return c
-
-
 class RawStream:
     """A hand-driven connection to the local endpoint: bytes out, decoded messages in."""
 
