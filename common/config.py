@@ -7,6 +7,9 @@ import os
 from dataclasses import dataclass, field, fields
 
 from common.errors import ConfigError
+from common.stream import is_stream_url, stream_path
+
+MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un's sun_path, less its terminating NUL
 
 
 def default_state_dir() -> str:
@@ -74,10 +77,12 @@ class Config:
             self.events_url = f"ipc://{self.state_dir}/events.sock"
         if not self.local_url:
             self.local_url = f"unix://{self.state_dir}/local.sock"
-        if not self.local_url.startswith("unix://") or not self.local_url[len("unix://") :].startswith("/"):
+        if not is_stream_url(self.local_url) or not stream_path(self.local_url).startswith("/"):
             raise ConfigError(f"local_url must be unix:///ABSOLUTE/PATH, not '{self.local_url}'")
-        if len(self.local_url.encode()) - len("unix://") > 107:
-            raise ConfigError(f"local_url's path is over 107 bytes, the limit of a UNIX socket: {self.local_url}")
+        if len(stream_path(self.local_url).encode()) > MAX_SOCKET_PATH_BYTES:
+            raise ConfigError(
+                f"local_url's path is over {MAX_SOCKET_PATH_BYTES} bytes, the limit of a UNIX socket: {self.local_url}"
+            )
         if self.heartbeat_interval_s <= 0:
             self.heartbeat_interval_s = self.lease_ttl_s / 4
         if self.lease_ttl_s <= 0:
