@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import msgpack
 import zmq
@@ -26,10 +26,10 @@ from common.errors import ProtocolError
 log = logging.getLogger("virtbroker.broker")
 
 MAX_CONNECTIONS = 1024
-# Read from one connection per loop turn, so that one peer cannot hold the loop: at most
-# about 500 small requests (a lookup is about 40 bytes), as the ZeroMQ sockets give up after
-# 200 messages a turn. A 1 MiB definition takes 64 turns to arrive, a few milliseconds.
-READ_BYTES = 16 * 1024
+# Read from one connection per loop turn. What one read brings is handled over as many
+# turns as it takes at the broker's per-socket limit (BATCH_MAX_MESSAGES), so a peer that
+# sends much at once cannot hold the loop.
+READ_BYTES = 64 * 1024
 # Replies queued for a peer that does not read them. Past this the peer is dropped: a stream
 # cannot skip a reply, as a ZeroMQ socket drops a message at its high-water mark.
 MAX_PENDING_BYTES = p.MAX_REPLY_BYTES
@@ -37,6 +37,10 @@ MAX_PENDING_BYTES = p.MAX_REPLY_BYTES
 _IN = int(zmq.POLLIN)
 _OUT = int(zmq.POLLOUT)
 _IN_OUT = _IN | _OUT
+
+# The broker's handler of one request read from a connection: its frames, or the
+# ProtocolError the stream earned; returns how many requests it was (a batch is several).
+Handler = Callable[["LocalConnection", "list[bytes] | ProtocolError"], int]
 
 
 class LocalConnection:
@@ -92,32 +96,45 @@ class LocalConnection:
             self.polling = flags
             self.endpoint.poller.register(self.fd, flags)
 
-    def read(self) -> Iterator[list[bytes] | ProtocolError]:
-        """The messages one read brings: each one's frames, or the ProtocolError it earned."""
-        buffer = self.endpoint.buffer
+    def serve(self, handle: Handler, limit: int) -> int:
+        """Hand each message read to handle(), which returns how many requests it was, until
+        `limit` of them; the rest wait in the decoder for the next turn (the connection is
+        then backlogged, and read no further until they are done). Returns the count."""
+        backlog = self.endpoint.backlogged
+        if self not in backlog:
+            try:
+                size = self.sock.recv_into(self.endpoint.buffer)
+            except BlockingIOError:
+                return 0
+            except OSError:
+                size = 0
+            if not size:
+                self.close()
+                return 0
+            try:
+                self.unpacker.feed(self.endpoint.buffer[:size])
+            except msgpack.BufferFull:
+                return handle(self, self._fatal(f"a stream message over the limit of {p.MAX_FRAME_BYTES} bytes"))
+        count = 0
         try:
-            size = self.sock.recv_into(buffer)
-        except BlockingIOError:
-            return
-        except OSError:
-            size = 0
-        if not size:
-            self.close()
-            return
-        try:
-            self.unpacker.feed(buffer[:size])
             for obj in self.unpacker:
                 try:
-                    yield stream.check_message(obj)
+                    frames = stream.check_message(obj)
                 except ProtocolError as e:
-                    yield e
-        except msgpack.BufferFull:
-            yield self._fatal(f"a stream message over the limit of {p.MAX_FRAME_BYTES} bytes")
+                    count += handle(self, e)
+                else:
+                    count += handle(self, frames)
+                if count >= limit:
+                    backlog.add(self)
+                    return count
         except (ValueError, msgpack.UnpackException) as e:
-            yield self._fatal(f"the stream is not msgpack ({type(e).__name__})")
+            count += handle(self, self._fatal(f"the stream is not msgpack ({type(e).__name__})"))
+        backlog.discard(self)
+        return count
 
     def _fatal(self, why: str) -> ProtocolError:
         self.closing = True
+        self.endpoint.backlogged.discard(self)
         self._poll_for(_OUT)  # reading stops; the error reply goes out, then the socket closes
         return ProtocolError(f"{why}: closing the connection")
 
@@ -142,6 +159,8 @@ class LocalEndpoint:
         self.listener.listen(128)
         self.listener.setblocking(False)
         self.connections: dict[int, LocalConnection] = {}  # by file descriptor
+        # Connections with messages read but not yet handled: the loop must not sleep.
+        self.backlogged: set[LocalConnection] = set()
         # Every read lands here first. recv(n) would allocate n bytes each time, and a
         # buffer this size is allocated with mmap: two system calls a read.
         self.buffer = memoryview(bytearray(READ_BYTES))
@@ -153,10 +172,14 @@ class LocalEndpoint:
         self.poller = poller
         poller.register(self.listener.fileno(), _IN)
 
-    def service(self, ready: dict) -> Iterator[tuple[LocalConnection, list[bytes] | ProtocolError]]:
-        """Accept, send and read for whatever the poller found ready; yields each request read."""
+    def service(self, ready: dict, handle: Handler, limit: int) -> int:
+        """Accept, send and read for whatever the poller found ready, and go on with the
+        backlogged connections; each connection's requests go to handle(), up to `limit` a
+        connection. Returns how many requests were handled."""
         if self.listener.fileno() in ready:
             self._accept()
+        handled = 0
+        serve = set(self.backlogged)
         for fd, events in list(ready.items()):
             conn = self.connections.get(fd) if type(fd) is int else None
             if conn is None or conn.closed:
@@ -164,9 +187,12 @@ class LocalEndpoint:
             events = int(events)
             if events & _OUT:
                 conn.flush()
-            if events & _IN and not conn.closing and not conn.closed:
-                for item in conn.read():
-                    yield conn, item
+            if events & _IN:
+                serve.add(conn)
+        for conn in serve:
+            if not conn.closing and not conn.closed:
+                handled += conn.serve(handle, limit)
+        return handled
 
     def _accept(self) -> None:
         while True:
@@ -189,6 +215,7 @@ class LocalEndpoint:
     def forget(self, conn: LocalConnection) -> None:
         """Before its socket closes: its descriptor number may be reused at once."""
         del self.connections[conn.fd]
+        self.backlogged.discard(conn)
         if self.poller is not None:
             self.poller.unregister(conn.fd)
 

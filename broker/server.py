@@ -201,7 +201,7 @@ class Broker:
                 handled += self._drain(self.client_sock, self._on_client_frames)
             if self.readonly_sock is not None and self.readonly_sock in ready:
                 handled += self._drain(self.readonly_sock, self._on_readonly_frames)
-            handled += self._serve_local(ready)
+            handled += self.local.service(ready, self._on_local_request, BATCH_MAX_MESSAGES)
             if handled:
                 self.metrics.batch_messages.observe(handled)
             self.tick(now)
@@ -254,6 +254,8 @@ class Broker:
                 self._publish(events)
 
     def _poll_timeout_ms(self) -> int:
+        if self.local is not None and self.local.backlogged:
+            return 0  # requests already read wait for the next turn
         timeout_s = min(TICK_S, self.scheduler.earliest_expiry - time.monotonic())
         return max(0, int(timeout_s * 1000))
 
@@ -337,18 +339,14 @@ class Broker:
             self.curve.stop()
 
     # ------------------------------------------------------------------ client side
-    def _serve_local(self, ready: dict) -> int:
-        """Requests from the local endpoint's connections: handled as the client endpoint's are."""
-        handled = 0
-        for conn, item in self.local.service(ready):
-            if isinstance(item, ProtocolError):
-                self.metrics.request("undecodable", item.code)
-                log.warning("bad local client message: %s", item)
-                self._reply(b"", p.Error(request_id=None, code=item.code, message=item.message), conn)
-                handled += 1
-            else:
-                handled += self._on_client_frames([b"", *item], conn)
-        return handled
+    def _on_local_request(self, conn: LocalConnection, item: list[bytes] | ProtocolError) -> int:
+        """A request from a local endpoint's connection: handled as the client endpoint's are."""
+        if isinstance(item, ProtocolError):
+            self.metrics.request("undecodable", item.code)
+            log.warning("bad local client message: %s", item)
+            self._reply(b"", p.Error(request_id=None, code=item.code, message=item.message), conn)
+            return 1
+        return self._on_client_frames([b"", *item], conn)
 
     def _on_readonly_frames(self, frames: list[bytes]) -> int:
         return self._on_client_frames(frames, self.readonly_sock)

@@ -132,6 +132,18 @@ def test_an_unreadable_stream_gets_one_error_then_is_closed(cluster, raw, garbag
     assert cluster.client(url=cluster.local_url).ping()["domains"] == len(before)
 
 
+def test_a_flood_in_one_write_is_answered_whole_and_in_order(cluster, raw):
+    """2,000 pings arrive in one read; the broker handles 200 a turn (BATCH_MAX_MESSAGES)
+    and must come back for the rest with nothing more to read on the socket."""
+    conn = raw()
+    conn.send(b"".join(stream.encode_message(p.encode(p.Ping(request_id=i))) for i in range(1, 2001)))
+    other = cluster.client(url=cluster.local_url)
+    assert other.ping()["domains"] == 0  # another client is served while the flood is worked off
+    replies = [conn.reply() for _ in range(2000)]
+    assert [r.request_id for r in replies] == list(range(1, 2001))
+    assert all(isinstance(r, p.Ok) for r in replies)
+
+
 def test_a_client_that_leaves_mid_wait_changes_nothing_for_others(cluster, raw):
     client = cluster.client(url=cluster.local_url)
     client.define(minimal_domain_xml("lc-w"))
