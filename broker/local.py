@@ -158,6 +158,7 @@ class LocalEndpoint:
         self.listener.bind(self.path)  # created under the broker's umask: owner-only
         self.listener.listen(128)
         self.listener.setblocking(False)
+        self.listener_fd = self.listener.fileno()
         self.connections: dict[int, LocalConnection] = {}  # by file descriptor
         # Connections with messages read but not yet handled: the loop must not sleep.
         self.backlogged: set[LocalConnection] = set()
@@ -170,13 +171,15 @@ class LocalEndpoint:
         """Poll the listening socket with the broker's sockets. The poller reports a plain
         socket by its file descriptor, so everything here is registered by descriptor."""
         self.poller = poller
-        poller.register(self.listener.fileno(), _IN)
+        poller.register(self.listener_fd, _IN)
 
     def service(self, ready: dict, handle: Handler, limit: int) -> int:
         """Accept, send and read for whatever the poller found ready, and go on with the
         backlogged connections; each connection's requests go to handle(), up to `limit` a
         connection. Returns how many requests were handled."""
-        if self.listener.fileno() in ready:
+        if not self.connections and self.listener_fd not in ready:
+            return 0  # the common turn of a broker nobody talks to locally: nothing to walk
+        if self.listener_fd in ready:
             self._accept()
         handled = 0
         serve = set(self.backlogged)
@@ -224,6 +227,6 @@ class LocalEndpoint:
             conn.flush()
             conn.close()
         if self.poller is not None:
-            self.poller.unregister(self.listener.fileno())
+            self.poller.unregister(self.listener_fd)
         self.listener.close()
         stream.remove_stale(self.path)
