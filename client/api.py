@@ -78,17 +78,21 @@ class Client:
         return self._receive(request_id, timeout_s if timeout_s is not None else self.timeout_s)
 
     def _receive(self, request_id: int, timeout_s: float) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
-                raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
-            reply = p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION, p.MAX_REPLY_BYTES)
+        for reply in self._replies(time.monotonic() + timeout_s):
             if getattr(reply, "request_id", None) not in (request_id, None):
                 continue  # the answer to an earlier request that timed out
             if isinstance(reply, p.Error):
                 raise error_from_code(reply.code, reply.message)
             return reply.result
+
+    def _replies(self, deadline: float) -> Iterator[p.Message]:
+        """Every reply that arrives, a batch's one by one, until the caller has what it
+        waits for; UnavailableError once the monotonic deadline passes first."""
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
+                raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
+            yield from p.unbatch(p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION, p.MAX_REPLY_BYTES))
 
     def call_many(self, requests: list[p.Message], timeout_s: float | None = None) -> list[Any]:
         """Send requests as batches (up to p.BATCH_MAX_ITEMS a round trip), each handled as if
@@ -98,6 +102,8 @@ class Client:
         Raises, for the whole call, the error of a batch the broker could not read, and
         UnavailableError if the replies do not all come within timeout_s.
         """
+        if not requests:
+            return []
         ids = []
         for msg in requests:
             msg.request_id = next(self._ids)
@@ -105,19 +111,18 @@ class Client:
         for frames in p.batch_frames([p.encode(msg) for msg in requests]):
             self.sock.send_multipart(frames)
         results: dict[int, Any] = {}
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
         wanted = set(ids)
-        while len(results) < len(ids):
-            remaining_ms = int((deadline - time.monotonic()) * 1000)
-            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
-                raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
-            for reply in p.unbatch(p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION, p.MAX_REPLY_BYTES)):
-                if reply.request_id is None and isinstance(reply, p.Error):
-                    raise error_from_code(reply.code, reply.message)  # a whole batch refused
-                if reply.request_id in wanted:
-                    results[reply.request_id] = (
-                        error_from_code(reply.code, reply.message) if isinstance(reply, p.Error) else reply.result
-                    )
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        for reply in self._replies(deadline):
+            request_id = getattr(reply, "request_id", None)
+            if request_id is None and isinstance(reply, p.Error):
+                raise error_from_code(reply.code, reply.message)  # a whole batch refused
+            if request_id in wanted:
+                results[request_id] = (
+                    error_from_code(reply.code, reply.message) if isinstance(reply, p.Error) else reply.result
+                )
+                if len(results) == len(ids):
+                    break
         return [results[i] for i in ids]
 
     # -- requests
