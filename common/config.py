@@ -28,6 +28,20 @@ def default_client_url() -> str:
     return os.environ.get("VIRTBROKER_URL") or f"unix://{default_state_dir()}/local.sock"
 
 
+# Per operation; see Config.deadline_s. A KVM start labels files, defines and boots (seconds on
+# a loaded host); destroy waits for QEMU to exit.
+DEFAULT_DEADLINES_S = {
+    "start": 300.0,
+    "shutdown": 120.0,
+    "destroy": 120.0,
+    "reboot": 120.0,
+    "suspend": 60.0,
+    "resume": 60.0,
+    "reconcile": 60.0,
+}
+MAX_DEADLINE_S = 86400.0
+
+
 @dataclass
 class Config:
     state_dir: str = field(default_factory=default_state_dir)
@@ -49,8 +63,9 @@ class Config:
     storage_roots: list[str] = field(default_factory=list)
     serialization: str = "per-resource"  # or global
     security_slots: int = 8
-    # Fault injection for crash tests only: seconds a security driver sleeps after each file.
-    label_pause_s: float = 0.0
+    # Emulators a guest may name in <emulator> when apparmor is on; empty: the ones libvirt's
+    # capabilities list on the host.
+    allowed_emulators: list[str] = field(default_factory=list)
     readonly_url: str = ""  # optional endpoint that serves lookups, lists and job status only
     # CURVE: the broker's key directory (see common/curve.py) turns authentication on for
     # every endpoint; workers and clients name the broker's public key and their own secret.
@@ -62,6 +77,18 @@ class Config:
     metrics_port: int = 0  # Prometheus metrics of the broker over HTTP; 0 = off
     metrics_addr: str = "127.0.0.1"
     log_level: str = "INFO"
+    # tcp:// endpoints carry every domain's definition and every job: without CURVE they are
+    # refused unless the operator says so here.
+    allow_insecure_tcp: bool = False
+    # Limits on what one broker holds; a request past one is refused with code "limit".
+    max_domains: int = 200000
+    max_queued_jobs: int = 100000
+    max_queued_jobs_per_domain: int = 1000
+    # Deadlines per operation (seconds): a worker stops renewing a job's lease at its deadline,
+    # so a libvirt call that hangs ends the job `lost` (reason deadline) instead of holding
+    # the domain's queue for ever. A shutdown's deadline adds its ACPI timeout. A job may
+    # name a shorter or longer one (deadline_s on submit).
+    deadline_s: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_DEADLINES_S))
 
     def __post_init__(self):
         self.finish()
@@ -103,6 +130,19 @@ class Config:
             )
         if "dac" in self.security and not self.guest_user:
             raise ConfigError("the dac security driver needs guest_user (USER[:GROUP])")
+        if "apparmor" in self.security and not self.storage_roots:
+            raise ConfigError("the apparmor security driver needs at least one storage root (--storage-root DIR)")
+        for key in ("max_domains", "max_queued_jobs", "max_queued_jobs_per_domain"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1")
+        deadlines = dict(DEFAULT_DEADLINES_S)
+        for op, seconds in self.deadline_s.items():
+            if op not in DEFAULT_DEADLINES_S:
+                raise ConfigError(f"deadline_s names unknown operation '{op}' ({', '.join(DEFAULT_DEADLINES_S)})")
+            if not 0 < seconds <= MAX_DEADLINE_S:  # NaN fails too
+                raise ConfigError(f"deadline_s for {op} must be between 0 and {MAX_DEADLINE_S:g} seconds")
+            deadlines[op] = float(seconds)
+        self.deadline_s = deadlines
         return self
 
     @classmethod
@@ -126,9 +166,26 @@ class Config:
             raise ConfigError(str(e)) from e
 
 
-_LISTS = ("security", "storage_roots")
-_INTS = ("workers", "slots", "security_slots", "metrics_port", "job_history")
-_FLOATS = ("lease_ttl_s", "resync_interval_s", "heartbeat_interval_s", "shutdown_timeout_s", "label_pause_s")
+_LISTS = ("security", "storage_roots", "allowed_emulators")
+_INTS = (
+    "workers", "slots", "security_slots", "metrics_port", "job_history", "max_domains", "max_queued_jobs",
+    "max_queued_jobs_per_domain",
+)
+_FLOATS = ("lease_ttl_s", "resync_interval_s", "heartbeat_interval_s", "shutdown_timeout_s")
+_BOOLS = ("allow_insecure_tcp",)
+_DICTS_OF_FLOATS = ("deadline_s",)  # "op:seconds, op:seconds"
+
+
+def _dict_of_floats(key: str, value: str) -> dict[str, float]:
+    out = {}
+    for item in value.replace("\n", ",").split(","):
+        if not item.strip():
+            continue
+        name, sep, number = item.partition(":")
+        if not sep:
+            raise ConfigError(f"config option {key}: '{item.strip()}' is not OP:SECONDS")
+        out[name.strip()] = float(number)
+    return out
 
 
 def _typed(raw: dict[str, str]) -> dict:
@@ -141,6 +198,12 @@ def _typed(raw: dict[str, str]) -> dict:
                 out[key] = int(value)
             elif key in _FLOATS:
                 out[key] = float(value)
+            elif key in _BOOLS:
+                if value.strip().lower() not in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+                    raise ConfigError(f"config option {key} = {value!r} is not true or false")
+                out[key] = value.strip().lower() in ("true", "yes", "1", "on")
+            elif key in _DICTS_OF_FLOATS:
+                out[key] = _dict_of_floats(key, value)
             else:
                 out[key] = value
         except ValueError:

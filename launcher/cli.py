@@ -43,7 +43,6 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-secret-key", help="worker: this worker's secret key file")
     parser.add_argument("--metrics-port", type=int, help="serve the broker's Prometheus metrics on this port")
     parser.add_argument("--job-history", type=int, help="broker: final jobs to keep before the oldest are forgotten (default 10000)")
-    parser.add_argument("--label-pause", type=float, dest="label_pause_s", help=argparse.SUPPRESS)
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
 
 
@@ -52,7 +51,7 @@ def _config(args: argparse.Namespace) -> Config:
         key: getattr(args, key, None)
         for key in (
             "state_dir", "client_url", "worker_url", "events_url", "local_url", "uri", "slots", "lease_ttl_s",
-            "guest_user", "storage_roots", "serialization", "log_level", "workers", "label_pause_s",
+            "guest_user", "storage_roots", "serialization", "log_level", "workers",
             "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key",
             "curve_secret_key", "job_history",
         )
