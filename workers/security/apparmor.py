@@ -2,10 +2,11 @@
 
 import logging
 import os
-import re
 import shutil
+import stat
 import subprocess
 import time
+from dataclasses import dataclass
 
 from common.domxml import check_name, normalize_uuid
 from common.errors import ConfigError, SecurityError
@@ -27,7 +28,6 @@ PARSER_TIMEOUT_S = 60.0
 # (* ? [ ] { } ^ and @{ variables): a refused path is a clear error, an escaped one a
 # subtle bug. virt-aa-helper refuses the same set in domain names.
 _FORBIDDEN_CHARS = frozenset('",\\*?[]{}^') | frozenset(chr(c) for c in range(32)) | {"\x7f"}
-_ABSTRACTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
 
 # Permissions per resource kind, after virt-aa-helper's get_files(): "k" lets QEMU
 # lock image files; kernel, initrd and dtb are only read.
@@ -56,12 +56,58 @@ def check_rule_path(path: str, what: str) -> str:
     return path
 
 
-def _perms(res: Resource) -> str:
-    if res.kind in _READONLY_PERMS:
-        return _READONLY_PERMS[res.kind]
-    if res.kind in _READWRITE_PERMS:
-        return _READWRITE_PERMS[res.kind]
-    return "rk" if res.readonly else "rwk"
+def _check_root(root: str) -> str:
+    # The same checks as DacDriver._check_root: both drivers must agree on what a root is.
+    if not os.path.isabs(root):
+        raise ConfigError(f"storage root {root!r} is not an absolute path")
+    real = os.path.realpath(root)
+    if real == "/":
+        raise ConfigError("'/' cannot be a storage root: it would allow a profile to grant any file")
+    if not os.path.isdir(real):
+        raise ConfigError(f"storage root {root!r} is not a directory")
+    return real
+
+
+def _check_allowed_emulator(path: str) -> str:
+    if not os.path.isabs(path):
+        raise ConfigError(f"allowed emulator {path!r} is not an absolute path")
+    try:
+        return check_rule_path(os.path.realpath(check_rule_path(path, "allowed emulator")), "allowed emulator")
+    except SecurityError as e:
+        raise ConfigError(e.message) from None
+
+
+def _check_labelable(path: str, st: os.stat_result) -> None:
+    """The checks DAC's _check_labelable makes, for the same reasons."""
+    if stat.S_ISLNK(st.st_mode):
+        # realpath() left none, so a component was swapped for a link meanwhile.
+        raise SecurityError(f"refusing {path}: it is a symbolic link")
+    # AppArmor mediates the name a file is opened by, not its inode: a hard link to
+    # /etc/shadow made inside a root would pass the rule written for that name, and
+    # realpath() cannot see it. Refuse every second name, as DAC does.
+    # Differs from DAC in one way this cannot close: DAC changes the inode it checked,
+    # so replacing the file afterwards gains nothing, but a rule keeps naming the path,
+    # so whoever can write the root's directories can later put a hard link in the
+    # named file's place (fs.protected_hardlinks stops users linking files they do not
+    # own; root is not stopped). Such writers must be trusted as much as the profiles.
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        raise SecurityError(f"refusing {path}: it has {st.st_nlink} hard links")
+
+
+@dataclass(frozen=True)
+class _Target:
+    path: str  # resolved: no symlink in any component; checked by check_rule_path()
+    readonly: bool
+    kind: str
+    directory: bool
+
+
+def _perms(target: _Target) -> str:
+    if target.kind in _READONLY_PERMS:
+        return _READONLY_PERMS[target.kind]
+    if target.kind in _READWRITE_PERMS:
+        return _READWRITE_PERMS[target.kind]
+    return "rk" if target.readonly else "rwk"
 
 
 class AppArmorDriver:
@@ -70,28 +116,35 @@ class AppArmorDriver:
     On a kernel without AppArmor the profile is only compiled (`apparmor_parser -Q -K`),
     which still proves it is valid. Same concurrency contract as DacDriver: one
     operation per domain at a time, any number of domains in parallel.
+
+    Same path policy as DacDriver: a profile grants only paths that resolve strictly
+    below a storage root (never a root itself, never '/'), that exist (unless QEMU
+    creates them), and that are not hard-linked files; the emulator must resolve to
+    one of allowed_emulators. A refused label() writes neither profile nor journal entry.
     """
 
     def __init__(
         self,
         state_dir: str | os.PathLike,
         profile_dir: str | os.PathLike,
+        storage_roots: list[str],
+        allowed_emulators: list[str],
         serialization: str = "per-resource",
-        parser: str | None = None,
         *,
-        abstraction: str | None = None,
         pause_after_write_s: float = 0.0,
     ):
+        self.roots = [_check_root(r) for r in storage_roots]
+        if not self.roots:
+            raise ConfigError("the AppArmor driver needs at least one storage root")
+        # Resolved once, like the roots. Empty: no <emulator> is accepted (a domain that
+        # names none still gets a profile, without an emulator rule).
+        self.emulators = sorted({_check_allowed_emulator(e) for e in allowed_emulators})
         self.profile_dir = os.fspath(profile_dir)
         os.makedirs(self.profile_dir, mode=0o755, exist_ok=True)
-        self.parser = parser or _find_parser()
-        if abstraction is None:
-            # libvirt's own abstraction when libvirt's AppArmor files are installed.
-            have_libvirt = os.path.exists(os.path.join(ABSTRACTIONS_DIR, "libvirt-qemu"))
-            abstraction = "libvirt-qemu" if have_libvirt else "base"
-        if not _ABSTRACTION_RE.match(abstraction) or ".." in abstraction:
-            raise ConfigError(f"bad AppArmor abstraction name {abstraction!r}")
-        self.abstraction = abstraction
+        self.parser = _find_parser()
+        # libvirt's own abstraction when libvirt's AppArmor files are installed.
+        have_libvirt = os.path.exists(os.path.join(ABSTRACTIONS_DIR, "libvirt-qemu"))
+        self.abstraction = "libvirt-qemu" if have_libvirt else "base"
         self.store = SecurityStore(state_dir)
         self.locks = PathLocks(os.path.join(os.fspath(state_dir), "locks"), serialization)
         # Test hook for crash tests: sleep after writing the profile, before compiling.
@@ -114,8 +167,10 @@ class AppArmorDriver:
         """Generate, compile (and load) the domain's profile; returns the profile name.
 
         Raises SecurityError, leaving no new profile file behind, for a path that could
-        not be quoted safely or a profile apparmor_parser rejects. Calling it again for
-        the same domain replaces the profile (after a hotplug, say).
+        not be quoted safely, a path the storage roots do not allow, an emulator not in
+        allowed_emulators, or a profile apparmor_parser rejects; every check but the
+        parser's runs before the journal entry is written. Calling it again for the same
+        domain replaces the profile (after a hotplug, say); a refused call keeps the old one.
         """
         dom = normalize_uuid(domain_uuid)
         check_name(domain_name)
@@ -185,20 +240,23 @@ class AppArmorDriver:
         return self.store.profiles()
 
     def render(self, domain_uuid: str, domain_name: str, resources: list[Resource], emulator: str | None) -> str:
-        """The profile text; every path checked by check_rule_path() first."""
+        """The profile text; every path checked against the path policy first."""
         dom = normalize_uuid(domain_uuid)
         check_name(domain_name)
         rules: list[str] = []
         if emulator:
-            check_rule_path(emulator, "emulator")
-            rules.append(f'  "{check_rule_path(os.path.realpath(emulator), "emulator")}" {EMULATOR_PERMS},')
-        for res in self._merged(resources):
-            if os.path.isdir(res.path):
+            rules.append(f'  "{self._check_emulator(emulator)}" {EMULATOR_PERMS},')
+        for target in self._resolve(resources):
+            if target.directory:
                 # A directory (filesystem passthrough, vvfat floppy): the tree below it.
-                rules.append(f'  "{res.path}/" r,')
-                rules.append(f'  "{res.path}/**" {"r" if res.readonly else "rwk"},')
+                # Files in that tree are not checked: a hard link to a file outside the
+                # roots, put there at any time, is granted by its name. DAC has no such
+                # gap (it chowns the directory only, and QEMU as the guest user still
+                # cannot open files it does not own); AppArmor alone does.
+                rules.append(f'  "{target.path}/" r,')
+                rules.append(f'  "{target.path}/**" {"r" if target.readonly else "rwk"},')
             else:
-                rules.append(f'  "{res.path}" {_perms(res)},')
+                rules.append(f'  "{target.path}" {_perms(target)},')
         return "\n".join(
             [
                 f"# virtbroker profile for domain {domain_name} ({dom}). Generated; do not edit.",
@@ -213,20 +271,73 @@ class AppArmorDriver:
             ]
         )
 
-    # -- internals --
+    # -- the path policy, checked before anything is written --
 
-    @staticmethod
-    def _merged(resources: list[Resource]) -> list[Resource]:
-        # AppArmor mediates the resolved path, so rules name it, as virt-aa-helper does;
-        # both spellings are checked, so a safe link cannot smuggle in an unsafe target.
-        by_path: dict[str, Resource] = {}
+    def _check_emulator(self, emulator: str) -> str:
+        check_rule_path(emulator, "emulator")
+        real = check_rule_path(os.path.realpath(emulator), "emulator")
+        if real not in self.emulators:
+            allowed = ", ".join(self.emulators) or "none"
+            raise SecurityError(
+                f"refusing emulator {emulator!r}: it resolves to {real!r}, which is not an allowed emulator "
+                f"(allowed: {allowed})"
+            )
+        return real
+
+    def _check_under_roots(self, res: Resource, real: str) -> None:
+        if real == "/":
+            raise SecurityError(f"refusing {res.kind} path {res.path!r}: it resolves to '/', the whole host")
+        if real in self.roots:
+            raise SecurityError(
+                f"refusing {res.kind} path {res.path!r}: it resolves to the storage root {real!r} itself; "
+                "name a file or directory below it"
+            )
+        # Strictly below a root, as DAC: the root itself would grant every image in it.
+        if not any(real.startswith(root + "/") for root in self.roots):
+            raise SecurityError(
+                f"refusing {res.kind} path {res.path!r}: it resolves to {real!r}, "
+                f"outside the storage roots {', '.join(self.roots)}"
+            )
+
+    def _resolve(self, resources: list[Resource]) -> list[_Target]:
+        """DAC's _resolve for a profile: resolved, under the roots, merged per resolved path.
+
+        AppArmor mediates the resolved path, so rules name it, as virt-aa-helper does;
+        both spellings are checked, so a safe link cannot smuggle in an unsafe target.
+        Unlike DAC, nothing is checked again later: the kernel resolves the name at each
+        open and matches the result against these rules, so a component swapped for a
+        symlink after this check leads QEMU to a path no rule names.
+
+        Device nodes are treated as DAC treats them: allowed when they resolve below a
+        root (a /dev/disk/by-id link resolves to /dev/sdX, outside any root, and is refused).
+        """
+        targets: dict[str, _Target] = {}
         for res in resources:
             check_rule_path(res.path, res.kind)
             real = check_rule_path(os.path.realpath(res.path), res.kind)
-            old = by_path.get(real)
-            if old is None or (old.readonly and not res.readonly):
-                by_path[real] = Resource(real, res.readonly, res.shared, res.kind, res.may_be_absent)
-        return list(by_path.values())
+            self._check_under_roots(res, real)
+            try:
+                st = os.lstat(real)
+            except FileNotFoundError:
+                if not res.may_be_absent:
+                    raise SecurityError(f"refusing {res.kind} path {res.path!r}: {real!r} does not exist") from None
+                # Differs from DAC, which has nothing to chown yet: QEMU creates this
+                # socket after the profile is in force, so the rule must already name it.
+                st = None
+            except OSError as e:
+                raise SecurityError(f"refusing {res.kind} path {res.path!r}: {real!r}: {e.strerror}") from None
+            if st is not None:
+                _check_labelable(real, st)
+            directory = st is not None and stat.S_ISDIR(st.st_mode)
+            old = targets.get(real)
+            if old is None:
+                targets[real] = _Target(real, res.readonly, res.kind, directory)
+            elif old.readonly and not res.readonly:
+                # Read-write use wins, with its kind, as in DAC.
+                targets[real] = _Target(real, False, res.kind, directory)
+        return list(targets.values())
+
+    # -- internals --
 
     def _tmp_path(self, dom: str) -> str:
         # A dot file: AppArmor's boot-time loader skips it if a crash leaves it behind.
