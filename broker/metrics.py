@@ -28,6 +28,12 @@ class BrokerMetrics:
         self.running = Gauge("virtbroker_jobs_running", "Jobs holding a lease", registry=r)
         self.lease_expiries = Counter("virtbroker_lease_expiries", "Leases that expired (job lost)", registry=r)
         self.refused_results = Counter("virtbroker_refused_results", "Results refused for a stale lease or epoch", registry=r)
+        self.refused_worker_messages = Counter(
+            "virtbroker_refused_worker_messages",
+            "Worker messages refused: a peer naming another worker, a wrong role, a lease it does not hold",
+            ["kind", "reason"],
+            registry=r,
+        )
         self.workers = Gauge("virtbroker_workers", "Workers connected, by role", ["role"], registry=r)
         self.hosts = Gauge("virtbroker_hosts", "Hosts with at least one lifecycle worker", registry=r)
         self.domains = Gauge("virtbroker_domains", "Defined domains, by state", ["state"], registry=r)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-import uuid as uuidlib
+import secrets
+import time
 from collections import deque
 from collections.abc import Container
 from dataclasses import dataclass, field
@@ -34,6 +34,7 @@ class Job:
     host_id: str | None = None
     lease_id: str | None = None
     epoch: int | None = None
+    deadline_s: float | None = None  # how long it may run once started (None: no deadline)
 
     @property
     def final(self) -> bool:
@@ -68,9 +69,15 @@ class Lease:
     worker_id: str
     epoch: int
     expires_at: float  # monotonic
+    # The job's deadline (monotonic): renewals never carry the lease more than one TTL past
+    # it, whatever the worker says, so a job stuck in a hung call ends `lost` (deadline).
+    deadline_at: float = math.inf
 
     def renew(self, now: float, ttl_s: float) -> None:
-        self.expires_at = now + ttl_s
+        self.expires_at = min(now, self.deadline_at) + ttl_s
+
+    def past_deadline(self, now: float) -> bool:
+        return now >= self.deadline_at
 
 
 @dataclass
@@ -120,32 +127,49 @@ class Scheduler:
         self.by_key: dict[str, int] = {}
         self.next_job_id = 1
         self.finished: deque[int] = deque()  # final jobs, in the order they became final
-        # Lease ids: random per broker run, then counted; unique across restarts without
-        # a uuid4 (an os.urandom call) per job.
-        self._lease_prefix = uuidlib.uuid4().hex[:16]
-        self._lease_counter = itertools.count(1)
+        # Each domain's jobs in id order (an ordered set): `jobs --domain` walks these, not
+        # every job. `jobs` itself walks self.jobs, which holds jobs in id order too (they are
+        # added in id order, on submit and when loaded).
+        self.by_domain: dict[str, dict[int, None]] = {}
+        self.queued_count = 0  # jobs waiting in any queue: max_queued_jobs is checked on this
 
     # -- jobs
     def new_job(self, uuid: str, name: str, op: str, now_wall: float, **kw) -> Job:
         job = Job(job_id=self.next_job_id, uuid=uuid, domain_name=name, op=op, submitted_at=now_wall, **kw)
         self.next_job_id += 1
-        self.jobs[job.job_id] = job
-        if job.idempotency_key:
-            self.by_key[job.idempotency_key] = job.job_id
+        self._add(job)
         return job
 
-    def restore_job(self, job: Job) -> None:
-        """Put a job loaded from disk back; queued ones re-enter their queue in order."""
+    def _add(self, job: Job) -> None:
         self.jobs[job.job_id] = job
-        self.next_job_id = max(self.next_job_id, job.job_id + 1)
+        self.by_domain.setdefault(job.uuid, {})[job.job_id] = None
         if job.idempotency_key:
             self.by_key[job.idempotency_key] = job.job_id
+
+    def restore_job(self, job: Job) -> None:
+        """Put a job loaded from disk back (in id order); queued ones re-enter their queue in order."""
+        self._add(job)
+        self.next_job_id = max(self.next_job_id, job.job_id + 1)
         if job.state == "queued":
             self.enqueue(job)
         elif job.final:
             self.finished.append(job.job_id)
 
+    def restore_running(self, job: Job, now: float) -> Lease:
+        """Put back a job that was running when the broker stopped, with its lease (see restore_lease)."""
+        self._add(job)
+        self.next_job_id = max(self.next_job_id, job.job_id + 1)
+        return self.restore_lease(job, now)
+
+    def queued_for(self, uuid: str) -> int:
+        return len(self.queues.get(uuid, ()))
+
+    def jobs_of(self, uuid: str) -> list[int]:
+        """The domain's job ids, oldest first."""
+        return list(self.by_domain.get(uuid, ()))
+
     def enqueue(self, job: Job) -> None:
+        self.queued_count += 1
         queue = self.queues.setdefault(job.uuid, deque())
         if job.op in PRIORITY_OPS:
             # After priority jobs already waiting, before everything else.
@@ -169,6 +193,7 @@ class Scheduler:
         if job.state != "queued":
             raise OperationInvalidError(f"job {job_id} is {job.state}; only queued jobs can be cancelled")
         self.queues[job.uuid].remove(job_id)
+        self.queued_count -= 1
         self.drop_empty_queue(job.uuid)
         # QUEUED -> CANCELLED
         self._now_final(job)
@@ -192,6 +217,12 @@ class Scheduler:
         while len(self.finished) > keep and self.finished[0] not in in_use:
             job_id = self.finished.popleft()
             job = self.jobs.pop(job_id, None)
+            if job is not None:
+                of_domain = self.by_domain.get(job.uuid)
+                if of_domain is not None:
+                    of_domain.pop(job_id, None)
+                    if not of_domain:
+                        del self.by_domain[job.uuid]
             if job is not None and job.idempotency_key and self.by_key.get(job.idempotency_key) == job_id:
                 del self.by_key[job.idempotency_key]
             pruned.append(job_id)
@@ -206,8 +237,15 @@ class Scheduler:
 
     def pop_head(self, uuid: str) -> Job:
         job = self.jobs[self.queues[uuid].popleft()]
+        self.queued_count -= 1
         self.drop_empty_queue(uuid)
         return job
+
+    def remove_queued(self, job: Job) -> None:
+        """Take a queued job out of its domain's queue (it is about to become final)."""
+        self.queues[job.uuid].remove(job.job_id)
+        self.queued_count -= 1
+        self.drop_empty_queue(job.uuid)
 
     def drop_empty_queue(self, uuid: str) -> None:
         if not self.queues.get(uuid):
@@ -219,16 +257,20 @@ class Scheduler:
 
     # -- leases
     def grant(self, job: Job, worker: WorkerInfo, epoch: int, now: float, now_wall: float) -> Lease:
-        """QUEUED -> RUNNING under a new lease with the domain's next epoch."""
+        """QUEUED -> RUNNING under a new lease with the domain's next epoch.
+
+        Lease ids are 128 random bits (secrets): a worker cannot name a lease it was not given.
+        """
         if job.uuid in self.active:
             raise OperationInvalidError(f"domain {job.domain_name} already has job {self.active[job.uuid]} running")
         lease = Lease(
-            lease_id=f"{self._lease_prefix}-{next(self._lease_counter)}",
+            lease_id=secrets.token_hex(16),
             job_id=job.job_id,
             uuid=job.uuid,
             worker_id=worker.worker_id,
             epoch=epoch,
             expires_at=now + self.lease_ttl_s,
+            deadline_at=now + job.deadline_s if job.deadline_s is not None else math.inf,
         )
         self._add_lease(lease)
         self.active[job.uuid] = job.job_id
@@ -246,7 +288,11 @@ class Scheduler:
     def restore_lease(self, job: Job, now: float) -> Lease:
         """After a broker restart a running job keeps its lease for one more TTL: its worker
         may still report (it reconnects and says hello with its leases) before it expires."""
-        lease = Lease(job.lease_id, job.job_id, job.uuid, job.worker_id, job.epoch, now + self.lease_ttl_s)
+        deadline_at = math.inf
+        if job.deadline_s is not None and job.started_at is not None:
+            # What is left of the deadline, by the wall clock (the monotonic one restarted with us).
+            deadline_at = now + max(0.0, job.started_at + job.deadline_s - time.time())
+        lease = Lease(job.lease_id, job.job_id, job.uuid, job.worker_id, job.epoch, now + self.lease_ttl_s, deadline_at)
         self._add_lease(lease)
         self.active[job.uuid] = job.job_id
         self.ready.pop(job.uuid, None)

@@ -7,10 +7,12 @@ run, commits once (group commit), and only then sends replies, job assignments a
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from collections import deque
 from dataclasses import dataclass
 
@@ -24,10 +26,13 @@ from broker.store import Store, StoreWriter
 from common import domxml, protocol as p
 from common.config import Config
 from common.process import run_until_signalled
-from common.curve import CurveServer
+from common.curve import CurveServer, check_tcp_security
+from common.statelock import StateLock
 from common.wire import send_frames
+from common.config import MAX_DEADLINE_S
 from common.errors import (
     ConflictError,
+    LimitError,
     PermissionError_,
     InvalidError,
     ProtocolError,
@@ -35,6 +40,11 @@ from common.errors import (
 )
 
 log = logging.getLogger("virtbroker.broker")
+
+try:
+    VERSION = importlib.metadata.version("virtbroker")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    VERSION = "0+unknown"
 
 # Where a client's reply goes: a ROUTER socket (with the identity as the first frame), or a
 # connection of the local endpoint.
@@ -60,6 +70,9 @@ READ_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wor
 EXIT_OK = 0
 EXIT_CONFIG = 2
 EXIT_STORE = 3
+# Label ids the broker remembers to refuse a reused one (a replayed request); the oldest
+# are forgotten first. Each is a random 128-bit id, so a reuse is never an accident.
+LABEL_IDS_KEPT = 100000
 
 
 @dataclass
@@ -76,10 +89,16 @@ class Broker:
     def __init__(self, config: Config, context: zmq.Context):
         self.config = config
         self.context = context
+        # Before any socket or the database is touched: one broker per state dir.
+        self.lock = StateLock(os.path.join(config.state_dir, "broker.lock"), "a broker")
         self.registry = Registry()
         self.scheduler = Scheduler(config.lease_ttl_s)
         self.workers: dict[str, WorkerInfo] = {}
         self.identities: dict[str, bytes] = {}  # worker_id -> ROUTER identity
+        # worker_id -> the peer that registered it: its CURVE key, or without CURVE its
+        # connection (ROUTER identity). A message naming a worker must come from that peer.
+        self.worker_peers: dict[str, bytes] = {}
+        self.label_ids: OrderedDict[str, None] = OrderedDict()  # recent label ids (see LABEL_IDS_KEPT)
         self.waiters: list[Waiter] = []
         self.waited_for: dict[int, int] = {}  # job_id -> how many waiters name it (pruning spares these)
         # label_id -> (lifecycle worker awaiting the reply, security worker asked)
@@ -104,6 +123,15 @@ class Broker:
         self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
         self.local: LocalEndpoint | None = None
         self.curve = CurveServer(context, config.curve_dir) if config.curve_dir else None
+        # Every message kind the worker endpoint takes, and its handler.
+        self.worker_handlers = {
+            "hello": self.handle_worker_hello,
+            "heartbeat": self.handle_worker_heartbeat,
+            "result": self.handle_worker_result,
+            "bye": self.handle_worker_bye,
+            "label": self.handle_worker_label,
+            "label-reply": self.handle_worker_label_reply,
+        }
 
     # ------------------------------------------------------------------ startup
     def _load(self) -> None:
@@ -115,11 +143,7 @@ class Broker:
             if job.state == "running":
                 # The worker may still be running it; it keeps its lease for one TTL and
                 # can report (or say hello with it) before the lease expires as lost.
-                self.scheduler.jobs[job.job_id] = job
-                self.scheduler.next_job_id = max(self.scheduler.next_job_id, job.job_id + 1)
-                if job.idempotency_key:
-                    self.scheduler.by_key[job.idempotency_key] = job.job_id
-                self.scheduler.restore_lease(job, now)
+                self.scheduler.restore_running(job, now)
                 restored += 1
             else:
                 self.scheduler.restore_job(job)
@@ -137,6 +161,8 @@ class Broker:
         )
 
     def bind(self) -> None:
+        urls = [self.config.client_url, self.config.worker_url, self.config.events_url, self.config.readonly_url]
+        check_tcp_security([u for u in urls if u], bool(self.curve), self.config.allow_insecure_tcp, "--curve-dir")
         # ipc sockets are created owner-only: only this user may connect.
         old_umask = os.umask(0o077)
         try:
@@ -196,7 +222,7 @@ class Broker:
                 self._read_subscriptions()
             handled = 0
             if self.worker_sock in ready:
-                handled += self._drain(self.worker_sock, self._on_worker_frames)
+                handled += self._drain_workers()
             if self.client_sock in ready:
                 handled += self._drain(self.client_sock, self._on_client_frames)
             if self.readonly_sock is not None and self.readonly_sock in ready:
@@ -419,7 +445,7 @@ class Broker:
 
     def handle_ping(self, msg: p.Ping, identity: bytes):
         return {
-            "version": "0.1.0",
+            "version": VERSION,
             "domains": len(self.registry),
             "workers": len(self.workers),
             "events_url": self.config.events_url,
@@ -427,6 +453,9 @@ class Broker:
 
     def handle_define(self, msg: p.Define, identity: bytes):
         definition = domxml.load_definition(msg.xml)
+        if definition.uuid not in self.registry.by_uuid and len(self.registry) >= self.config.max_domains:
+            raise LimitError(f"cannot define '{definition.name}': the broker holds max_domains = "
+                             f"{self.config.max_domains} domains")
         record, created = self.registry.define(definition)
         self.store.put_domain(record)
         self._emit_domain(record, "defined")
@@ -458,6 +487,8 @@ class Broker:
             raise InvalidError(f"timeout_s must be between 0 and {MAX_SHUTDOWN_TIMEOUT_S:g} seconds")
         if msg.idempotency_key is not None and not (0 < len(msg.idempotency_key) <= 200):
             raise InvalidError("idempotency_key must be 1 to 200 characters")
+        if msg.deadline_s is not None and not (0 < msg.deadline_s <= MAX_DEADLINE_S):  # NaN fails too
+            raise InvalidError(f"deadline_s must be between 0 and {MAX_DEADLINE_S:g} seconds")
         record = self.registry.resolve(msg.domain)
         if msg.idempotency_key is not None:
             existing_id = self.scheduler.by_key.get(msg.idempotency_key)
@@ -470,11 +501,22 @@ class Broker:
                 out = existing.summary()
                 out["existing"] = True
                 return out
+        if self.scheduler.queued_count >= self.config.max_queued_jobs:
+            raise LimitError(f"{self.scheduler.queued_count} jobs are queued (max_queued_jobs); try again later")
+        if self.scheduler.queued_for(record.uuid) >= self.config.max_queued_jobs_per_domain:
+            raise LimitError(
+                f"domain '{record.name}' has {self.scheduler.queued_for(record.uuid)} queued jobs "
+                "(max_queued_jobs_per_domain); try again later"
+            )
         timeout_s = msg.timeout_s if msg.op == "shutdown" else None
         if msg.op == "shutdown" and timeout_s is None:
             timeout_s = self.config.shutdown_timeout_s
+        deadline_s = msg.deadline_s
+        if deadline_s is None and msg.op != "undefine":  # undefine runs in the broker itself
+            deadline_s = self.config.deadline_s[msg.op] + (timeout_s or 0.0)
         job = self.scheduler.new_job(
-            record.uuid, record.name, msg.op, time.time(), timeout_s=timeout_s, idempotency_key=msg.idempotency_key
+            record.uuid, record.name, msg.op, time.time(), timeout_s=timeout_s, idempotency_key=msg.idempotency_key,
+            deadline_s=deadline_s,
         )
         self.scheduler.enqueue(job)
         self.store.put_job(job)
@@ -490,9 +532,12 @@ class Broker:
         uuid = self.registry.resolve(msg.domain).uuid if msg.domain else None
         limit = max(1, min(msg.limit, 10000))
         out = []
-        for job_id in sorted(self.scheduler.jobs, reverse=True):
-            job = self.scheduler.jobs[job_id]
-            if (uuid is None or job.uuid == uuid) and (msg.state is None or job.state == msg.state):
+        jobs = self.scheduler.jobs
+        # Newest first, from the indexes (both hold ids in order): no sort of every job.
+        newest_first = reversed(self.scheduler.by_domain.get(uuid, {})) if uuid is not None else reversed(jobs)
+        for job_id in newest_first:
+            job = jobs[job_id]
+            if msg.state is None or job.state == msg.state:
                 out.append(job.summary())
                 if len(out) >= limit:
                     break
@@ -544,10 +589,27 @@ class Broker:
         self.waiters = still
 
     # ------------------------------------------------------------------ worker side
-    def _on_worker_frames(self, frames: list[bytes]) -> int:
+    def _drain_workers(self) -> int:
+        """Handle what waits on the worker socket, as _drain does; with CURVE, each message
+        carries its sender's key (the User-Id ZAP gave it), read from the frame's metadata."""
+        if self.curve is None:
+            return self._drain(self.worker_sock, self._on_worker_frames)
+        count = 0
+        while count < BATCH_MAX_MESSAGES:
+            try:
+                frames = self.worker_sock.recv_multipart(_NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            peer = frames[-1].get("User-Id").encode()
+            count += self._on_worker_frames([f.bytes for f in frames], peer)
+        return count
+
+    def _on_worker_frames(self, frames: list[bytes], peer: bytes | None = None) -> int:
         """Handle one message from a worker, or each message of its batch in order; returns
-        how many."""
+        how many. `peer` is who sent it: its CURVE key, or without CURVE its connection."""
         identity, body = frames[0], frames[1:]
+        if peer is None:
+            peer = identity
         try:
             messages = p.unbatch(p.decode(body, p.WORKER_VERSION))
         except ProtocolError as e:
@@ -555,15 +617,45 @@ class Broker:
             return 1
         for msg in messages:
             try:
-                handler = getattr(self, "handle_worker_" + msg.KIND.replace("-", "_"), None)
+                handler = self.worker_handlers.get(msg.KIND)
                 if handler is None:
                     raise ProtocolError(f"'{msg.KIND}' is not a worker request")
-                handler(msg, identity)
+                if msg.KIND == "hello":
+                    handler(msg, identity, peer)
+                    continue
+                worker = self._sender(msg, identity, peer)
+                if worker is not None:
+                    handler(msg, worker)
             except ProtocolError as e:
                 log.warning("bad worker message dropped: %s", e)
             except Exception:
                 log.exception("internal error handling a worker message")
         return len(messages)
+
+    def _sender(self, msg: p.Message, identity: bytes, peer: bytes) -> WorkerInfo | None:
+        """The registered worker a message names, if it came from the peer that registered it.
+
+        A message naming a worker this broker does not know (it restarted) gets a reregister
+        on the connection it came from; one naming a worker another peer registered is refused.
+        """
+        worker = self.workers.get(msg.worker_id)
+        if worker is None:
+            if msg.KIND in ("heartbeat", "result", "label"):
+                self.outbox.append((self.worker_sock, [identity, *p.encode(p.Reregister())]))
+            return None
+        if self.worker_peers.get(msg.worker_id) != peer:
+            self._refuse_worker(msg, "impersonation", f"it names worker {msg.worker_id}, which another peer registered")
+            return None
+        if self.identities.get(msg.worker_id) != identity:
+            # The same key on a new connection (a worker that reconnected over tcp://).
+            self.identities[msg.worker_id] = identity
+        worker.last_seen = time.monotonic()
+        return worker
+
+    def _refuse_worker(self, msg: p.Message, reason: str, detail: str) -> None:
+        """Refuse a worker message: logged, counted, and nothing changes."""
+        log.warning("refused %s from a worker peer: %s", msg.KIND, detail)
+        self.metrics.refused_worker_messages.labels(msg.KIND, reason).inc()
 
     def _to_worker(self, worker_id: str, msg: p.Message, durable: bool = True) -> None:
         """Job assignments and result acks wait for the disk; routing and greetings need not."""
@@ -572,9 +664,30 @@ class Broker:
             box = self.durable_outbox if durable else self.outbox
             box.append((self.worker_sock, [identity, *p.encode(msg)]))
 
-    def handle_worker_hello(self, msg: p.Hello, identity: bytes) -> None:
+    def handle_worker_hello(self, msg: p.Hello, identity: bytes, peer: bytes) -> None:
+        """Register a worker. With CURVE its role and host come from its key, not from the hello."""
         if msg.role not in ("lifecycle", "security") or msg.slots < 1:
-            log.warning("refused hello from %s: role %r, slots %r", msg.worker_id, msg.role, msg.slots)
+            self._refuse_worker(msg, "invalid", f"worker {msg.worker_id}: role {msg.role!r}, slots {msg.slots!r}")
+            return
+        host_id = msg.host_id
+        if self.curve is not None:
+            key = self.curve.worker_keys.get(peer)
+            if key is None:
+                self._refuse_worker(msg, "unknown-key", f"worker {msg.worker_id}: its key is not a worker key")
+                return
+            if key.role != msg.role:
+                self._refuse_worker(
+                    msg, "wrong-role", f"worker {msg.worker_id} says {msg.role}, its key {key.name} is for {key.role}"
+                )
+                return
+            if msg.host_id != key.host:
+                log.warning("worker %s says host %s; its key %s says %s, which is what counts",
+                            msg.worker_id, msg.host_id, key.name, key.host)
+            host_id = key.host
+        owner = self.worker_peers.get(msg.worker_id)
+        if owner is not None and owner != peer:
+            # The id is bound to the peer that registered it first, for the broker's life.
+            self._refuse_worker(msg, "impersonation", f"worker id {msg.worker_id} belongs to another peer")
             return
         now = time.monotonic()
         previous = self.workers.get(msg.worker_id)
@@ -585,26 +698,31 @@ class Broker:
         worker = WorkerInfo(
             worker_id=msg.worker_id,
             role=msg.role,
-            host_id=msg.host_id,
+            host_id=host_id,
             uri=msg.uri,
             slots=msg.slots,
             drivers=list(msg.drivers),
             last_seen=now,
         )
         self.workers[msg.worker_id] = worker
+        self.worker_peers[msg.worker_id] = peer
         self.identities[msg.worker_id] = identity
         for held in msg.leases:
             lease = self.scheduler.leases.get(str(held.get("lease_id")))
-            if lease is not None and lease.job_id == held.get("job_id"):
-                # A broker restart: the worker still runs this job, bind it back.
-                lease.worker_id = msg.worker_id
-                lease.renew(now, self.config.lease_ttl_s)
-                worker.jobs.add(lease.job_id)
+            if lease is None or lease.job_id != held.get("job_id"):
+                continue
+            if lease.worker_id != msg.worker_id:
+                self._refuse_worker(msg, "not-lease-holder",
+                                    f"worker {msg.worker_id} names lease of job {lease.job_id}, held by {lease.worker_id}")
+                continue
+            # A broker restart: the worker still runs this job, bind it back.
+            lease.renew(now, self.config.lease_ttl_s)
+            worker.jobs.add(lease.job_id)
         log.info(
             "%s worker %s joined: host %s, %s, %d slots%s",
             msg.role,
             msg.worker_id,
-            msg.host_id,
+            host_id,
             msg.uri,
             msg.slots,
             f", drivers {','.join(msg.drivers)}" if msg.drivers else "",
@@ -615,7 +733,7 @@ class Broker:
             durable=False,
         )
         if msg.role == "lifecycle":
-            self._reconcile_host(msg.host_id, msg.guests)
+            self._reconcile_host(host_id, msg.guests)
 
     def _reconcile_host(self, host_id: str, guests: list[dict]) -> None:
         """Make the registry agree with what a worker sees running on its host.
@@ -643,41 +761,34 @@ class Broker:
             elif record.host_id == host_id and record.state != "shutoff":
                 self._set_state(record, "shutoff", None)
 
-    def handle_worker_heartbeat(self, msg: p.Heartbeat, identity: bytes) -> None:
-        worker = self.workers.get(msg.worker_id)
-        if worker is None:
-            self.identities[msg.worker_id] = identity
-            self._to_worker(msg.worker_id, p.Reregister(), durable=False)
-            return
-        worker.last_seen = time.monotonic()
-        unknown = self.scheduler.renew(msg.worker_id, msg.lease_ids, worker.last_seen)
+    def handle_worker_heartbeat(self, msg: p.Heartbeat, worker: WorkerInfo) -> None:
+        unknown = self.scheduler.renew(worker.worker_id, msg.lease_ids, worker.last_seen)
         if msg.guests is not None and worker.role == "lifecycle":
             self._reconcile_host(worker.host_id, msg.guests)
         if unknown:
-            log.debug("worker %s renews leases it no longer holds: %s", msg.worker_id, unknown)
+            log.debug("worker %s renews leases it does not hold: %s", worker.worker_id, unknown)
 
-    def handle_worker_bye(self, msg: p.Bye, identity: bytes) -> None:
-        worker = self.workers.get(msg.worker_id)
-        if worker is None:
-            return
+    def handle_worker_bye(self, msg: p.Bye, worker: WorkerInfo) -> None:
         if worker.jobs:
             # Draining: no new work, but its results are still accepted and its leases renewed.
             worker.slots = 0
-            log.info("worker %s is stopping after %d job(s)", msg.worker_id, len(worker.jobs))
+            log.info("worker %s is stopping after %d job(s)", worker.worker_id, len(worker.jobs))
             return
-        del self.workers[msg.worker_id]
-        self.identities.pop(msg.worker_id, None)
-        log.info("worker %s left (host %s)", msg.worker_id, worker.host_id)
+        self._forget_worker(worker)
+        log.info("worker %s left (host %s)", worker.worker_id, worker.host_id)
         self._worker_gone(worker)
 
-    def handle_worker_result(self, msg: p.Result, identity: bytes) -> None:
+    def _forget_worker(self, worker: WorkerInfo) -> None:
+        """Drop a worker from the table. Its id stays bound to its peer (worker_peers)."""
+        del self.workers[worker.worker_id]
+        self.identities.pop(worker.worker_id, None)
+
+    def handle_worker_result(self, msg: p.Result, worker: WorkerInfo) -> None:
+        if worker.role != "lifecycle":
+            self._refuse_worker(msg, "wrong-role", f"{worker.role} worker {worker.worker_id} sent a job result")
+            return
         now_wall = time.time()
-        # A result may arrive before the hello of a worker that outlived a broker restart.
-        self.identities[msg.worker_id] = identity
-        worker = self.workers.get(msg.worker_id)
-        if worker is not None:
-            worker.last_seen = time.monotonic()
-            worker.jobs.discard(msg.job_id)
+        worker.jobs.discard(msg.job_id)
         job = self.scheduler.jobs.get(msg.job_id)
         lease = self.scheduler.leases.get(msg.lease_id)
         record = self.registry.by_uuid.get(job.uuid) if job is not None else None
@@ -686,13 +797,20 @@ class Broker:
             reason = f"unknown job {msg.job_id}"
         elif lease is None or lease.job_id != msg.job_id:
             reason = f"lease {msg.lease_id} is not current for job {msg.job_id} (job is {job.state})"
+        elif lease.worker_id != worker.worker_id:
+            # Only the lease's holder may end its job; the holder keeps it.
+            self._refuse_worker(msg, "not-lease-holder",
+                                f"worker {worker.worker_id} reports job {msg.job_id}, whose lease {lease.worker_id} holds")
+            self._to_worker(worker.worker_id, p.ResultAck(job_id=msg.job_id, accepted=False,
+                                                          reason=f"job {msg.job_id} is not leased to you"))
+            return
         elif record is None or msg.epoch != lease.epoch or msg.epoch < record.epoch:
             reason = f"stale epoch {msg.epoch} for {job.domain_name} (current {record.epoch if record else '-'})"
         if reason is not None:
-            log.warning("refused result from worker %s for job %s: %s", msg.worker_id, msg.job_id, reason)
+            log.warning("refused result from worker %s for job %s: %s", worker.worker_id, msg.job_id, reason)
             self.metrics.refused_results.inc()
-            self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=False, reason=reason))
-            if record is not None and job.op != "reconcile":
+            self._to_worker(worker.worker_id, p.ResultAck(job_id=msg.job_id, accepted=False, reason=reason))
+            if record is not None and job.op != "reconcile" and job.worker_id == worker.worker_id:
                 # The late worker may have changed the guest after its lease ended: read the truth again.
                 self._queue_reconcile(record, f"late result for job {msg.job_id}")
             return
@@ -707,41 +825,80 @@ class Broker:
             # The worker could not tell what became of the guest (libvirtd went away mid-call):
             # keep the host and ask it again.
             self._queue_reconcile(record, f"job {job.job_id} failed with the outcome unknown")
-        self._to_worker(msg.worker_id, p.ResultAck(job_id=msg.job_id, accepted=True))
+        self._to_worker(worker.worker_id, p.ResultAck(job_id=msg.job_id, accepted=True))
 
-    def handle_worker_label(self, msg: p.LabelRequest, identity: bytes) -> None:
-        """Route a lifecycle worker's label request to a security worker of its host."""
+    def handle_worker_label(self, msg: p.LabelRequest, worker: WorkerInfo) -> None:
+        """Route a lifecycle worker's label request to a security worker of its host.
+
+        The requester must hold the lease of a job on that domain; the host is the
+        requester's registered one, and the definition sent is the broker's own, so a
+        worker can neither label for another host nor choose what gets labelled.
+        """
+        refusal = self._label_refusal(msg, worker)
+        if refusal is not None:
+            self._refuse_worker(msg, refusal[0], refusal[1])
+            self._label_failed(worker.worker_id, msg, refusal[1])
+            return
+        self._remember_label_id(msg.label_id)
+        record = self.registry.by_uuid[domxml.normalize_uuid(msg.domain_uuid)]
         candidates = [
             w
             for w in self.workers.values()
-            if w.role == "security" and w.host_id == msg.host_id and msg.driver in w.drivers and w.slots > 0
+            if w.role == "security" and w.host_id == worker.host_id and msg.driver in w.drivers and w.slots > 0
         ]
         if not candidates:
-            self._to_worker(
-                msg.worker_id,
-                p.LabelReply(
-                    worker_id="broker",
-                    label_id=msg.label_id,
-                    driver=msg.driver,
-                    ok=False,
-                    error=f"no {msg.driver} security worker on host {msg.host_id}",
-                ),
-                durable=False,
-            )
+            self._label_failed(worker.worker_id, msg, f"no {msg.driver} security worker on host {worker.host_id}")
             return
         target = min(candidates, key=lambda w: len(w.jobs))
-        self.label_routes[msg.label_id] = (msg.worker_id, target.worker_id)
+        self.label_routes[msg.label_id] = (worker.worker_id, target.worker_id)
         target.jobs.add(msg.label_id)
-        self._to_worker(target.worker_id, msg, durable=False)  # routing changes nothing on disk
+        routed = p.LabelRequest(
+            worker_id=worker.worker_id, label_id=msg.label_id, host_id=worker.host_id, action=msg.action,
+            domain_uuid=record.uuid, domain_name=record.name, xml=record.live_xml or record.xml, driver=msg.driver,
+        )
+        self._to_worker(target.worker_id, routed, durable=False)  # routing changes nothing on disk
 
-    def handle_worker_label_reply(self, msg: p.LabelReply, identity: bytes) -> None:
-        route = self.label_routes.pop(msg.label_id, None)
+    def _label_refusal(self, msg: p.LabelRequest, worker: WorkerInfo) -> tuple[str, str] | None:
+        if worker.role != "lifecycle":
+            return "wrong-role", f"{worker.role} worker {worker.worker_id} asked for labels"
+        if msg.label_id in self.label_ids or msg.label_id in self.label_routes:
+            return "reused-label-id", f"label id {msg.label_id} was used before"
+        if msg.action not in ("label", "restore"):
+            return "invalid", f"unknown label action {msg.action!r}"
+        try:
+            uuid = domxml.normalize_uuid(msg.domain_uuid)
+        except InvalidError:
+            return "invalid", f"bad domain uuid {msg.domain_uuid!r}"
+        job_id = self.scheduler.active.get(uuid)
+        job = self.scheduler.jobs.get(job_id) if job_id is not None else None
+        lease = self.scheduler.leases.get(job.lease_id) if job is not None and job.lease_id else None
+        if lease is None or lease.worker_id != worker.worker_id or uuid not in self.registry.by_uuid:
+            return "not-lease-holder", f"worker {worker.worker_id} holds no lease on domain {msg.domain_uuid}"
+        return None
+
+    def _remember_label_id(self, label_id: str) -> None:
+        self.label_ids[label_id] = None
+        if len(self.label_ids) > LABEL_IDS_KEPT:
+            self.label_ids.popitem(last=False)
+
+    def _label_failed(self, worker_id: str, msg: p.LabelRequest, error: str) -> None:
+        self._to_worker(
+            worker_id,
+            p.LabelReply(worker_id="broker", label_id=msg.label_id, driver=msg.driver, ok=False, error=error),
+            durable=False,
+        )
+
+    def handle_worker_label_reply(self, msg: p.LabelReply, worker: WorkerInfo) -> None:
+        route = self.label_routes.get(msg.label_id)
         if route is None:
-            log.warning("label reply %s from %s has no requester (it left)", msg.label_id, msg.worker_id)
+            log.warning("label reply %s from %s has no requester (it left)", msg.label_id, worker.worker_id)
             return
         requester, target = route
-        if target in self.workers:
-            self.workers[target].jobs.discard(msg.label_id)
+        if target != worker.worker_id:
+            self._refuse_worker(msg, "not-asked", f"worker {worker.worker_id} answers label {msg.label_id}, sent to {target}")
+            return
+        del self.label_routes[msg.label_id]
+        worker.jobs.discard(msg.label_id)
         self._to_worker(requester, msg, durable=False)
 
     def _fail_label_routes(self, worker: WorkerInfo) -> None:
@@ -765,19 +922,17 @@ class Broker:
             worker = self.workers.get(lease.worker_id)
             if worker is not None:
                 worker.jobs.discard(job.job_id)
-            log.warning(
-                "lease %s of job %d (%s %s) expired: worker %s stopped renewing; outcome unknown",
-                lease.lease_id,
-                job.job_id,
-                job.op,
-                job.domain_name,
-                lease.worker_id,
-            )
+            if lease.past_deadline(now):
+                # RUNNING -> LOST (its deadline passed: the worker stopped renewing, or we stopped believing it)
+                code = "deadline"
+                error = (f"job ran past its deadline of {job.deadline_s:g} s on worker {lease.worker_id}; "
+                         "outcome unknown")
+            else:
+                # RUNNING -> LOST (lease expired)
+                code, error = "lease", f"lease expired on worker {lease.worker_id}; outcome unknown"
+            log.warning("job %d (%s %s) lost: %s", job.job_id, job.op, job.domain_name, error)
             self.metrics.lease_expiries.inc()
-            # RUNNING -> LOST (lease expired)
-            self.scheduler.finish(
-                job, "lost", now_wall, f"lease expired on worker {lease.worker_id}; outcome unknown", "lease"
-            )
+            self.scheduler.finish(job, "lost", now_wall, error, code)
             self.store.put_job(job)
             self._emit_job(job)
             record = self.registry.by_uuid.get(job.uuid)
@@ -787,10 +942,10 @@ class Broker:
                 # A lost reconcile is retried on another worker of the host.
                 self._queue_reconcile(record, f"reconcile job {job.job_id} lost")
         deadline = now - self.config.lease_ttl_s
-        for worker_id in [w.worker_id for w in self.workers.values() if w.last_seen < deadline]:
-            worker = self.workers.pop(worker_id)
+        for worker in [w for w in self.workers.values() if w.last_seen < deadline]:
+            worker_id = worker.worker_id
+            self._forget_worker(worker)
             self._fail_label_routes(worker)
-            self.identities.pop(worker_id, None)
             log.warning("worker %s (host %s) is gone: no heartbeat for %.1f s", worker_id, worker.host_id,
                         now - worker.last_seen)
             self._worker_gone(worker)
@@ -809,7 +964,7 @@ class Broker:
                 continue
             for job in self.scheduler.pending_for(record.uuid):
                 if job.op == "reconcile":
-                    self.scheduler.queues[record.uuid].remove(job.job_id)
+                    self.scheduler.remove_queued(job)
                     self.scheduler.finish(job, "succeeded", now_wall)
                     self.store.put_job(job)
                     self._emit_job(job)
@@ -834,7 +989,9 @@ class Broker:
     def _queue_reconcile(self, record: DomainRecord, why: str) -> None:
         if any(j.op == "reconcile" for j in self.scheduler.pending_for(record.uuid)):
             return
-        job = self.scheduler.new_job(record.uuid, record.name, "reconcile", time.time())
+        job = self.scheduler.new_job(
+            record.uuid, record.name, "reconcile", time.time(), deadline_s=self.config.deadline_s["reconcile"]
+        )
         self.scheduler.enqueue(job)
         self.store.put_job(job)
         self._emit_job(job)
@@ -906,6 +1063,7 @@ class Broker:
                     xml=record.live_xml or record.xml,
                     timeout_s=job.timeout_s,
                     security=list(self.config.security) if job.op in ("start", "destroy", "shutdown", "reconcile") else [],
+                    deadline_s=job.deadline_s,
                 ),
             )
 

@@ -71,11 +71,15 @@ class Client:
         self.close()
 
     # -- transport
-    def call(self, msg_cls: type[p.Message], timeout_s: float | None = None, **fields) -> Any:
-        """Send one request and return its result, or raise the typed error the broker sent."""
+    def call(self, msg_cls: type[p.Message], reply_timeout_s: float | None = None, **fields) -> Any:
+        """Send one request and return its result, or raise the typed error the broker sent.
+
+        reply_timeout_s bounds the wait for the reply (default: the client's timeout_s);
+        every other keyword is a field of the message, timeout_s included.
+        """
         request_id = next(self._ids)
         self.sock.send_multipart(p.encode(msg_cls(request_id=request_id, **fields)))
-        return self._receive(request_id, timeout_s if timeout_s is not None else self.timeout_s)
+        return self._receive(request_id, reply_timeout_s if reply_timeout_s is not None else self.timeout_s)
 
     def _receive(self, request_id: int, timeout_s: float) -> Any:
         for reply in self._replies(time.monotonic() + timeout_s):
@@ -127,7 +131,7 @@ class Client:
 
     # -- requests
     def ping(self, timeout_s: float | None = None) -> dict:
-        return self.call(p.Ping, timeout_s=timeout_s)
+        return self.call(p.Ping, reply_timeout_s=timeout_s)
 
     def define(self, xml: str) -> dict:
         return self.call(p.Define, xml=xml)
@@ -141,8 +145,19 @@ class Client:
     def dumpxml(self, domain: str, inactive: bool = False) -> str:
         return self.call(p.DumpXml, domain=domain, inactive=inactive)
 
-    def submit(self, domain: str, op: str, timeout_s: float | None = None, idempotency_key: str | None = None) -> dict:
-        return self.call(p.Submit, domain=domain, op=op, timeout_s=timeout_s, idempotency_key=idempotency_key)
+    def submit(
+        self,
+        domain: str,
+        op: str,
+        timeout_s: float | None = None,
+        idempotency_key: str | None = None,
+        deadline_s: float | None = None,
+    ) -> dict:
+        """Queue a job. timeout_s: a shutdown's seconds of ACPI before destroy. deadline_s: how
+        long the job may run before it ends `lost` (default: the broker's for the operation)."""
+        return self.call(
+            p.Submit, domain=domain, op=op, timeout_s=timeout_s, idempotency_key=idempotency_key, deadline_s=deadline_s
+        )
 
     def submit_many(self, jobs: list[tuple[str, str]], timeout_s: float | None = None) -> list[dict | VirtbrokerError]:
         """Submit (domain, op) pairs in batches: each one's job, or the error it got, in order.

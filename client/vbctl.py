@@ -69,7 +69,7 @@ def cmd_lifecycle(c: Client, args) -> int:
             key = f"{key}:{domain}"  # one key per job: a key names exactly one submission
         requests.append(
             p.Submit(request_id=0, domain=domain, op=args.verb, timeout_s=getattr(args, "timeout", None),
-                     idempotency_key=key)
+                     idempotency_key=key, deadline_s=args.deadline)
         )
     status = EXIT_OK
     jobs = []
@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-wait", action="store_true", help="print the job id(s) and return")
         p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the job(s)")
         p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
+        p.add_argument("--deadline", type=float, metavar="S",
+                       help="seconds the job may run before it ends lost (default: the broker's deadline_s for the verb)")
         if verb == "shutdown":
             p.add_argument("--timeout", type=float, help="seconds of ACPI shutdown before destroy")
         p.set_defaults(func=cmd_lifecycle)

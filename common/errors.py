@@ -90,6 +90,12 @@ class UnavailableError(VirtbrokerError):
     code = "unavailable"
 
 
+class LimitError(VirtbrokerError):
+    """A configured limit (max_domains, max_queued_jobs) would be passed: nothing was changed."""
+
+    code = "limit"
+
+
 ERRORS_BY_CODE = {
     cls.code: cls
     for cls in (
@@ -106,6 +112,7 @@ ERRORS_BY_CODE = {
         SecurityError,
         TimeoutError_,
         UnavailableError,
+        LimitError,
     )
 }
 

@@ -9,7 +9,7 @@ import zmq
 
 from common import protocol as p
 from common.config import Config
-from common.curve import use_as_client
+from common.curve import check_tcp_security, use_as_client
 
 EXIT_OK = 0
 EXIT_FORCED = 1
@@ -38,6 +38,10 @@ def run_until_signalled(service, context: zmq.Context) -> int:
 
 def connect_worker_socket(context: zmq.Context, config: Config, worker_id: str) -> zmq.Socket:
     """A worker's DEALER to the broker: its id as routing identity, the frame limit, CURVE if configured."""
+    check_tcp_security(
+        [config.worker_url], bool(config.curve_secret_key), config.allow_insecure_tcp,
+        "--curve-server-key and --curve-secret-key",
+    )
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, worker_id.encode())

@@ -130,6 +130,9 @@ class Submit(Message):
     op: str
     timeout_s: float | None = None  # shutdown: seconds of ACPI before destroy
     idempotency_key: str | None = None
+    # Seconds the job may run before its worker stops renewing its lease (it then ends
+    # `lost`, code deadline); default: the broker's deadline_s for the operation.
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -263,6 +266,8 @@ class LabelRequest(Message):
     action: str  # "label" or "restore"
     domain_uuid: str
     domain_name: str
+    # What the worker started from. The broker does not pass it on: it sends the security
+    # worker the definition it owns itself (the domain's live definition).
     xml: str
     driver: str = ""  # which driver must answer; the broker routes to a security worker serving it
 
@@ -314,6 +319,9 @@ class JobAssignment(Message):
     xml: str
     timeout_s: float | None = None
     security: list[str] = field(default_factory=list)  # security drivers to ask before start
+    # Seconds from receipt: the worker renews the lease no longer than this, so a job whose
+    # libvirt call hangs ends `lost` (code deadline) one TTL later. None: no deadline.
+    deadline_s: float | None = None
 
 
 @dataclass

@@ -190,7 +190,7 @@ def cmd_keygen(args) -> int:
 
     role = next((r for r in ("client", "worker", "readonly") if getattr(args, r)), None)
     name = getattr(args, role) if role else None
-    for path in keygen(args.curve_dir, role, name):
+    for path in keygen(args.curve_dir, role, name, args.role, args.host):
         print(path)
     return EXIT_OK
 
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--client", metavar="NAME", help="a key allowed on the client endpoint")
     who.add_argument("--worker", metavar="NAME", help="a key allowed on the worker endpoint")
     who.add_argument("--readonly", metavar="NAME", help="a key allowed on the read-only and event endpoints")
+    keygen.add_argument("--role", choices=("lifecycle", "security"),
+                        help="with --worker: the worker's role, recorded in its key (the broker believes nothing else)")
+    keygen.add_argument("--host", help="with --worker: the host id the worker serves, recorded in its key")
     keygen.set_defaults(func=cmd_keygen)
 
     demo = sub.add_parser("demo", help="define, start, list and destroy guests on the embedded default")

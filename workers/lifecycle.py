@@ -23,6 +23,7 @@ import zmq
 
 from common import domxml, protocol as p
 from common.config import Config
+from common.guestuser import guest_ids
 from common.process import connect_worker_socket, run_until_signalled
 from common.wire import drain, send_frames
 from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
@@ -248,10 +249,18 @@ class JobRunner:
     def op_start(self, job: p.JobAssignment) -> str:
         xml = job.xml
         if job.security:
+            # Who QEMU runs as is this worker's own setting, never a security worker's answer.
+            uid_gid = self.worker.guest_uid_gid() if "dac" in job.security else None
             facts = self._label(job, "label")
             try:
                 if "dac" in facts:
-                    xml = domxml.with_static_dac_label(xml, facts["dac"]["uid"], facts["dac"]["gid"])
+                    answered = (facts["dac"].get("uid"), facts["dac"].get("gid"))
+                    if answered != uid_gid:
+                        raise SecurityError(
+                            f"dac: the security worker labelled for uid:gid {answered[0]}:{answered[1]}, but this "
+                            f"host's guest user is {uid_gid[0]}:{uid_gid[1]}; not starting"
+                        )
+                    xml = domxml.with_static_dac_label(xml, *uid_gid)
                 if facts.get("apparmor", {}).get("static_label"):
                     xml = domxml.with_static_label(xml, "apparmor", facts["apparmor"]["profile"])
                 self.hv.connection().createXML(xml, 0)
@@ -476,6 +485,8 @@ class LifecycleWorker:
         self.host_id = host_id_for(self.hv.conn, config.uri)
         self.slots = config.slots
         self.running: dict[int, p.JobAssignment] = {}
+        # job_id -> monotonic time its lease stops being renewed (its deadline)
+        self.deadlines: dict[int, float] = {}
         self.unacked: dict[int, list[bytes]] = {}  # job_id -> encoded Result awaiting the broker's ack
         self.label_threads: dict[str, bytes] = {}  # label_id -> inproc identity of the asking thread
         self.stopping = False
@@ -491,9 +502,35 @@ class LifecycleWorker:
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(INPROC_URL + "-" + self.worker_id)
 
+    def guest_uid_gid(self) -> tuple[int, int]:
+        """The uid:gid QEMU runs as under the dac driver: this worker's guest_user."""
+        if not self.config.guest_user:
+            raise SecurityError("dac: this lifecycle worker has no guest_user (USER[:GROUP]) configured")
+        return guest_ids(self.config.guest_user)
+
+    def renewable(self) -> list[p.JobAssignment]:
+        """Running jobs whose lease is still renewed: those before their deadline.
+
+        A job past its deadline is left to expire (the broker ends it `lost`, code deadline,
+        one TTL later); its thread may still be stuck in libvirt, and its late result, if
+        any, is refused and answered by a reconcile.
+        """
+        now = time.monotonic()
+        out = []
+        for job in self.running.values():
+            deadline = self.deadlines.get(job.job_id)
+            if deadline is not None and now >= deadline:
+                if deadline > 0:
+                    log.warning("job %d (%s %s) passed its deadline of %g s: no longer renewing its lease",
+                                job.job_id, job.op, job.domain_name, job.deadline_s)
+                    self.deadlines[job.job_id] = 0.0  # logged once
+                continue
+            out.append(job)
+        return out
+
     # -- the main thread
     def hello(self) -> None:
-        leases = [{"lease_id": j.lease_id, "job_id": j.job_id, "epoch": j.epoch} for j in self.running.values()]
+        leases = [{"lease_id": j.lease_id, "job_id": j.job_id, "epoch": j.epoch} for j in self.renewable()]
         msg = p.Hello(
             worker_id=self.worker_id,
             role="lifecycle",
@@ -546,7 +583,7 @@ class LifecycleWorker:
         # libvirt call may finish after this, and must not write to a reused descriptor.
 
     def _heartbeat(self, guests: list[dict] | None = None) -> None:
-        lease_ids = [j.lease_id for j in self.running.values()]
+        lease_ids = [j.lease_id for j in self.renewable()]
         self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests)))
 
     def _resync_loop(self) -> None:
@@ -595,6 +632,8 @@ class LifecycleWorker:
         if job.job_id in self.running:
             return
         self.running[job.job_id] = job
+        if job.deadline_s is not None:
+            self.deadlines[job.job_id] = time.monotonic() + job.deadline_s
         log.debug("job %d: %s %s (epoch %d)", job.job_id, job.op, job.domain_name, job.epoch)
         self.threads.submit(job)
 
@@ -604,6 +643,7 @@ class LifecycleWorker:
         out: list[list[bytes]] = []
         for job, result, frames, elapsed_s in self.mailbox.take():
             self.running.pop(job.job_id, None)
+            self.deadlines.pop(job.job_id, None)
             self.unacked[job.job_id] = frames
             out.append(frames)
             # A failure is news; a success is in the broker's job records and events, and a
