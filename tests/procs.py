@@ -93,9 +93,15 @@ class Cluster:
         self.workers[worker_id] = proc.start()
         return proc
 
-    def start_security_worker(self, driver: str) -> Proc:
+    def start_security_worker(self, driver: str, label_pause_s: float = 0.0) -> Proc:
+        """`virtbroker security-worker`; with label_pause_s, tests/paused_security_worker.py,
+        whose driver pauses that long after each file it labels (crash tests aim into it)."""
         worker_id = f"sec-{driver}"
-        proc = Proc(worker_id, self._argv("security-worker", "--driver", driver, "--worker-id", worker_id), self.state_dir)
+        argv = self._argv("security-worker", "--driver", driver, "--worker-id", worker_id)
+        if label_pause_s:
+            # [python, -m, launcher, security-worker, ...] -> [python, -m, tests.paused_..., --label-pause, S, ...]
+            argv = [sys.executable, "-m", "tests.paused_security_worker", "--label-pause", str(label_pause_s), *argv[4:]]
+        proc = Proc(worker_id, argv, self.state_dir)
         self.security[driver] = proc.start()
         return proc
 

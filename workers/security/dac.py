@@ -20,11 +20,27 @@ from workers.security.store import PHASE_ROLLED_BACK, SecurityStore
 log = logging.getLogger(__name__)
 
 DRIVER = "dac"
-# The original owner, mode and the referencing domains travel with the inode, like
-# libvirt's trusted.libvirt.security.* attributes; trusted.* is readable by root only.
+# The original owner and mode travel with the inode, like libvirt's
+# trusted.libvirt.security.* attributes; trusted.* is readable and writable by root only.
 XATTR_NAME = "trusted.virtbroker.dac"
 JOURNAL_KEEP_S = 7 * 24 * 3600.0
+# setxattr() errors after which the record goes to the store instead: no trusted.* xattrs
+# on this filesystem (NFS, ramfs), or no room for one more attribute on this inode
+# (ext4 keeps every xattr of an inode in one block: ENOSPC; others say E2BIG or ERANGE).
 _NO_XATTR_ERRNOS = (errno.ENOTSUP, errno.EOPNOTSUPP)
+_XATTR_FULL_ERRNOS = (errno.ENOSPC, errno.E2BIG, errno.ERANGE, errno.EDQUOT)
+_SET_ID_BITS = stat.S_ISUID | stat.S_ISGID
+
+# One owner record, in the xattr or in the store; every field a non-negative int:
+#   uid, gid, mode   what the file had before its first label (restored, less set-id bits)
+#   dev, ino         which file it is: a record is applied to that inode only
+#   label_uid/gid    the owner the label gave it: a file owned by someone else since is left alone
+#   refs             how many domains hold it (recomputed from the store's dac_refs rows)
+# A count, not a list of domains: the record stays the same size with any number of
+# guests sharing a base image (a list outgrew the inode's xattr space at about a hundred).
+RECORD_FIELDS = ("uid", "gid", "mode", "dev", "ino", "label_uid", "label_gid", "refs")
+_MAX_ID = 0xFFFFFFFE  # (uid_t) -1 means "unchanged" to chown(), never an owner
+_RECORD_LIMITS = {"uid": _MAX_ID, "gid": _MAX_ID, "label_uid": _MAX_ID, "label_gid": _MAX_ID, "mode": 0o7777}
 
 
 @dataclass
@@ -34,13 +50,46 @@ class _Target:
     kind: str
 
 
+def parse_record(raw: bytes | str, path: str, where: str) -> dict:
+    """A record read back from an xattr or the store, checked field by field.
+
+    Anything unexpected is a SecurityError naming the file: root wrote the record, so a
+    bad one means corruption, a foreign tool or an older format, and acting on a guess
+    could hand a file to the wrong owner.
+    """
+    source = f"its {XATTR_NAME} attribute" if where == "xattr" else "its owner record in the security store"
+    fix = "check the file's owner and mode by hand, then remove the record"
+    shown = raw[:80]
+    try:
+        record = json.loads(raw)
+    except ValueError:  # UnicodeDecodeError included
+        raise SecurityError(f"{path}: {source} is not a valid record ({shown!r}); {fix}") from None
+    if not isinstance(record, dict) or set(record) != set(RECORD_FIELDS):
+        raise SecurityError(
+            f"{path}: {source} is not a valid record (expected the fields {', '.join(RECORD_FIELDS)}, "
+            f"found {shown!r}); {fix}"
+        )
+    for key in RECORD_FIELDS:
+        value = record[key]
+        # bool is an int to Python, never to a record.
+        if type(value) is not int or value < 0 or value > _RECORD_LIMITS.get(key, 2**64 - 1):
+            raise SecurityError(f"{path}: {source} has an invalid {key} ({value!r}); {fix}")
+    return record
+
+
 class DacDriver:
     """Labels host files for one guest uid:gid, with a journal so a crash is undone by recover().
 
-    A file's first reference records its original uid, gid and mode and chowns it to
-    the guest; later references only add the domain's UUID; the last restore puts the
-    original back. Each label() is one transaction: journalled before any file is
-    touched, rolled back completely on the first failure.
+    A file's first reference records its original uid, gid and mode, and which file it
+    is (st_dev, st_ino), then chowns it to the guest; every reference is a row in the
+    store (dac_refs) naming the domain and the file; the last restore puts the original
+    owner back, on that same inode only. Each label() is one transaction: journalled
+    before any file is touched, rolled back completely on the first failure.
+
+    A restore never sets set-uid or set-gid bits, and leaves alone (logging why) a file
+    that is no longer the one labelled, is now hard-linked, resolves outside the roots
+    or was given another owner meanwhile: the guest owned the file and perhaps its
+    directory, so anything it could have changed is not trusted.
 
     Callers must not run label() and restore() for the same domain at the same time
     (the broker's per-domain queue already orders them); any number of domains may be
@@ -89,8 +138,8 @@ class DacDriver:
         """Label every resource for the domain; returns the resolved paths it now holds.
 
         Raises SecurityError, with nothing changed, if any path is outside the storage
-        roots, missing or hard-linked, or if labelling one file fails (the files labelled
-        before it are rolled back).
+        roots, missing or hard-linked, if a file's owner record is corrupt, or if labelling
+        one file fails (the files labelled before it are rolled back).
         """
         dom = normalize_uuid(domain_uuid)
         if any(txn.op == "restore" for txn in self.store.pending(DRIVER, dom)):
@@ -107,11 +156,13 @@ class DacDriver:
         """Drop the domain's references, giving files whose last reference this was back.
 
         Idempotent; also undoes an unfinished label() of this domain. Returns the paths
-        whose reference was dropped. On failure the restore stays in the journal, and
-        recover() or a later restore() finishes it.
+        whose reference was dropped (a file left alone for a reason it logs included).
+        On failure the restore stays in the journal, and recover() or a later restore()
+        finishes it.
         """
         dom = normalize_uuid(domain_uuid)
         paths = set(self.store.domain_paths(DRIVER, dom))
+        paths.update(self.store.ref_paths(dom))
         pending = self.store.pending(DRIVER, dom)
         for txn in pending:
             paths.update(txn.paths)
@@ -213,20 +264,22 @@ class DacDriver:
             # The journal is per domain, and the broker runs one job per domain at a time,
             # so it needs no file lock; the fsyncs it costs are outside every file's lock.
             txn_id = self.store.begin(DRIVER, dom, "label", paths)
-            added: list[str] = []
+            tried: list[str] = []
             for target in targets:
+                tried.append(target.path)
                 try:
                     with self._file_scope(target.path):
-                        self._add_ref(target, dom, added)
+                        self._add_ref(target, dom)
                 except Exception as e:
-                    self._roll_back(txn_id, dom, added, target.path, e)
+                    self._roll_back(txn_id, dom, tried, target.path, e)
                 if self.pause_after_each_s:
                     time.sleep(self.pause_after_each_s)
             # PENDING -> COMMITTED
             self.store.commit_label(txn_id, DRIVER, dom, paths)
 
-    def _roll_back(self, txn_id: int, dom: str, added: list[str], failed_path: str, cause: Exception) -> None:
-        _, failures = self._drop_all(dom, list(reversed(added)))
+    def _roll_back(self, txn_id: int, dom: str, tried: list[str], failed_path: str, cause: Exception) -> None:
+        # Only paths with a dac_refs row of this domain are touched by _drop_ref.
+        _, failures = self._drop_all(dom, list(reversed(tried)))
         reason = _os_reason(cause)
         if failures:
             # The journal entry stays PENDING, so recover() retries the rollback.
@@ -252,8 +305,9 @@ class DacDriver:
     # -- one file --
 
     @contextmanager
-    def _open(self, path: str) -> Iterator[tuple[os.stat_result, str]]:
-        """An O_PATH descriptor of exactly `path`, and a /proc path that acts on its inode.
+    def _open(self, path: str) -> Iterator[tuple[os.stat_result, str, str]]:
+        """An O_PATH descriptor of exactly `path`: its stat, a /proc path that acts on its
+        inode, and the path the kernel names it by now.
 
         Working through the descriptor, not the name, closes the window in which a
         component could be swapped for a symlink between our check and our chown.
@@ -261,14 +315,16 @@ class DacDriver:
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             proc_path = f"/proc/self/fd/{fd}"
-            st = os.fstat(fd)
-            if stat.S_ISLNK(st.st_mode):
-                raise SecurityError(f"{path} became a symbolic link")
-            if os.readlink(proc_path) != path:
-                raise SecurityError(f"{path} was moved or replaced while being labelled")
-            yield st, proc_path
+            yield os.fstat(fd), proc_path, os.readlink(proc_path)
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _check_still_named(path: str, st: os.stat_result, now_named: str) -> None:
+        if stat.S_ISLNK(st.st_mode):
+            raise SecurityError(f"{path} became a symbolic link")
+        if now_named != path:
+            raise SecurityError(f"{path} was moved or replaced while being labelled")
 
     def _read_record(self, proc_path: str, path: str) -> tuple[dict | None, str | None]:
         if not self.force_store:
@@ -278,13 +334,11 @@ class DacDriver:
                 if e.errno != errno.ENODATA and e.errno not in _NO_XATTR_ERRNOS:
                     raise
             else:
-                try:
-                    return json.loads(raw), "xattr"
-                except ValueError:
-                    raise SecurityError(f"{path} has a corrupt {XATTR_NAME} attribute: {raw[:80]!r}") from None
-        # Also consulted when xattrs work: the record may date from a force_store driver.
-        record = self.store.get_owner(path)
-        return (record, "store") if record is not None else (None, None)
+                return parse_record(raw, path, "xattr"), "xattr"
+        # Also consulted when xattrs work: the record may date from a force_store driver,
+        # or have moved to the store when the inode had no room left for it.
+        raw = self.store.get_owner(path)
+        return (parse_record(raw, path, "store"), "store") if raw is not None else (None, None)
 
     def _write_record(self, proc_path: str, path: str, record: dict, where: str | None) -> str:
         if where == "xattr" or (where is None and not self.force_store):
@@ -292,9 +346,17 @@ class DacDriver:
                 os.setxattr(proc_path, XATTR_NAME, json.dumps(record, sort_keys=True).encode())
                 return "xattr"
             except OSError as e:
-                if where == "xattr" or e.errno not in _NO_XATTR_ERRNOS:
+                if e.errno not in _NO_XATTR_ERRNOS + _XATTR_FULL_ERRNOS:
                     raise
-                log.debug("%s: no trusted.* xattrs on this filesystem, remembering the owner in the store", path)
+                if where == "xattr":
+                    # It was there a moment ago: the inode's xattr space is full. Move the
+                    # record to the store; the store's copy is durable before the xattr goes.
+                    log.warning("%s: no room for %s any more (%s); keeping its record in the store",
+                                path, XATTR_NAME, e.strerror)
+                    self.store.put_owner(path, record)
+                    self._delete_record(proc_path, path, "xattr")
+                    return "store"
+                log.debug("%s: cannot keep %s (%s), remembering the owner in the store", path, XATTR_NAME, e.strerror)
         self.store.put_owner(path, record)
         return "store"
 
@@ -308,17 +370,43 @@ class DacDriver:
         else:
             self.store.delete_owner(path)
 
-    def _add_ref(self, target: _Target, dom: str, added: list[str]) -> None:
-        with self._open(target.path) as (st, proc_path):
-            _check_labelable(target.path, st)
-            record, where = self._read_record(proc_path, target.path)
+    def _add_ref(self, target: _Target, dom: str) -> None:
+        path = target.path
+        with self._open(path) as (st, proc_path, now_named):
+            self._check_still_named(path, st, now_named)
+            _check_labelable(path, st)
+            ident = (st.st_dev, st.st_ino)
+            # Read and checked before anything changes: a corrupt record refuses the label.
+            record, where = self._read_record(proc_path, path)
+            if record is not None and (record["dev"], record["ino"]) != ident:
+                raise SecurityError(
+                    f"refusing {path}: its owner record is for another file (inode {record['dev']}:{record['ino']}, "
+                    f"this is {ident[0]}:{ident[1]}); it was replaced while labelled: restore the domains using it first"
+                )
+            if record is not None and (record["label_uid"], record["label_gid"]) != (self.uid, self.gid):
+                raise SecurityError(
+                    f"refusing {path}: it is labelled for {record['label_uid']}:{record['label_gid']}, "
+                    f"not {self.uid}:{self.gid}"
+                )
+            # The reference is durable before the record changes: from here on a rollback
+            # or a recovery finds it and drops it.
+            stale = self.store.add_ref(dom, path, *ident)
+            if stale is not None:
+                raise SecurityError(
+                    f"refusing {path}: domain {dom} still holds the file that was here before "
+                    f"(inode {stale[0]}:{stale[1]}); restore the domain first"
+                )
+            refs = self.store.count_refs(*ident)
             if record is None:
-                record = {"uid": st.st_uid, "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode), "refs": []}
-            if dom not in record["refs"]:
-                record["refs"] = sorted(set(record["refs"]) | {dom})
+                record = {
+                    "uid": st.st_uid, "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode),
+                    "dev": ident[0], "ino": ident[1], "label_uid": self.uid, "label_gid": self.gid, "refs": refs,
+                }
                 # Remembered before the first change, so the original owner is never lost.
-                self._write_record(proc_path, target.path, record, where)
-                added.append(target.path)  # from here on a rollback must drop this reference
+                self._write_record(proc_path, path, record, None)
+            elif record["refs"] != refs:
+                record["refs"] = refs
+                self._write_record(proc_path, path, record, where)
             self._grant(proc_path, st, target)
 
     def _grant(self, proc_path: str, st: os.stat_result, target: _Target) -> None:
@@ -336,30 +424,87 @@ class DacDriver:
         if mode_now & needed != needed:
             os.chmod(proc_path, mode_now | needed)
 
+    def _why_not_restorable(self, path: str, st: os.stat_result, now_named: str, ident: tuple[int, int]) -> str | None:
+        """Why the file at `path` must not be given back, or None: the checks of label time,
+        made again, and that it is still the very file that was labelled."""
+        if (st.st_dev, st.st_ino) != ident:
+            return (
+                f"it is not the file that was labelled (inode {st.st_dev}:{st.st_ino}, labelled {ident[0]}:{ident[1]}): "
+                "it was moved or replaced"
+            )
+        if stat.S_ISLNK(st.st_mode):
+            return "it is now a symbolic link"
+        if now_named != path:
+            return f"it is now reached as {now_named!r}"
+        if not self._under_roots(now_named):
+            return f"it is now outside the storage roots {', '.join(self.roots)}"
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            return f"it now has {st.st_nlink} hard links"
+        return None
+
     def _drop_ref(self, path: str, dom: str) -> bool:
-        if not os.path.lexists(path):
-            # The file is gone (an overlay deleted after shutdown): nothing to give back.
-            self.store.delete_owner(path)
-            return False
-        with self._open(path) as (st, proc_path):
-            record, where = self._read_record(proc_path, path)
-            if record is None or dom not in record.get("refs", []):
+        ident = self.store.get_ref(dom, path)
+        if ident is None:
+            return False  # never referenced (the label failed before), or already dropped
+        with contextlib.ExitStack() as stack:
+            try:
+                st, proc_path, now_named = stack.enter_context(self._open(path))
+            except FileNotFoundError:
+                # The file is gone (an overlay deleted after shutdown): nothing to give back.
+                self.store.drop_ref(dom, path, forget_owner_of=ident)
                 return False
-            refs = [r for r in record["refs"] if r != dom]
-            if refs:
-                record["refs"] = refs
-                self._write_record(proc_path, path, record, where)
+            why = self._why_not_restorable(path, st, now_named, ident)
+            if why is not None:
+                # The journal entry still finishes: holding on would retry for ever.
+                log.warning("domain %s lets go of %s without giving it back: %s", dom, path, why)
+                self.store.drop_ref(dom, path, forget_owner_of=ident)
                 return True
-            # Last reference: owner first (chown clears set-id bits), then the mode, and
-            # forget the record only then, so a crash in between just repeats this.
-            # Untouched files (the label failed before its chown) are left alone: an
-            # immutable file would refuse even a no-op chown.
-            if (st.st_uid, st.st_gid) != (record["uid"], record["gid"]):
-                os.chown(proc_path, record["uid"], record["gid"])
-            if stat.S_IMODE(os.stat(proc_path).st_mode) != record["mode"]:
-                os.chmod(proc_path, record["mode"])
+            record, where = self._read_record(proc_path, path)
+            if record is None:
+                # The label stopped between taking the reference and writing the record,
+                # so it never changed the file.
+                self.store.drop_ref(dom, path)
+                return True
+            if (record["dev"], record["ino"]) != ident:
+                log.warning("domain %s lets go of %s without giving it back: its record is for inode %d:%d",
+                            dom, path, record["dev"], record["ino"])
+                self.store.drop_ref(dom, path)
+                return True
+            remaining = self.store.count_refs(*ident) - 1  # less this domain's own row
+            if remaining > 0:
+                if record["refs"] != remaining:
+                    record["refs"] = remaining
+                    self._write_record(proc_path, path, record, where)
+                self.store.drop_ref(dom, path)
+                return True
+            # Owner and mode first, the record after, the reference last: a crash in
+            # between repeats only what is left.
+            self._give_back(path, proc_path, st, record, dom)
             self._delete_record(proc_path, path, where)
+            self.store.drop_ref(dom, path, forget_owner_of=ident)
             return True
+
+    def _give_back(self, path: str, proc_path: str, st: os.stat_result, record: dict, dom: str) -> None:
+        """The last reference: the original owner and mode, never a set-id bit."""
+        original = (record["uid"], record["gid"])
+        # A crash after the chown below and before the record was deleted finds the
+        # original owner already back: finish. Any other owner was set by someone else
+        # since the label (an administrator, or the file is not ours): leave it.
+        if (st.st_uid, st.st_gid) not in ((record["label_uid"], record["label_gid"]), original):
+            log.warning("domain %s lets go of %s without giving it back: it is owned by %d:%d, not %d:%d as labelled",
+                        dom, path, st.st_uid, st.st_gid, record["label_uid"], record["label_gid"])
+            return
+        # A set-id bit came from the guest's time with the file or from before it: chown()
+        # cleared the original's, and giving one back would make whatever the guest wrote
+        # into the file run as its original owner.
+        mode = record["mode"] & ~_SET_ID_BITS
+        if (st.st_uid, st.st_gid) != original:
+            os.chown(proc_path, *original)
+        if stat.S_IMODE(os.stat(proc_path).st_mode) != mode:
+            os.chmod(proc_path, mode)
+        if record["mode"] & _SET_ID_BITS:
+            log.info("%s: given back as %04o without the set-id bits of its original mode %04o",
+                     path, mode, record["mode"])
 
 
 def _check_labelable(path: str, st: os.stat_result) -> None:

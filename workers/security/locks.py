@@ -114,3 +114,45 @@ class PathLocks:
                     self._release_file(key, fd)
                 finally:
                     self._release_thread(key, entry)
+
+
+class StateDirLock:
+    """One security worker per driver and state dir: an exclusive flock(), never waited for.
+
+    Taken before the driver opens its store or touches any file: two workers of one
+    driver over one state dir would each recover() the other's transactions under way
+    and undo labels a running guest depends on. The file holds the holder's pid so the
+    refused one can name it. The kernel drops the lock when the holder exits, kill -9
+    included, so a restart is never blocked by a stale file.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str):
+        self.path = os.fspath(path)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_pid(fd)
+            os.close(fd)
+            who = f"pid {holder}" if holder else "another process"
+            raise ConfigError(f"{what} already runs on this state dir ({who} holds {self.path})") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = -1
+
+
+def _holder_pid(fd: int) -> int | None:
+    # The holder writes its pid just after locking; an empty file means it is that instant.
+    try:
+        return int(os.pread(fd, 32, 0).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -7,10 +7,12 @@ host-wide lock when serialization = global, for comparison).
 
 from __future__ import annotations
 
+import errno
 import grp
 import logging
 import os
 import pwd
+import stat
 import struct
 import threading
 import time
@@ -19,16 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import libvirt
 import zmq
+from lxml import etree
 
 from common import protocol as p
 from common.config import Config
 from common.process import connect_worker_socket, run_until_signalled
-from common.errors import ConfigError, VirtbrokerError
+from common.errors import ConfigError, SecurityError, VirtbrokerError
 from common.resources import Resource, emulator_path, find_resources
 from common.wire import drain
 from workers.lifecycle import host_id_for
 from workers.security.apparmor import AppArmorDriver
 from workers.security.dac import DacDriver
+from workers.security.locks import StateDirLock
 
 log = logging.getLogger("virtbroker.security")
 
@@ -54,29 +58,82 @@ def guest_ids(spec: str) -> tuple[int, int]:
 QCOW2_MAGIC = b"QFI\xfb"
 QCOW2_HEADER = struct.Struct(">4sIQI")  # magic, version, backing_file_offset, backing_file_size
 MAX_BACKING_CHAIN = 64  # QEMU's own limit on chain depth is far lower in practice
+_FILE_TYPES = (
+    (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a directory"),
+)
+
+
+def _file_type(mode: int) -> str:
+    return next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
 
 
 def qcow2_backing_file(path: str) -> str | None:
-    """The backing file a qcow2 image names in its header (absolute), or None.
+    """The backing file a qcow2 image names in its header, or None (no backing, not qcow2,
+    a network backing store, or `path` does not exist: the driver reports missing files).
 
     Read from the header itself, as QEMU does, instead of running `qemu-img info` for
-    every label: a fork per disk is what made labelling slow while guests start.
+    every label: a fork per disk is what made labelling slow while guests start. Root
+    reads it, so the image must be a regular file reached without a symlink in its last
+    component: a FIFO would block the reading thread for ever, a device could have side
+    effects on open, and a link could point anywhere. Either is a SecurityError, so the
+    start fails instead of leaving the backing file unlabelled.
     """
     try:
-        with open(path, "rb") as f:
-            header = f.read(QCOW2_HEADER.size)
-            if len(header) < QCOW2_HEADER.size:
-                return None
-            magic, _version, offset, size = QCOW2_HEADER.unpack(header)
-            if magic != QCOW2_MAGIC or offset == 0 or not 0 < size <= 1023:
-                return None
-            f.seek(offset)
-            name = f.read(size).decode("utf-8", errors="strict")
-    except (OSError, UnicodeDecodeError):
-        return None  # the driver reports missing or unreadable files with the path
+        before = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SecurityError(f"cannot read the image {path}: {e.strerror}") from None
+    # Looked at before opening: opening a device or FIFO is already an action on it.
+    if not stat.S_ISREG(before.st_mode):
+        raise SecurityError(f"refusing the image {path}: it is {_file_type(before.st_mode)}, not a regular file")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SecurityError(f"refusing the image {path}: it is a symbolic link") from None
+        raise SecurityError(f"cannot read the image {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        # Swapped between the lstat and the open: O_NONBLOCK made a FIFO's open return.
+        if not stat.S_ISREG(st.st_mode):
+            raise SecurityError(f"refusing the image {path}: it is {_file_type(st.st_mode)}, not a regular file")
+        header = os.pread(fd, QCOW2_HEADER.size, 0)
+        if len(header) < QCOW2_HEADER.size:
+            return None
+        magic, _version, offset, size = QCOW2_HEADER.unpack(header)
+        if magic != QCOW2_MAGIC or offset == 0 or not 0 < size <= 1023:
+            return None
+        raw = os.pread(fd, size, offset)
+    except OSError as e:
+        raise SecurityError(f"cannot read the image {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        name = raw.decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise SecurityError(f"refusing the image {path}: its backing file name is not UTF-8") from None
     if "://" in name or name.startswith("json:"):
         return None  # a network backing store has no host path
-    return os.path.normpath(os.path.join(os.path.dirname(path), name))
+    return backing_path(path, name)
+
+
+def backing_path(image: str, name: str) -> str:
+    """Where QEMU finds the backing file `name` of `image`: relative names are relative to
+    the image's folder. `..` is resolved by the filesystem, as the kernel will when QEMU
+    opens the file (after a symlinked folder, `..` is the link target's parent, not the
+    lexical one): the folder goes through realpath(), the last component is kept as is so
+    that a symlink there is still seen, and refused, when the image is probed."""
+    if not name or "\0" in name:
+        raise SecurityError(f"refusing the image {image}: its backing file name {name!r} is not a path")
+    joined = name if name.startswith("/") else os.path.join(os.path.dirname(image), name)
+    folder, last = os.path.split(joined)
+    if last in ("", ".", ".."):
+        raise SecurityError(f"refusing the image {image}: its backing file name {name!r} names a folder")
+    return os.path.join(os.path.realpath(folder or "/"), last)
 
 
 def with_backing_files(resources: list[Resource], storage_roots: list[str]) -> list[Resource]:
@@ -85,19 +142,27 @@ def with_backing_files(resources: list[Resource], storage_roots: list[str]) -> l
     libvirt probes image headers the same way; QEMU opens the whole chain, so a base image
     left unlabelled makes the start fail. Only files under the storage roots are probed:
     an image outside them is refused by the driver anyway, and probing it would read it.
+    A symlink, FIFO or device in the chain raises SecurityError (see qcow2_backing_file).
     """
     roots = [os.path.realpath(r).rstrip("/") + "/" for r in storage_roots]
 
-    def under_roots(path: str) -> bool:
-        real = os.path.realpath(path)
-        return any((real + "/").startswith(root) for root in roots)
+    def under_roots(resolved: str) -> bool:
+        # `resolved` has no symlink but perhaps its last component, which the probe refuses.
+        return any(resolved.startswith(root) for root in roots)
 
     known = {r.path for r in resources}
     out = list(resources)
     for res in resources:
         if res.kind != "disk":
             continue
-        current = res.path
+        # The disk itself may be reached through a symlink (the driver resolves it the same
+        # way); a block device or a folder (<disk type='block'|'dir'>) has no header to read.
+        current = os.path.realpath(res.path)
+        try:
+            if stat.S_ISBLK(os.stat(current).st_mode) or stat.S_ISDIR(os.stat(current).st_mode):
+                continue
+        except OSError:
+            continue  # missing: the driver says so, with the path
         for _ in range(MAX_BACKING_CHAIN):
             if not under_roots(current):
                 break
@@ -110,38 +175,60 @@ def with_backing_files(resources: list[Resource], storage_roots: list[str]) -> l
     return out
 
 
-def libvirt_has_apparmor(conn: libvirt.virConnect) -> bool:
-    """Whether libvirt's capabilities list the apparmor security model (not on this kernel)."""
-    return "<model>apparmor</model>" in conn.getCapabilities()
+def capability_emulators(capabilities_xml: str) -> list[str]:
+    """The <emulator> paths libvirt's capabilities list, one per guest architecture."""
+    parser = etree.XMLParser(resolve_entities=False, no_network=True)
+    root = etree.fromstring(capabilities_xml.encode(), parser)
+    return sorted({e.text.strip() for e in root.iterfind("guest/arch//emulator") if e.text and e.text.strip()})
 
 
 class SecurityWorker:
-    def __init__(self, config: Config, context: zmq.Context, driver: str, worker_id: str | None = None):
+    def __init__(
+        self, config: Config, context: zmq.Context, driver: str, worker_id: str | None = None,
+        *, label_pause_s: float = 0.0,
+    ):
+        """label_pause_s: crash tests only (tests/paused_security_worker.py), never a config
+        key: the driver sleeps this long after each file or profile it writes."""
         if driver not in ("dac", "apparmor"):
             raise ConfigError(f"unknown security driver '{driver}'")
         self.config = config
         self.context = context
         self.driver_name = driver
         self.worker_id = worker_id or f"sw-{driver}-{uuidlib.uuid4().hex[:8]}"
-        conn = libvirt.open(config.uri)
+        state_dir = os.path.join(config.state_dir, f"security-{driver}")
+        # Before the store is opened or any file touched: a second worker of this driver
+        # would recover() the first one's transactions under way.
+        self.state_lock = StateDirLock(os.path.join(state_dir, "driver.lock"), f"a {driver} security worker")
+        try:
+            self._start(config, context, driver, state_dir, label_pause_s)
+        except BaseException:
+            self.state_lock.release()
+            raise
+
+    def _start(self, config: Config, context: zmq.Context, driver: str, state_dir: str, label_pause_s: float) -> None:
+        try:
+            conn = libvirt.open(config.uri)
+        except libvirt.libvirtError as e:
+            raise ConfigError(f"cannot connect to {config.uri}: {e.get_error_message()}") from e
         try:
             self.host_id = host_id_for(conn, config.uri)
-            self.static_apparmor = libvirt_has_apparmor(conn)
+            capabilities = conn.getCapabilities()
         finally:
             conn.close()
-        state_dir = os.path.join(config.state_dir, f"security-{driver}")
+        self.static_apparmor = "<model>apparmor</model>" in capabilities
+        if not config.storage_roots:
+            raise ConfigError(f"the {driver} driver needs at least one storage root (--storage-root DIR)")
         if driver == "dac":
-            if not config.storage_roots:
-                raise ConfigError("the dac driver needs at least one storage root (--storage-root DIR)")
             self.uid, self.gid = guest_ids(config.guest_user)
             self.driver = DacDriver(
                 state_dir, self.uid, self.gid, config.storage_roots, config.serialization,
-                pause_after_each_s=config.label_pause_s,
+                pause_after_each_s=label_pause_s,
             )
         else:
+            emulators = config.allowed_emulators or capability_emulators(capabilities)
             self.driver = AppArmorDriver(
-                state_dir, os.path.join(state_dir, "profiles"), config.serialization,
-                pause_after_write_s=config.label_pause_s,
+                state_dir, os.path.join(state_dir, "profiles"), config.storage_roots, emulators, config.serialization,
+                pause_after_write_s=label_pause_s,
             )
         recovered = self.driver.recover()
         if recovered:
@@ -154,6 +241,14 @@ class SecurityWorker:
         self.inproc = context.socket(zmq.PULL)
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(f"{INPROC_URL}-{self.worker_id}")
+
+    def close(self) -> None:
+        """Let go of everything this worker holds, the state-dir lock last."""
+        self.pool.shutdown(wait=True)
+        self.sock.close(linger=0)
+        self.inproc.close(linger=0)
+        self.driver.store.close()
+        self.state_lock.release()
 
     # -- what one request does, in a pool thread
     def handle(self, request: p.LabelRequest) -> p.LabelReply:
@@ -173,8 +268,8 @@ class SecurityWorker:
         if request.action != "label":
             raise VirtbrokerError(f"unknown label action '{request.action}'")
         resources = find_resources(request.xml, model=self.driver_name)
-        if self.config.storage_roots:
-            resources = with_backing_files(resources, self.config.storage_roots)
+        # Both drivers need the chain: DAC chowns it, AppArmor lists it in the profile.
+        resources = with_backing_files(resources, self.config.storage_roots)
         if self.driver_name == "dac":
             labelled = self.driver.label(request.domain_uuid, resources)
             return {"uid": self.uid, "gid": self.gid, "labelled": labelled}
@@ -242,8 +337,7 @@ class SecurityWorker:
                 next_beat = time.monotonic() + interval_s
         self.pool.shutdown(wait=True)
         self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))  # now with nothing in flight
-        self.sock.close(linger=0)
-        self.inproc.close(linger=0)
+        self.close()
 
     def _drain_broker(self) -> None:
         for msg in drain(self.sock, p.WORKER_VERSION, log):
@@ -257,8 +351,11 @@ class SecurityWorker:
                 self.hello()
 
 
-def run_security_worker(config: Config, driver: str, worker_id: str | None = None) -> int:
+def run_security_worker(config: Config, driver: str, worker_id: str | None = None, *, label_pause_s: float = 0.0) -> int:
     context = zmq.Context()
-    worker = SecurityWorker(config, context, driver, worker_id)
-
+    try:
+        worker = SecurityWorker(config, context, driver, worker_id, label_pause_s=label_pause_s)
+    except BaseException:
+        context.destroy(linger=0)
+        raise
     return run_until_signalled(worker, context)

@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS owners (
     path TEXT PRIMARY KEY,
     record TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS dac_refs (
+    domain_uuid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    dev INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    PRIMARY KEY (domain_uuid, path)
+);
+CREATE INDEX IF NOT EXISTS dac_refs_file ON dac_refs (dev, ino);
 CREATE TABLE IF NOT EXISTS profiles (
     domain_uuid TEXT PRIMARY KEY,
     profile_name TEXT NOT NULL,
@@ -290,18 +298,82 @@ class SecurityStore:
             ).fetchall()
         return [r[0] for r in rows]
 
-    # -- remembered owners, for filesystems without trusted.* xattrs --
-    # Keyed by resolved path: a file renamed while labelled loses its record here (an
-    # xattr would have followed the inode), so restore() then leaves it to the guest.
+    # -- DAC references: which domain holds which file (the inode, not the name) --
+    # A row is written before the file's owner record changes and deleted only after the
+    # file was given back, so a crash in between leaves a row that recovery finishes. The
+    # record's `refs` count is always recomputed from these rows, never incremented, so
+    # repeating a step after a crash cannot count a domain twice.
 
-    def get_owner(self, path: str) -> dict | None:
+    def add_ref(self, domain_uuid: str, path: str, dev: int, ino: int) -> tuple[int, int] | None:
+        """Record that the domain holds the file (dev, ino) at path; returns None if it now
+        does, or the (dev, ino) of the other file it already held at that path."""
+        def change(conn: sqlite3.Connection):
+            row = conn.execute(
+                "SELECT dev, ino FROM dac_refs WHERE domain_uuid = ? AND path = ?", (domain_uuid, path)
+            ).fetchone()
+            if row is not None:
+                return None if (row[0], row[1]) == (dev, ino) else (row[0], row[1])
+            conn.execute(
+                "INSERT INTO dac_refs (domain_uuid, path, dev, ino) VALUES (?, ?, ?, ?)", (domain_uuid, path, dev, ino)
+            )
+            return None
+        return self._write(change)
+
+    def get_ref(self, domain_uuid: str, path: str) -> tuple[int, int] | None:
+        """The (dev, ino) of the file the domain holds at path, or None."""
+        with self._connect() as conn:
+            row = conn.execute(
+                "SELECT dev, ino FROM dac_refs WHERE domain_uuid = ? AND path = ?", (domain_uuid, path)
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def count_refs(self, dev: int, ino: int) -> int:
+        """How many domains hold the file (dev, ino), under whichever path."""
+        with self._connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM dac_refs WHERE dev = ? AND ino = ?", (dev, ino)).fetchone()[0])
+
+    def ref_paths(self, domain_uuid: str) -> list[str]:
+        """Every path the domain holds a reference on, committed or not."""
+        with self._connect() as conn:
+            rows = conn.execute("SELECT path FROM dac_refs WHERE domain_uuid = ? ORDER BY path", (domain_uuid,)).fetchall()
+        return [r[0] for r in rows]
+
+    def drop_ref(self, domain_uuid: str, path: str, forget_owner_of: tuple[int, int] | None = None) -> None:
+        """The domain no longer holds the file at path. With forget_owner_of = (dev, ino), also
+        forget the path's remembered owner if it is that file's and no domain holds it now."""
+        def change(conn: sqlite3.Connection):
+            conn.execute("DELETE FROM dac_refs WHERE domain_uuid = ? AND path = ?", (domain_uuid, path))
+            if forget_owner_of is None:
+                return
+            held = conn.execute(
+                "SELECT COUNT(*) FROM dac_refs WHERE dev = ? AND ino = ?", forget_owner_of
+            ).fetchone()[0]
+            row = conn.execute("SELECT record FROM owners WHERE path = ?", (path,)).fetchone()
+            if held == 0 and row is not None:
+                try:
+                    record = json.loads(row[0])
+                    names = (record.get("dev"), record.get("ino")) if isinstance(record, dict) else None
+                except ValueError:
+                    names = None
+                if names == tuple(forget_owner_of):
+                    conn.execute("DELETE FROM owners WHERE path = ?", (path,))
+        self._write(change)
+
+    # -- remembered owners, for filesystems without trusted.* xattrs --
+    # Keyed by resolved path, but each record names its file (dev, ino): a record is
+    # applied only to that inode, never to whatever file sits at the path later.
+
+    def get_owner(self, path: str) -> str | None:
+        """The record as stored (JSON text); the driver validates it."""
         with self._connect() as conn:
             r = conn.execute("SELECT record FROM owners WHERE path = ?", (path,)).fetchone()
-        return json.loads(r[0]) if r else None
+        return r[0] if r else None
 
     def put_owner(self, path: str, record: dict) -> None:
         def change(conn: sqlite3.Connection):
-            conn.execute("INSERT OR REPLACE INTO owners (path, record) VALUES (?, ?)", (path, json.dumps(record)))
+            conn.execute(
+                "INSERT OR REPLACE INTO owners (path, record) VALUES (?, ?)", (path, json.dumps(record, sort_keys=True))
+            )
         self._write(change)
 
     def delete_owner(self, path: str) -> None:
