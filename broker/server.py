@@ -89,6 +89,8 @@ class Broker:
     def __init__(self, config: Config, context: zmq.Context):
         self.config = config
         self.context = context
+        urls = [config.client_url, config.worker_url, config.events_url, config.readonly_url]
+        check_tcp_security([u for u in urls if u], bool(config.curve_dir), config.allow_insecure_tcp, "--curve-dir")
         # Before any socket or the database is touched: one broker per state dir.
         self.lock = StateLock(os.path.join(config.state_dir, "broker.lock"), "a broker")
         self.registry = Registry()
@@ -161,8 +163,6 @@ class Broker:
         )
 
     def bind(self) -> None:
-        urls = [self.config.client_url, self.config.worker_url, self.config.events_url, self.config.readonly_url]
-        check_tcp_security([u for u in urls if u], bool(self.curve), self.config.allow_insecure_tcp, "--curve-dir")
         # ipc sockets are created owner-only: only this user may connect.
         old_umask = os.umask(0o077)
         try:
@@ -453,7 +453,8 @@ class Broker:
 
     def handle_define(self, msg: p.Define, identity: bytes):
         definition = domxml.load_definition(msg.xml)
-        if definition.uuid not in self.registry.by_uuid and len(self.registry) >= self.config.max_domains:
+        is_new = definition.uuid not in self.registry.by_uuid and definition.name not in self.registry.by_name
+        if is_new and len(self.registry) >= self.config.max_domains:
             raise LimitError(f"cannot define '{definition.name}': the broker holds max_domains = "
                              f"{self.config.max_domains} domains")
         record, created = self.registry.define(definition)

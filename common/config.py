@@ -176,6 +176,14 @@ _BOOLS = ("allow_insecure_tcp",)
 _DICTS_OF_FLOATS = ("deadline_s",)  # "op:seconds, op:seconds"
 
 
+def parse_deadlines(key: str, value: str) -> dict[str, float]:
+    """"start:300, destroy:60" -> {"start": 300.0, "destroy": 60.0}; checked by Config.finish."""
+    try:
+        return _dict_of_floats(key, value)
+    except ValueError:
+        raise ConfigError(f"{key}: {value!r} is not OP:SECONDS[,OP:SECONDS...]") from None
+
+
 def _dict_of_floats(key: str, value: str) -> dict[str, float]:
     out = {}
     for item in value.replace("\n", ",").split(","):

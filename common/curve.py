@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import zmq
 import zmq.auth
-from zmq.utils import z85
 
 from common.errors import ConfigError
 
@@ -112,7 +111,7 @@ class KeyPolicy:
     """
 
     def __init__(self, curve_dir: str):
-        self.worker_keys: dict[bytes, WorkerKey] = {}  # public key -> what its file records
+        self.worker_keys: dict[bytes, WorkerKey] = {}  # public key (z85) -> what its file records
         folder = os.path.join(curve_dir, "workers")
         if os.path.isdir(folder):
             for entry in sorted(os.listdir(folder)):
@@ -145,8 +144,9 @@ class CurveServer:
         self.public, self.secret = _load(os.path.join(curve_dir, "server.key_secret"), secret=True)
         policy = KeyPolicy(curve_dir)
         # A worker's messages carry its key as their User-Id (z85, pyzmq's ZAP handler's
-        # default); the broker reads role and host from here.
-        self.worker_keys = {z85.encode(key): info for key, info in policy.worker_keys.items()}
+        # default, which is also how certificate files hold keys); the broker reads role and
+        # host from here.
+        self.worker_keys = dict(policy.worker_keys)
         self.auth = ThreadAuthenticator(context)
         self.auth.start()
         for domain in DOMAIN_DIRS:

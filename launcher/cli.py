@@ -43,6 +43,16 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-secret-key", help="worker: this worker's secret key file")
     parser.add_argument("--metrics-port", type=int, help="serve the broker's Prometheus metrics on this port")
     parser.add_argument("--job-history", type=int, help="broker: final jobs to keep before the oldest are forgotten (default 10000)")
+    parser.add_argument("--allow-insecure-tcp", action="store_true", default=None,
+                        help="accept tcp:// endpoints without CURVE (anyone who reaches them is a peer)")
+    parser.add_argument("--max-domains", type=int, help="broker: domains it holds at most (default 200000)")
+    parser.add_argument("--max-queued-jobs", type=int, help="broker: queued jobs at most, in all (default 100000)")
+    parser.add_argument("--max-queued-jobs-per-domain", type=int,
+                        help="broker: queued jobs at most per domain (default 1000)")
+    parser.add_argument("--deadline", action="append", metavar="OP:SECONDS",
+                        help="broker: how long a job of OP may run before it ends lost (repeatable)")
+    parser.add_argument("--allowed-emulator", action="append", dest="allowed_emulators", metavar="PATH",
+                        help="apparmor: an emulator guests may name (repeatable; default: libvirt's)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
 
 
@@ -53,9 +63,14 @@ def _config(args: argparse.Namespace) -> Config:
             "state_dir", "client_url", "worker_url", "events_url", "local_url", "uri", "slots", "lease_ttl_s",
             "guest_user", "storage_roots", "serialization", "log_level", "workers",
             "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key",
-            "curve_secret_key", "job_history",
+            "curve_secret_key", "job_history", "allow_insecure_tcp", "max_domains", "max_queued_jobs",
+            "max_queued_jobs_per_domain", "allowed_emulators",
         )
     }
+    if getattr(args, "deadline", None):
+        from common.config import parse_deadlines
+
+        overrides["deadline_s"] = parse_deadlines("--deadline", ",".join(args.deadline))
     if getattr(args, "security", None) is not None:
         overrides["security"] = [d.strip() for d in args.security.split(",") if d.strip()]
     return Config.load(args.config, **overrides)

@@ -35,7 +35,7 @@ def secured(cluster_factory, tmp_path):
     curve = tmp_path / "curve"
     keygen(curve)
     keygen(curve, "--client", "alice")
-    keygen(curve, "--worker", "w1")
+    keygen(curve, "--worker", "w1", "--role", "lifecycle", "--host", "h1")
     keygen(curve, "--readonly", "bob")
     ports = {name: free_port() for name in ("client", "worker", "events", "readonly")}
     urls = {name: f"tcp://127.0.0.1:{port}" for name, port in ports.items()}

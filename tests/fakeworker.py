@@ -1,0 +1,73 @@
+"""A test peer that speaks the documented worker protocol (docs/PROTOCOL.md) by hand.
+
+It is what a rogue or buggy worker would be: a DEALER on the broker's worker endpoint with
+whatever key and routing identity the test gives it, sending whatever messages the test
+builds. Every receive is bounded by a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from common import protocol as p
+from common.curve import use_as_client
+
+
+class FakeWorker:
+    def __init__(
+        self,
+        context: zmq.Context,
+        url: str,
+        routing_id: str,
+        server_key: str | None = None,
+        secret_key: str | None = None,
+    ):
+        self.sock = context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, routing_id.encode())
+        if server_key:
+            use_as_client(self.sock, server_key, secret_key)
+        self.sock.connect(url)
+        self.inbox: list[p.Message] = []
+
+    def send(self, msg: p.Message) -> None:
+        self.sock.send_multipart(p.encode(msg))
+
+    def hello(self, worker_id: str, role: str = "lifecycle", host_id: str = "h-a", slots: int = 4, **kw) -> None:
+        self.send(p.Hello(worker_id=worker_id, role=role, host_id=host_id, uri="test:///default", slots=slots, **kw))
+
+    def receive(self, timeout_s: float = 0.5) -> list[p.Message]:
+        """Everything that arrives within timeout_s (batches unpacked), added to the inbox."""
+        deadline = time.monotonic() + timeout_s
+        got: list[p.Message] = []
+        while True:
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self.sock.poll(remaining_ms):
+                break
+            got += p.unbatch(p.decode(self.sock.recv_multipart(), p.WORKER_VERSION))
+        self.inbox += got
+        return got
+
+    def expect(self, kind: type[p.Message], timeout_s: float = 10.0, **match) -> p.Message:
+        """The first message of this kind (whose fields match) in the inbox or arriving within timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for msg in self.inbox:
+                if isinstance(msg, kind) and all(getattr(msg, k) == v for k, v in match.items()):
+                    self.inbox.remove(msg)
+                    return msg
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise AssertionError(f"no {kind.KIND} {match or ''} within {timeout_s:g} s; got {self.inbox}")
+            self.receive(min(remaining_s, 0.2))
+
+    def drop(self, kind: type[p.Message]) -> list[p.Message]:
+        """Take every message of this kind out of the inbox."""
+        taken = [m for m in self.inbox if isinstance(m, kind)]
+        self.inbox = [m for m in self.inbox if not isinstance(m, kind)]
+        return taken
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
