@@ -28,6 +28,7 @@ WORKER_ROLES = ("lifecycle", "security")
 # A worker key's metadata, as `key = "value"` lines of the certificate's metadata section.
 _METADATA_LINE = re.compile(r'^\s+(role|host)\s*=\s*"?([^"]*?)"?\s*$')
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+_HOST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:/-]{0,255}$")  # e.g. HOSTNAME/qemu, as workers report it
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ def keygen(
         raise ConfigError(f"keygen needs a role ({', '.join(ROLES)}) and a plain name (letters, digits, _.@-)")
     metadata = None
     if role == "worker":
-        if worker_role not in WORKER_ROLES or not host or not _PLAIN_NAME.match(host):
+        if worker_role not in WORKER_ROLES or not host or not _HOST_ID.match(host):
             raise ConfigError("a worker key needs --role lifecycle|security and --host HOST (the worker's host id)")
         metadata = {"role": worker_role, "host": host}
     elif worker_role or host:
