@@ -142,6 +142,14 @@ def test_bad_hellos_are_refused(broker):
 def test_results_for_unknown_jobs_and_leases_are_refused(broker):
     sock = broker.raw(broker.worker_url, identity=b"late-worker")
     try:
+        # A worker the broker does not know is only asked to register again.
+        sock.send_multipart(p.encode(p.Result(worker_id="late-worker", job_id=1, lease_id="x", epoch=1, ok=True)))
+        broker.probe()
+        assert [type(m) for m in _worker_replies(sock)] == [p.Reregister]
+        # Registered (with one slot, busy at once with the queued job, if any), its results
+        # for jobs and leases it does not hold are refused.
+        sock.send_multipart(p.encode(p.Hello(worker_id="late-worker", role="lifecycle", host_id="fuzzhost",
+                                             uri="test:///default", slots=1)))
         for job_id, lease_id in ((999999, "nope"), (1, "not-the-lease"), (-1, ""), (p.MAX_INT, "x")):
             sock.send_multipart(p.encode(p.Result(worker_id="late-worker", job_id=job_id, lease_id=lease_id, epoch=1,
                                                   ok=True, domain_state="running")))
