@@ -51,11 +51,11 @@ def storage_root():
 @pytest.fixture
 def dac_cluster(cluster_factory, fault_guests, storage_root):
     ensure_guest_user()
-    extra = ["--security", "dac", "--guest-user", GUEST_USER, "--storage-root", str(storage_root),
-             "--label-pause", str(LABEL_PAUSE_S)]
+    extra = ["--security", "dac", "--guest-user", GUEST_USER, "--storage-root", str(storage_root)]
     cluster = cluster_factory(uri=URI, lease_ttl_s=3.0, extra=extra)
     cluster.start_broker()
-    cluster.start_security_worker("dac")
+    # Through tests/paused_security_worker.py: the pause is no configuration key.
+    cluster.start_security_worker("dac", label_pause_s=LABEL_PAUSE_S)
     cluster.start_worker("sw1", slots=4)
     cluster.wait_workers(1)
     cluster.wait_workers(1, role="security")
@@ -99,8 +99,9 @@ def test_dac_worker_kill9_at_random_points_of_a_transaction(dac_cluster, storage
             time.sleep(LABEL_PAUSE_S * 0.9)
         cluster.security["dac"].kill9()
         final = c.wait([job["job_id"]], 60)[0]
-        # Restarted only once the broker has failed the dead worker's requests.
-        cluster.start_security_worker("dac")
+        # Restarted only once the broker has failed the dead worker's requests; paused
+        # again, so that the next round has a transaction to aim into.
+        cluster.start_security_worker("dac", label_pause_s=LABEL_PAUSE_S)
         cluster.wait_workers(1, role="security")
         context = f"seed {fault_rng.seed_value}, round {round_no}, killed after {kill_after} file(s), job {final}"
         if final["state"] == "succeeded":
@@ -132,7 +133,7 @@ def test_dac_worker_restarted_at_once_after_kill9_does_not_strand_the_start(dac_
     job = c.submit(name, "start")
     wait_until(lambda: owner(disks[0]) != ORIGINAL, 30, interval_s=0.01, what="labelling began")
     cluster.security["dac"].kill9()
-    cluster.start_security_worker("dac")
+    cluster.start_security_worker("dac", label_pause_s=LABEL_PAUSE_S)
     status = c.wait_status([job["job_id"]], cluster.lease_ttl_s + 10)
     assert not status["timed_out"], f"start still {status['jobs'][0]['state']} {cluster.lease_ttl_s + 10:g} s after the kill"
     final = status["jobs"][0]

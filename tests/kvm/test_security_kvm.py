@@ -76,12 +76,11 @@ def secure_cluster(cluster_factory, kvm_guests, guest_user, storage_root):
 
     def make(drivers=("dac",), label_pause_s=0.0):
         extra = ["--security", ",".join(drivers), "--guest-user", GUEST_USER, "--storage-root", str(storage_root)]
-        if label_pause_s:
-            extra += ["--label-pause", str(label_pause_s)]
         cluster = cluster_factory(uri=URI, lease_ttl_s=3.0, extra=extra)
         cluster.start_broker()
         for driver in drivers:
-            cluster.start_security_worker(driver)
+            # A pause runs tests/paused_security_worker.py: it is no configuration key.
+            cluster.start_security_worker(driver, label_pause_s=label_pause_s)
         cluster.start_worker("sw1", slots=8)
         cluster.wait_workers(1)
         cluster.wait_workers(len(drivers), role="security")
@@ -196,8 +195,7 @@ def test_security_worker_killed_mid_transaction_leaves_every_file_restored(secur
     cluster.security["dac"].kill9()
     final = c.wait([job["job_id"]], 60)[0]
     assert final["state"] == "failed"
-    # Restarted, the worker rolls back the transaction the crash interrupted.
-    cluster.extra = [a for a in cluster.extra if a not in ("--label-pause", "1.0")]
+    # Restarted (without the pause), the worker rolls back the transaction the crash interrupted.
     cluster.start_security_worker("dac")
     cluster.wait_workers(1, role="security")
     deadline = time.monotonic() + 20
@@ -231,3 +229,41 @@ def test_restarted_security_worker_restores_what_it_labelled_before(secure_clust
     assert c.run(f"{PREFIX}restart1", "destroy", 60)["state"] == "succeeded"
     assert [owner(p) for p in (*overlays, base)] == [ORIGINAL] * 3
     assert not any((cluster.state_dir / "security-apparmor" / "profiles").glob("virtbroker-*"))
+
+
+@pytest.mark.parametrize("bad", ["fifo", "symlink"])
+def test_a_fifo_or_symlink_in_the_backing_chain_fails_the_start_and_a_sound_guest_starts_after(
+    secure_cluster, guest_user, storage_root, bad
+):
+    """Root reads every image header of the chain: a FIFO there would block a label thread
+    for ever (and the start with it), a symlink could point anywhere. Both fail the start
+    with the reason, well within the wait below, and the worker serves the next start."""
+    uid, gid = guest_user
+    cluster = secure_cluster(("dac",))
+    c = cluster.client()
+    base = make_image(storage_root / "base.qcow2")
+    if bad == "fifo":
+        named = make_image(storage_root / "named.qcow2")
+        top = make_image(storage_root / "top.qcow2", backing=named)
+        named.unlink()  # a FIFO only now: qemu-img would block opening it
+        os.mkfifo(named)
+        expected = "FIFO"
+    else:
+        named = storage_root / "named.qcow2"
+        named.symlink_to(base)
+        top = make_image(storage_root / "top.qcow2", backing=named)
+        expected = "symbolic link"
+    c.define(guest_xml("badchain", disks=[str(top)]))
+    job = c.run(f"{PREFIX}badchain", "start", 30)
+    assert job["state"] == "failed", job
+    assert expected in job["error"] and str(named) in job["error"], job["error"]
+    assert owner(top) == ORIGINAL and owner(base) == ORIGINAL
+    assert c.lookup(f"{PREFIX}badchain")["state"] == "shutoff"
+
+    good = make_image(storage_root / "good.qcow2", backing=base)
+    c.define(guest_xml("goodchain", disks=[str(good)]))
+    assert c.run(f"{PREFIX}goodchain", "start", 60)["state"] == "succeeded"
+    assert qemu_uid(f"{PREFIX}goodchain") == uid
+    assert owner(base)[:2] == (uid, gid)
+    assert c.run(f"{PREFIX}goodchain", "destroy", 60)["state"] == "succeeded"
+    assert owner(good) == ORIGINAL and owner(base) == ORIGINAL
