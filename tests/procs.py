@@ -99,8 +99,11 @@ class Cluster:
         worker_id = f"sec-{driver}"
         argv = self._argv("security-worker", "--driver", driver, "--worker-id", worker_id)
         if label_pause_s:
-            # [python, -m, launcher, security-worker, ...] -> [python, -m, tests.paused_..., --label-pause, S, ...]
-            argv = [sys.executable, "-m", "tests.paused_security_worker", "--label-pause", str(label_pause_s), *argv[4:]]
+            # [python -m launcher security-worker OPTIONS] becomes
+            # [python -m tests.paused_security_worker --label-pause S OPTIONS]
+            argv = [
+                sys.executable, "-m", "tests.paused_security_worker", "--label-pause", str(label_pause_s), *argv[4:],
+            ]
         proc = Proc(worker_id, argv, self.state_dir)
         self.security[driver] = proc.start()
         return proc

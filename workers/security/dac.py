@@ -381,7 +381,8 @@ class DacDriver:
             if record is not None and (record["dev"], record["ino"]) != ident:
                 raise SecurityError(
                     f"refusing {path}: its owner record is for another file (inode {record['dev']}:{record['ino']}, "
-                    f"this is {ident[0]}:{ident[1]}); it was replaced while labelled: restore the domains using it first"
+                    f"this is {ident[0]}:{ident[1]}); it was replaced while labelled: "
+                    "restore the domains using it first"
                 )
             if record is not None and (record["label_uid"], record["label_gid"]) != (self.uid, self.gid):
                 raise SecurityError(
@@ -429,7 +430,8 @@ class DacDriver:
         made again, and that it is still the very file that was labelled."""
         if (st.st_dev, st.st_ino) != ident:
             return (
-                f"it is not the file that was labelled (inode {st.st_dev}:{st.st_ino}, labelled {ident[0]}:{ident[1]}): "
+                f"it is not the file that was labelled (inode {st.st_dev}:{st.st_ino}, "
+                f"labelled {ident[0]}:{ident[1]}): "
                 "it was moved or replaced"
             )
         if stat.S_ISLNK(st.st_mode):

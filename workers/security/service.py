@@ -159,10 +159,11 @@ def with_backing_files(resources: list[Resource], storage_roots: list[str]) -> l
         # way); a block device or a folder (<disk type='block'|'dir'>) has no header to read.
         current = os.path.realpath(res.path)
         try:
-            if stat.S_ISBLK(os.stat(current).st_mode) or stat.S_ISDIR(os.stat(current).st_mode):
-                continue
+            mode = os.stat(current).st_mode
         except OSError:
             continue  # missing: the driver says so, with the path
+        if stat.S_ISBLK(mode) or stat.S_ISDIR(mode):
+            continue
         for _ in range(MAX_BACKING_CHAIN):
             if not under_roots(current):
                 break
@@ -351,7 +352,9 @@ class SecurityWorker:
                 self.hello()
 
 
-def run_security_worker(config: Config, driver: str, worker_id: str | None = None, *, label_pause_s: float = 0.0) -> int:
+def run_security_worker(
+    config: Config, driver: str, worker_id: str | None = None, *, label_pause_s: float = 0.0
+) -> int:
     context = zmq.Context()
     try:
         worker = SecurityWorker(config, context, driver, worker_id, label_pause_s=label_pause_s)

@@ -330,12 +330,15 @@ class SecurityStore:
     def count_refs(self, dev: int, ino: int) -> int:
         """How many domains hold the file (dev, ino), under whichever path."""
         with self._connect() as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM dac_refs WHERE dev = ? AND ino = ?", (dev, ino)).fetchone()[0])
+            row = conn.execute("SELECT COUNT(*) FROM dac_refs WHERE dev = ? AND ino = ?", (dev, ino)).fetchone()
+        return int(row[0])
 
     def ref_paths(self, domain_uuid: str) -> list[str]:
         """Every path the domain holds a reference on, committed or not."""
         with self._connect() as conn:
-            rows = conn.execute("SELECT path FROM dac_refs WHERE domain_uuid = ? ORDER BY path", (domain_uuid,)).fetchall()
+            rows = conn.execute(
+                "SELECT path FROM dac_refs WHERE domain_uuid = ? ORDER BY path", (domain_uuid,)
+            ).fetchall()
         return [r[0] for r in rows]
 
     def drop_ref(self, domain_uuid: str, path: str, forget_owner_of: tuple[int, int] | None = None) -> None:
