@@ -19,7 +19,7 @@ class StateLock:
     def __init__(self, path: str, what: str):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -27,6 +27,9 @@ class StateLock:
             os.close(fd)
             who = f"pid {holder}" if holder else "another process"
             raise ConfigError(f"{what} is already running on {os.path.dirname(path)} ({who} holds {path})") from None
+        except BaseException:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -38,6 +41,7 @@ class StateLock:
 
 
 def _read_pid(fd: int) -> int | None:
+    # The holder writes its pid just after locking; an empty file means it is at that instant.
     try:
         return int(os.pread(fd, 32, 0).split()[0])
     except (OSError, ValueError, IndexError):

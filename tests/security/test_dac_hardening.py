@@ -16,7 +16,7 @@ import pytest
 from common.errors import ConfigError, SecurityError
 from common.resources import Resource
 from workers.security.dac import XATTR_NAME, DacDriver
-from workers.security.locks import StateDirLock
+from common.statelock import StateLock
 from tests.security.conftest import GUEST_USER, ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
 
 pytestmark = pytest.mark.security
@@ -305,13 +305,13 @@ def test_a_record_corrupted_while_labelled_stops_the_restore_until_fixed(disk_ro
 
 def test_state_dir_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     path = tmp_path / "security-dac" / "driver.lock"
-    first = StateDirLock(path, "a dac security worker")
+    first = StateLock(path, "a dac security worker")
     try:
         with pytest.raises(ConfigError) as err:
-            StateDirLock(path, "a dac security worker")
+            StateLock(path, "a dac security worker")
         assert f"pid {os.getpid()}" in err.value.message and str(path) in err.value.message
         assert "\n" not in err.value.message
     finally:
         first.release()
     # Released: the next one takes it.
-    StateDirLock(path, "a dac security worker").release()
+    StateLock(path, "a dac security worker").release()

@@ -3,7 +3,6 @@ serving; one worker per driver and state dir, in-process and as a real `virtbrok
 
 import os
 import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path

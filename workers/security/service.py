@@ -8,10 +8,8 @@ host-wide lock when serialization = global, for comparison).
 from __future__ import annotations
 
 import errno
-import grp
 import logging
 import os
-import pwd
 import stat
 import struct
 import threading
@@ -27,32 +25,19 @@ from common import protocol as p
 from common.config import Config
 from common.process import connect_worker_socket, run_until_signalled
 from common.errors import ConfigError, SecurityError, VirtbrokerError
+from common.guestuser import guest_ids
 from common.resources import Resource, emulator_path, find_resources
 from common.wire import drain
 from workers.lifecycle import host_id_for
 from workers.security.apparmor import AppArmorDriver
 from workers.security.dac import DacDriver
-from workers.security.locks import StateDirLock
+from common.statelock import StateLock
 
 log = logging.getLogger("virtbroker.security")
 
 INPROC_URL = "inproc://labels"
 
 
-def guest_ids(spec: str) -> tuple[int, int]:
-    """USER[:GROUP] -> (uid, gid); the group defaults to the user's primary group."""
-    user, _, group = spec.partition(":")
-    try:
-        pw = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
-    except KeyError:
-        raise ConfigError(f"guest user '{user}' does not exist") from None
-    if not group:
-        return pw.pw_uid, pw.pw_gid
-    try:
-        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"guest group '{group}' does not exist") from None
-    return pw.pw_uid, gid
 
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -199,7 +184,7 @@ class SecurityWorker:
         state_dir = os.path.join(config.state_dir, f"security-{driver}")
         # Before the store is opened or any file touched: a second worker of this driver
         # would recover() the first one's transactions under way.
-        self.state_lock = StateDirLock(os.path.join(state_dir, "driver.lock"), f"a {driver} security worker")
+        self.state_lock = StateLock(os.path.join(state_dir, "driver.lock"), f"a {driver} security worker")
         try:
             self._start(config, context, driver, state_dir, label_pause_s)
         except BaseException:
