@@ -17,8 +17,8 @@ from typing import Iterator
 
 import libvirt
 
-from client.api import Client
-from client.templates import minimal_domain_xml
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
 from tests.guests import remove_guests
 from tests.procs import Cluster
 

@@ -68,8 +68,8 @@ def probe_main(mode: str, target: str, names: list[str], go, stop, out) -> None:
         # unix:// target, the local endpoint's stream through the client's own transport.
         import zmq
 
-        from common import protocol as p
-        from common.stream import StreamSocket, is_stream_url
+        from virtbroker.common import protocol as p
+        from virtbroker.common.stream import StreamSocket, is_stream_url
 
         if is_stream_url(target):
             sock = StreamSocket(target)
@@ -86,7 +86,7 @@ def probe_main(mode: str, target: str, names: list[str], go, stop, out) -> None:
         def define(_xml):
             pass
     else:
-        from client.api import Client
+        from virtbroker.client.api import Client
 
         client = Client(target, timeout_s=30)
         lookup = client.lookup

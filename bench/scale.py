@@ -29,10 +29,10 @@ from bench.common import (
     vb_cluster,
     wait_for_idle_cpu,
 )
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common import protocol as p
-from common.stream import is_stream_url, stream_path
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
+from virtbroker.common.stream import is_stream_url, stream_path
 from tests.procs import Cluster
 
 WINDOW = 200  # requests in flight from one pipelining client
@@ -385,7 +385,7 @@ def run(settings: Settings) -> dict:
         "baseline": "raw pyzmq ROUTER/DEALER echo on ipc:// (same machine); for list/RSS/define the smallest size",
         "note": (
             "Defines are pipelined (200 in flight) and durable; lookups are one at a time through "
-            "client.api.Client, p99 of 2,000 random names; list all is Client.list(all=True), and "
+            "virtbroker.Client, p99 of 2,000 random names; list all is Client.list(all=True), and "
             "'raw' the same request on a plain DEALER decoded by msgpack alone (no 2 MiB reply limit). "
             "No-op jobs are suspend/resume on libvirt's test:///default, one host per worker process "
             f"({NOOP_DOMAINS} guests, {NOOP_ROUNDS} rounds of suspend and resume per repetition, "

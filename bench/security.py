@@ -32,8 +32,8 @@ from bench.common import (
     vb_cluster,
     vb_start_destroy,
 )
-from common import domxml
-from common.resources import Resource
+from virtbroker.common import domxml
+from virtbroker.common.resources import Resource
 
 GUEST_USER = "vbguest"
 VB_WORKERS = 4
@@ -208,7 +208,7 @@ def driver_labelling(n: int, serialization: str) -> float:
     Each domain has its overlay (read-write) and the shared base (read-only), exactly the
     resources the security worker hands the driver; no qemu-img probing, no messaging.
     """
-    from workers.security.dac import DacDriver
+    from virtbroker.workers.security.dac import DacDriver
 
     uid, gid = guest_ids()
     images = Images(n)
@@ -275,7 +275,7 @@ def not_runnable() -> str | None:
     if shutil.which("qemu-img") is None:
         return "qemu-img is not installed"
     try:
-        importlib.import_module("workers.security.service")  # the security worker must import
+        importlib.import_module("virtbroker.workers.security.service")  # the security worker must import
     except Exception as e:
         return f"the security worker service does not import: {e}"
     return None

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import msgpack
 import zmq
 
-from common import protocol as p, stream
-from common.errors import ProtocolError
+from virtbroker.common import protocol as p, stream
+from virtbroker.common.errors import ProtocolError
 
 log = logging.getLogger("virtbroker.broker")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.domxml import Definition, looks_like_uuid, normalize_uuid
-from common.errors import ConflictError, InvalidError, NotFoundError
+from virtbroker.common.domxml import Definition, looks_like_uuid, normalize_uuid
+from virtbroker.common.errors import ConflictError, InvalidError, NotFoundError
 
 
 @dataclass

@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Container
 from dataclasses import dataclass, field
 
-from common.errors import NotFoundError, OperationInvalidError
+from virtbroker.common.errors import NotFoundError, OperationInvalidError
 
 # Ops that jump to the front of their domain's queue. libvirt keeps separate priority
 # workers for destroy for the same reason: killing a guest must not wait behind a slow job.

@@ -7,7 +7,6 @@ run, commits once (group commit), and only then sends replies, job assignments a
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import math
 import os
@@ -18,19 +17,20 @@ from dataclasses import dataclass
 
 import zmq
 
-from broker.local import LocalConnection, LocalEndpoint
-from broker.metrics import BrokerMetrics
-from broker.registry import DomainRecord, Registry
-from broker.scheduler import Job, Scheduler, WorkerInfo
-from broker.store import Store, StoreWriter
-from common import domxml, protocol as p
-from common.config import Config
-from common.process import run_until_signalled
-from common.curve import CurveServer, check_tcp_security
-from common.statelock import StateLock
-from common.wire import send_frames
-from common.config import MAX_DEADLINE_S
-from common.errors import (
+from virtbroker import __version__
+from virtbroker.broker.local import LocalConnection, LocalEndpoint
+from virtbroker.broker.metrics import BrokerMetrics
+from virtbroker.broker.registry import DomainRecord, Registry
+from virtbroker.broker.scheduler import Job, Scheduler, WorkerInfo
+from virtbroker.broker.store import Store, StoreWriter
+from virtbroker.common import domxml, protocol as p
+from virtbroker.common.config import Config
+from virtbroker.common.process import run_until_signalled
+from virtbroker.common.curve import CurveServer, check_tcp_security
+from virtbroker.common.statelock import StateLock
+from virtbroker.common.wire import send_frames
+from virtbroker.common.config import MAX_DEADLINE_S
+from virtbroker.common.errors import (
     ConflictError,
     LimitError,
     PermissionError_,
@@ -41,10 +41,6 @@ from common.errors import (
 
 log = logging.getLogger("virtbroker.broker")
 
-try:
-    VERSION = importlib.metadata.version("virtbroker")
-except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
-    VERSION = "0+unknown"
 
 # Where a client's reply goes: a ROUTER socket (with the identity as the first frame), or a
 # connection of the local endpoint.
@@ -445,7 +441,7 @@ class Broker:
 
     def handle_ping(self, msg: p.Ping, identity: bytes):
         return {
-            "version": VERSION,
+            "version": __version__,
             "domains": len(self.registry),
             "workers": len(self.workers),
             "events_url": self.config.events_url,

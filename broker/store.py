@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import msgpack
 import zmq
 
-from broker.registry import DomainRecord
-from broker.scheduler import Job
-from common import protocol as p
+from virtbroker.broker.registry import DomainRecord
+from virtbroker.broker.scheduler import Job
+from virtbroker.common import protocol as p
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS domains (

@@ -10,11 +10,11 @@ from typing import Any, Iterator
 
 import zmq
 
-from common import protocol as p
-from common.config import default_client_url
-from common.curve import use_as_client
-from common.stream import StreamSocket, is_stream_url
-from common.errors import TimeoutError_, UnavailableError, VirtbrokerError, error_from_code
+from virtbroker.common import protocol as p
+from virtbroker.common.config import default_client_url
+from virtbroker.common.curve import use_as_client
+from virtbroker.common.stream import StreamSocket, is_stream_url
+from virtbroker.common.errors import TimeoutError_, UnavailableError, VirtbrokerError, error_from_code
 
 
 class Client:

@@ -7,10 +7,10 @@ import json
 import sys
 import time
 
-from client.api import Client
-from common import protocol as p
-from common.config import default_client_url
-from common.errors import VirtbrokerError
+from virtbroker.client.api import Client
+from virtbroker.common import protocol as p
+from virtbroker.common.config import default_client_url
+from virtbroker.common.errors import VirtbrokerError
 
 EXIT_OK = 0
 EXIT_FAILED = 1

@@ -6,8 +6,8 @@ import configparser
 import os
 from dataclasses import dataclass, field, fields
 
-from common.errors import ConfigError
-from common.stream import is_stream_url, stream_path
+from virtbroker.common.errors import ConfigError
+from virtbroker.common.stream import is_stream_url, stream_path
 
 MAX_SOCKET_PATH_BYTES = 107  # sockaddr_un's sun_path, less its terminating NUL
 

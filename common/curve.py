@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import zmq
 import zmq.auth
 
-from common.errors import ConfigError
+from virtbroker.common.errors import ConfigError
 
 ROLES = ("client", "worker", "readonly")
 WORKER_ROLES = ("lifecycle", "security")

@@ -7,7 +7,7 @@ import uuid as uuidlib
 
 from lxml import etree
 
-from common.errors import InvalidError
+from virtbroker.common.errors import InvalidError
 
 MAX_XML_BYTES = 1024 * 1024
 MAX_NAME_CHARS = 200

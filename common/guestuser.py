@@ -5,7 +5,7 @@ from __future__ import annotations
 import grp
 import pwd
 
-from common.errors import ConfigError
+from virtbroker.common.errors import ConfigError
 
 
 def guest_ids(spec: str) -> tuple[int, int]:

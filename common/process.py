@@ -7,9 +7,9 @@ import signal
 
 import zmq
 
-from common import protocol as p
-from common.config import Config
-from common.curve import check_tcp_security, use_as_client
+from virtbroker.common import protocol as p
+from virtbroker.common.config import Config
+from virtbroker.common.curve import check_tcp_security, use_as_client
 
 EXIT_OK = 0
 EXIT_FORCED = 1

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from common.errors import ProtocolError
+from virtbroker.common.errors import ProtocolError
 
 CLIENT_VERSION = b"VBC1"
 WORKER_VERSION = b"VBW1"

@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 from lxml import etree
 
-from common import domxml
-from common.errors import InvalidError
+from virtbroker.common import domxml
+from virtbroker.common.errors import InvalidError
 
 # What find_resources honours, exactly:
 #

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 
-from common.errors import ConfigError
+from virtbroker.common.errors import ConfigError
 
 
 class StateLock:

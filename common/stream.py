@@ -22,8 +22,8 @@ from collections import deque
 
 import msgpack
 
-from common import protocol as p
-from common.errors import ProtocolError, UnavailableError
+from virtbroker.common import protocol as p
+from virtbroker.common.errors import ProtocolError, UnavailableError
 
 SCHEME = "unix://"
 MAX_FRAMES = 8  # a client message has 3 (version, kind, body)

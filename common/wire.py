@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import zmq
 
-from common import protocol as p
+from virtbroker.common import protocol as p
 
 _MORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)

@@ -1,6 +1,6 @@
-"""`python -m launcher` is `virtbroker`."""
+"""`python -m virtbroker.launcher` is `virtbroker`."""
 import sys
 
-from launcher.cli import main
+from virtbroker.launcher.cli import main
 
 sys.exit(main())

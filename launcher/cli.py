@@ -10,9 +10,9 @@ import signal
 import sys
 import time
 
-from common.config import Config
-from common.errors import VirtbrokerError
-from common.logsetup import setup_logging
+from virtbroker.common.config import Config
+from virtbroker.common.errors import VirtbrokerError
+from virtbroker.common.logsetup import setup_logging
 
 log = logging.getLogger("virtbroker")
 
@@ -68,7 +68,7 @@ def _config(args: argparse.Namespace) -> Config:
         )
     }
     if getattr(args, "deadline", None):
-        from common.config import parse_deadlines
+        from virtbroker.common.config import parse_deadlines
 
         overrides["deadline_s"] = parse_deadlines("--deadline", ",".join(args.deadline))
     if getattr(args, "security", None) is not None:
@@ -77,7 +77,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_broker(args) -> int:
-    from broker.server import run_broker
+    from virtbroker.broker.server import run_broker
 
     config = _config(args)
     setup_logging(config.log_level)
@@ -85,7 +85,7 @@ def cmd_broker(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from workers.lifecycle import run_worker
+    from virtbroker.workers.lifecycle import run_worker
 
     config = _config(args)
     setup_logging(config.log_level)
@@ -93,7 +93,7 @@ def cmd_worker(args) -> int:
 
 
 def cmd_security_worker(args) -> int:
-    from workers.security.service import run_security_worker
+    from virtbroker.workers.security.service import run_security_worker
 
     config = _config(args)
     setup_logging(config.log_level)
@@ -125,8 +125,8 @@ def cmd_up(args) -> int:
     """The broker, N lifecycle workers and the security workers, in the foreground, one merged log."""
     import multiprocessing_logging
 
-    from broker.server import run_broker
-    from workers.lifecycle import run_worker
+    from virtbroker.broker.server import run_broker
+    from virtbroker.workers.lifecycle import run_worker
 
     config = _config(args)
     setup_logging(config.log_level)
@@ -135,7 +135,7 @@ def cmd_up(args) -> int:
 
     specs: list[tuple[str, object, tuple]] = [("broker", run_broker, ())]
     if config.security:
-        from workers.security.service import run_security_worker
+        from virtbroker.workers.security.service import run_security_worker
 
         specs += [(f"security-{d}", run_security_worker, (d,)) for d in config.security]
     specs += [(f"worker-{i + 1}", run_worker, ()) for i in range(config.workers)]
@@ -195,13 +195,13 @@ def cmd_up(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from launcher.demo import run_demo
+    from virtbroker.launcher.demo import run_demo
 
     return run_demo(guests=args.guests, workers=args.workers, uri=args.uri)
 
 
 def cmd_keygen(args) -> int:
-    from common.curve import keygen
+    from virtbroker.common.curve import keygen
 
     role = next((r for r in ("client", "worker", "readonly") if getattr(args, r)), None)
     name = getattr(args, role) if role else None

@@ -12,8 +12,8 @@ import time
 
 from tqdm import tqdm
 
-from client.api import Client
-from client.templates import minimal_domain_xml
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
 
 
 def _wait_ready(client: Client, workers: int, timeout_s: float = 30.0) -> None:
@@ -39,7 +39,7 @@ def run_demo(guests: int = 20, workers: int = 4, uri: str = "test:///default") -
     state_dir = tempfile.mkdtemp(prefix="virtbroker-demo-")
     log_path = os.path.join(state_dir, "virtbroker.log")
     up = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "up", "--state-dir", state_dir, "--workers", str(workers), "--uri", uri],
+        [sys.executable, "-m", "virtbroker.launcher", "up", "--state-dir", state_dir, "--workers", str(workers), "--uri", uri],
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
     )

@@ -11,8 +11,8 @@ import time
 
 import zmq
 
-from common import protocol as p
-from common.curve import use_as_client
+from virtbroker.common import protocol as p
+from virtbroker.common.curve import use_as_client
 
 
 class FakeWorker:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.errors import VirtbrokerError
-from common.logsetup import setup_logging
-from launcher import cli
+from virtbroker.common.errors import VirtbrokerError
+from virtbroker.common.logsetup import setup_logging
+from virtbroker.launcher import cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     ours.add_argument("--label-pause", type=float, required=True, dest="label_pause_s")
     known, rest = ours.parse_known_args(argv)
     args = cli.build_parser().parse_args(["security-worker", *rest])
-    from workers.security.service import run_security_worker
+    from virtbroker.workers.security.service import run_security_worker
 
     try:
         config = cli._config(args)

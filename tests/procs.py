@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from client.api import Client
+from virtbroker.client.api import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ class Cluster:
 
     def _argv(self, command: str, *more: str) -> list[str]:
         return [
-            sys.executable, "-m", "launcher", command, "--state-dir", str(self.state_dir),
+            sys.executable, "-m", "virtbroker.launcher", command, "--state-dir", str(self.state_dir),
             "--uri", self.uri, "--lease-ttl", str(self.lease_ttl_s), *self.extra, *more,
         ]
 
@@ -99,7 +99,7 @@ class Cluster:
         worker_id = f"sec-{driver}"
         argv = self._argv("security-worker", "--driver", driver, "--worker-id", worker_id)
         if label_pause_s:
-            # [python -m launcher security-worker OPTIONS] becomes
+            # [python -m virtbroker.launcher security-worker OPTIONS] becomes
             # [python -m tests.paused_security_worker --label-pause S OPTIONS]
             argv = [
                 sys.executable, "-m", "tests.paused_security_worker", "--label-pause", str(label_pause_s), *argv[4:],

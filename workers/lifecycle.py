@@ -21,12 +21,12 @@ import libvirt
 import msgpack
 import zmq
 
-from common import domxml, protocol as p
-from common.config import Config
-from common.guestuser import guest_ids
-from common.process import connect_worker_socket, run_until_signalled
-from common.wire import drain, send_frames
-from common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
+from virtbroker.common import domxml, protocol as p
+from virtbroker.common.config import Config
+from virtbroker.common.guestuser import guest_ids
+from virtbroker.common.process import connect_worker_socket, run_until_signalled
+from virtbroker.common.wire import drain, send_frames
+from virtbroker.common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
 log = logging.getLogger("virtbroker.worker")
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from broker.server import RESYNC_QUIET_S
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common.protocol import FINAL_JOB_STATES
+from virtbroker.broker.server import RESYNC_QUIET_S
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common.protocol import FINAL_JOB_STATES
 from tests.guests import quiet_libvirt_errors, remove_guests
 from tests.kvm.conftest import DOMAIN_TYPE, URI
 

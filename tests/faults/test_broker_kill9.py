@@ -11,9 +11,9 @@ import threading
 import time
 import uuid as uuidlib
 
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common.errors import UnavailableError
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common.errors import UnavailableError
 from tests.faults.conftest import settle
 
 DEFINES = 1000

@@ -150,8 +150,8 @@ def test_a_job_whose_first_call_meets_a_restarted_libvirtd_reconnects_and_runs(p
     reconnects and runs the job again instead of failing it."""
     from types import SimpleNamespace
 
-    from common import protocol as p
-    from workers.lifecycle import Hypervisor, JobRunner
+    from virtbroker.common import protocol as p
+    from virtbroker.workers.lifecycle import Hypervisor, JobRunner
 
     hv = Hypervisor(private_libvirtd.uri)
     hv.ensure_alive()

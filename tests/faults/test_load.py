@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common.protocol import FINAL_JOB_STATES
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common.protocol import FINAL_JOB_STATES
 from tests.faults.conftest import (
     FAULT_PREFIX,
     active_guests,

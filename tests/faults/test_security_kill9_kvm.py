@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from client.api import Client
+from virtbroker.client.api import Client
 from tests.faults.conftest import (
     FAULT_PREFIX,
     active_guests,

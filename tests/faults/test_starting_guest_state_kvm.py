@@ -17,7 +17,7 @@ import pytest
 
 from tests.faults.conftest import FAULT_PREFIX, fault_guest_xml
 from tests.kvm.conftest import URI
-from workers.lifecycle import Hypervisor
+from virtbroker.workers.lifecycle import Hypervisor
 
 pytestmark = pytest.mark.kvm
 

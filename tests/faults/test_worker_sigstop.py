@@ -14,7 +14,7 @@ import re
 import signal
 import time
 
-from client.templates import minimal_domain_xml
+from virtbroker.client.templates import minimal_domain_xml
 from tests.faults.conftest import RESYNC_ARGS, converge, settle, wait_until
 
 DOMAINS = 8

@@ -16,8 +16,8 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 
-from client.api import Client
-from common import protocol as p
+from virtbroker.client.api import Client
+from virtbroker.common import protocol as p
 from tests.procs import Cluster
 
 FUZZ = settings(

@@ -9,7 +9,7 @@ import typing
 import msgpack
 from hypothesis import strategies as st
 
-from common import protocol as p
+from virtbroker.common import protocol as p
 
 INT_EDGES = [0, -1, 1, 2**31, 2**32, p.MAX_INT, p.MAX_INT + 1, -p.MAX_INT, -(2**63), 2**64 - 1]
 NAME_POOL = ["fz-existing", "fz-other", "", "/", "nope", "00000000-0000-0000-0000-000000000000", "\u2603", "a" * 300]

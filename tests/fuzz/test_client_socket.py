@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.templates import minimal_domain_xml
-from common import protocol as p, stream
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p, stream
 from tests.fuzz.conftest import FUZZ, PROBE_DEADLINE_S, REPLY_DEADLINE_S
 from tests.fuzz.strategies import (
     NAME_POOL,

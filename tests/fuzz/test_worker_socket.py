@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from client.templates import minimal_domain_xml
-from common import protocol as p
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
 from tests.fuzz.conftest import FUZZ
 from tests.fuzz.strategies import body_for, frames_for, ints, packed, texts, values
 

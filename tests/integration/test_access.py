@@ -12,10 +12,10 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common import protocol as p
-from common.errors import PermissionError_, UnavailableError
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
+from virtbroker.common.errors import PermissionError_, UnavailableError
 from tests.procs import ROOT
 
 
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 def keygen(curve_dir, *args):
-    subprocess.run([sys.executable, "-m", "launcher", "keygen", str(curve_dir), *args], check=True, cwd=str(ROOT),
+    subprocess.run([sys.executable, "-m", "virtbroker.launcher", "keygen", str(curve_dir), *args], check=True, cwd=str(ROOT),
                    capture_output=True)
 
 
@@ -63,7 +63,7 @@ def handshake(url: str, curve, secret: str | None) -> int:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if secret is not None:
-        from common.curve import use_as_client
+        from virtbroker.common.curve import use_as_client
 
         use_as_client(sock, str(curve / "server.key"), str(curve / "keys" / f"{secret}.key_secret"))
     monitor = sock.get_monitor_socket(

@@ -13,10 +13,10 @@ import msgpack
 import pytest
 import zmq
 
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common import protocol as p
-from common.errors import ConflictError, InvalidError, NotFoundError, OperationInvalidError
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
+from virtbroker.common.errors import ConflictError, InvalidError, NotFoundError, OperationInvalidError
 from tests.procs import ROOT, Proc
 
 
@@ -32,7 +32,7 @@ def wait_until(predicate, timeout_s=20.0, interval_s=0.05):
 
 def test_embedded_up_runs_50_guests(tmp_path):
     """`virtbroker up` with no libvirtd: 50 guests through define, start, list, destroy, undefine."""
-    up = Proc("up", [sys.executable, "-m", "launcher", "up", "--state-dir", str(tmp_path), "--workers", "4"], tmp_path)
+    up = Proc("up", [sys.executable, "-m", "virtbroker.launcher", "up", "--state-dir", str(tmp_path), "--workers", "4"], tmp_path)
     up.start()
     try:
         with Client(f"ipc://{tmp_path}/client.sock", timeout_s=30) as c:
@@ -471,7 +471,7 @@ def vbctl(cluster, *args, check=True, connect=True):
     env = dict(os.environ, VIRTBROKER_STATE_DIR=str(cluster.state_dir))
     env.pop("VIRTBROKER_URL", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "client.vbctl", *(["--connect", cluster.client_url] if connect else []), *args],
+        [sys.executable, "-m", "virtbroker.client.vbctl", *(["--connect", cluster.client_url] if connect else []), *args],
         capture_output=True, text=True, cwd=str(ROOT), timeout=60, env=env,
     )
     if check:
@@ -517,7 +517,7 @@ def test_vbctl_finds_the_broker_by_its_state_dir(cluster, tmp_path):
     env = dict(os.environ, VIRTBROKER_STATE_DIR=str(tmp_path / "none"))
     env.pop("VIRTBROKER_URL", None)
     elsewhere = subprocess.run(
-        [sys.executable, "-m", "client.vbctl", "list"], capture_output=True, text=True, cwd=str(ROOT), timeout=60, env=env,
+        [sys.executable, "-m", "virtbroker.client.vbctl", "list"], capture_output=True, text=True, cwd=str(ROOT), timeout=60, env=env,
     )
     assert elsewhere.returncode == 1 and "cannot connect to the broker at unix://" in elsewhere.stderr
     assert "Traceback" not in elsewhere.stderr
@@ -542,7 +542,7 @@ def test_embedded_host_dies_with_its_worker_and_its_domains_start_elsewhere(clus
 
 
 def test_children_of_up_stop_when_up_is_killed(tmp_path):
-    up = Proc("up", [sys.executable, "-m", "launcher", "up", "--state-dir", str(tmp_path), "--workers", "2"], tmp_path)
+    up = Proc("up", [sys.executable, "-m", "virtbroker.launcher", "up", "--state-dir", str(tmp_path), "--workers", "2"], tmp_path)
     up.start()
     try:
         with Client(f"ipc://{tmp_path}/client.sock", timeout_s=30) as c:

@@ -9,14 +9,14 @@ import uuid as uuidlib
 
 import pytest
 
-from client.templates import minimal_domain_xml
-from common.errors import InvalidError, LimitError
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common.errors import InvalidError, LimitError
 from tests.integration.test_access import free_port
 from tests.procs import ROOT
 
 
 def run_launcher(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=str(ROOT), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "virtbroker.launcher", *args], cwd=str(ROOT), capture_output=True, text=True,
                           timeout=timeout_s)
 
 

@@ -15,8 +15,8 @@ import uuid as uuidlib
 import pytest
 import zmq
 
-from client.templates import minimal_domain_xml
-from common import protocol as p
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
 from tests.fakeworker import FakeWorker
 from tests.integration.test_access import free_port
 from tests.procs import ROOT
@@ -25,7 +25,7 @@ HOST_A, HOST_B = "host-a", "host-b"
 
 
 def keygen(curve_dir, *args) -> None:
-    subprocess.run([sys.executable, "-m", "launcher", "keygen", str(curve_dir), *args], check=True, cwd=str(ROOT),
+    subprocess.run([sys.executable, "-m", "virtbroker.launcher", "keygen", str(curve_dir), *args], check=True, cwd=str(ROOT),
                    capture_output=True)
 
 

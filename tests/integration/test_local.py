@@ -7,10 +7,10 @@ import socket
 import msgpack
 import pytest
 
-from client.api import Client
-from client.templates import minimal_domain_xml
-from common import protocol as p, stream
-from common.errors import NotFoundError, UnavailableError
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p, stream
+from virtbroker.common.errors import NotFoundError, UnavailableError
 
 REPLY_TIMEOUT_S = 5.0
 

@@ -4,7 +4,7 @@ import socket
 import time
 import urllib.request
 
-from client.templates import minimal_domain_xml
+from virtbroker.client.templates import minimal_domain_xml
 from prometheus_client.parser import text_string_to_metric_families
 
 

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from client.api import Client
-from client.templates import minimal_domain_xml
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
 from tests.procs import ROOT
 
 

@@ -8,7 +8,7 @@ import os
 import libvirt
 import pytest
 
-from client.templates import minimal_domain_xml
+from virtbroker.client.templates import minimal_domain_xml
 from tests.guests import quiet_libvirt_errors, remove_guests
 
 URI = "qemu:///system"

@@ -14,11 +14,11 @@ import libvirt
 import pytest
 import zmq
 
-from common import protocol as p
+from virtbroker.common import protocol as p
 from tests.fakeworker import FakeWorker
 from tests.kvm.conftest import PREFIX, URI, guest_xml
 from tests.procs import ROOT
-from workers.lifecycle import host_id_for
+from virtbroker.workers.lifecycle import host_id_for
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]
 
@@ -37,7 +37,7 @@ def guest_uid_gid():
 
 
 def keygen(curve_dir, *args) -> None:
-    subprocess.run([sys.executable, "-m", "launcher", "keygen", str(curve_dir), *args], check=True, cwd=str(ROOT),
+    subprocess.run([sys.executable, "-m", "virtbroker.launcher", "keygen", str(curve_dir), *args], check=True, cwd=str(ROOT),
                    capture_output=True)
 
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from client.api import Client
+from virtbroker.client.api import Client
 from tests.kvm.conftest import PREFIX, URI, guest_xml, running_on_host
 
 pytestmark = pytest.mark.kvm

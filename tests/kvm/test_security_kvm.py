@@ -14,8 +14,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from client.api import Client
-from common import domxml
+from virtbroker.client.api import Client
+from virtbroker.common import domxml
 from tests.kvm.conftest import PREFIX, URI, guest_xml
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.security.dac import DacDriver
+from virtbroker.workers.security.dac import DacDriver
 
 GUEST_USER = "vbguest"
 # Owner of the test images before labelling: neither root nor the guest, so a restore

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError, SecurityError
-from common.resources import Resource
-from workers.security.apparmor import AppArmorDriver
+from virtbroker.common.errors import ConfigError, SecurityError
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.apparmor import AppArmorDriver
 
 pytestmark = pytest.mark.security
 
@@ -181,7 +181,7 @@ def test_restore_removes_the_profile_and_is_idempotent(aa, images):
 
 _CRASH_SCRIPT = """
 import sys
-from workers.security.apparmor import AppArmorDriver
+from virtbroker.workers.security.apparmor import AppArmorDriver
 state_dir, profile_dir, root, emulator, dom = sys.argv[1:]
 driver = AppArmorDriver(state_dir, profile_dir, [root], [emulator], pause_after_write_s=60)
 driver.label(dom, "vm", [], emulator)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import SecurityError
-from common.resources import Resource
-from workers.security.dac import XATTR_NAME
-from workers.security.locks import PathLocks
+from virtbroker.common.errors import SecurityError
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.dac import XATTR_NAME
+from virtbroker.workers.security.locks import PathLocks
 from tests.security.conftest import ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
 
 pytestmark = pytest.mark.security
@@ -196,8 +196,8 @@ def test_refuses_missing_dangling_and_hard_linked_files(lab):
 
 _CRASH_SCRIPT = """
 import sys
-from common.resources import Resource
-from workers.security.dac import DacDriver
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.dac import DacDriver
 state_dir, root, uid, gid, dom, *paths = sys.argv[1:]
 driver = DacDriver(state_dir, int(uid), int(gid), [root], pause_after_each_s=0.5)
 driver.label(dom, [Resource(p, readonly=False, shared=False, kind="disk") for p in paths])

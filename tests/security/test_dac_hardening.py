@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import ConfigError, SecurityError
-from common.resources import Resource
-from workers.security.dac import XATTR_NAME, DacDriver
-from common.statelock import StateLock
+from virtbroker.common.errors import ConfigError, SecurityError
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.dac import XATTR_NAME, DacDriver
+from virtbroker.common.statelock import StateLock
 from tests.security.conftest import GUEST_USER, ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
 
 pytestmark = pytest.mark.security

@@ -6,9 +6,9 @@ import threading
 
 import pytest
 
-from common.errors import SecurityError
-from common.resources import Resource
-from workers.security.service import qcow2_backing_file, with_backing_files
+from virtbroker.common.errors import SecurityError
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.service import qcow2_backing_file, with_backing_files
 
 
 def qcow2(path, backing=None):

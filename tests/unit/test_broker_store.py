@@ -7,9 +7,9 @@ import sqlite3
 
 import msgpack
 
-from broker.registry import DomainRecord
-from broker.scheduler import Job
-from broker.store import _JOB_COLUMNS, Store
+from virtbroker.broker.registry import DomainRecord
+from virtbroker.broker.scheduler import Job
+from virtbroker.broker.store import _JOB_COLUMNS, Store
 
 XML = "<domain type='test'><name>a</name></domain>"
 
@@ -97,7 +97,7 @@ def test_a_store_written_before_the_state_table_and_msgpack_bodies_still_loads(t
 def test_batches_larger_than_one_statement_write_every_row(tmp_path):
     """Rows go to SQLite in multi-row statements of ROWS_PER_STATEMENT: a batch of several
     statements and a remainder, with deletes and upserts in the same batches."""
-    from broker.store import ROWS_PER_STATEMENT
+    from virtbroker.broker.store import ROWS_PER_STATEMENT
 
     n = ROWS_PER_STATEMENT * 2 + 37
     store = Store(str(tmp_path))

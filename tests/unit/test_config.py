@@ -2,8 +2,8 @@
 
 import pytest
 
-from common.config import MAX_SOCKET_PATH_BYTES, Config, default_client_url
-from common.errors import ConfigError
+from virtbroker.common.config import MAX_SOCKET_PATH_BYTES, Config, default_client_url
+from virtbroker.common.errors import ConfigError
 
 
 def test_endpoints_default_to_the_state_dir(tmp_path):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from workers.security.store import PHASE_PENDING, SecurityStore
+from virtbroker.workers.security.store import PHASE_PENDING, SecurityStore
 
 
 def _queued(store: SecurityStore, count: int, timeout_s: float = 10.0) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from workers.lifecycle import Hypervisor
+from virtbroker.workers.lifecycle import Hypervisor
 
 URI = "test:///default"
 

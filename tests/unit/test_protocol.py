@@ -6,8 +6,8 @@ import typing
 import msgpack
 import pytest
 
-from common import protocol as p
-from common.errors import ProtocolError
+from virtbroker.common import protocol as p
+from virtbroker.common.errors import ProtocolError
 
 SAMPLES = {str: "x", int: 7, float: 1.5, bool: True, list: [], dict: {"a": 1}}
 

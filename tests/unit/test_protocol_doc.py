@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from common import protocol as p
+from virtbroker.common import protocol as p
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
 

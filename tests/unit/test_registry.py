@@ -2,10 +2,10 @@
 
 import pytest
 
-from broker.registry import Registry
-from client.templates import minimal_domain_xml
-from common import domxml
-from common.errors import ConflictError, InvalidError, NotFoundError
+from virtbroker.broker.registry import Registry
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import domxml
+from virtbroker.common.errors import ConflictError, InvalidError, NotFoundError
 
 U1 = "11111111-2222-3333-4444-555555555555"
 U2 = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"

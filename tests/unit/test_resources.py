@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import InvalidError
-from common.resources import Resource, emulator_path, find_resources
+from virtbroker.common.errors import InvalidError
+from virtbroker.common.resources import Resource, emulator_path, find_resources
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "domains"
 # The full corpus of libvirt test domains, when a checkout of it sits beside the repository.
@@ -86,7 +86,7 @@ def test_every_fixture_is_checked():
 
 
 def test_accepts_a_parsed_root_and_reports_the_emulator():
-    from common.domxml import parse
+    from virtbroker.common.domxml import parse
 
     root = parse((FIXTURES / "bios-nvram.xml").read_bytes())
     assert find_resources(root) == EXPECTED["bios-nvram.xml"]

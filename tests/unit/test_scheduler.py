@@ -3,8 +3,8 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from broker.scheduler import Scheduler, WorkerInfo
-from common.errors import OperationInvalidError
+from virtbroker.broker.scheduler import Scheduler, WorkerInfo
+from virtbroker.common.errors import OperationInvalidError
 
 U = "11111111-2222-3333-4444-555555555555"
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from workers.lifecycle import JobThreads, Mailbox
+from virtbroker.workers.lifecycle import JobThreads, Mailbox
 
 
 def readable(fd: int, timeout_s: float = 0.0) -> bool:
@@ -98,7 +98,7 @@ def test_job_threads_run_jobs_concurrently_and_stop():
 def test_job_threads_run_nicer_than_the_thread_that_started_them():
     import os
 
-    from workers.lifecycle import JOB_THREAD_NICE
+    from virtbroker.workers.lifecycle import JOB_THREAD_NICE
 
     mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     seen = []

@@ -8,11 +8,11 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from common.domxml import check_name, normalize_uuid
-from common.errors import ConfigError, SecurityError
-from common.resources import Resource
-from workers.security.locks import PathLocks
-from workers.security.store import PHASE_ROLLED_BACK, Profile, SecurityStore
+from virtbroker.common.domxml import check_name, normalize_uuid
+from virtbroker.common.errors import ConfigError, SecurityError
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.locks import PathLocks
+from virtbroker.workers.security.store import PHASE_ROLLED_BACK, Profile, SecurityStore
 
 log = logging.getLogger(__name__)
 

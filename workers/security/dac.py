@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from common.domxml import normalize_uuid
-from common.errors import ConfigError, SecurityError
-from common.resources import Resource
-from workers.security.locks import PathLocks
-from workers.security.store import PHASE_ROLLED_BACK, SecurityStore
+from virtbroker.common.domxml import normalize_uuid
+from virtbroker.common.errors import ConfigError, SecurityError
+from virtbroker.common.resources import Resource
+from virtbroker.workers.security.locks import PathLocks
+from virtbroker.workers.security.store import PHASE_ROLLED_BACK, SecurityStore
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from common.errors import ConfigError
+from virtbroker.common.errors import ConfigError
 
 MODES = ("per-resource", "global")
 _GLOBAL_KEY = "<global>"

@@ -21,17 +21,17 @@ import libvirt
 import zmq
 from lxml import etree
 
-from common import protocol as p
-from common.config import Config
-from common.process import connect_worker_socket, run_until_signalled
-from common.errors import ConfigError, SecurityError, VirtbrokerError
-from common.guestuser import guest_ids
-from common.resources import Resource, emulator_path, find_resources
-from common.wire import drain
-from workers.lifecycle import host_id_for
-from workers.security.apparmor import AppArmorDriver
-from workers.security.dac import DacDriver
-from common.statelock import StateLock
+from virtbroker.common import protocol as p
+from virtbroker.common.config import Config
+from virtbroker.common.process import connect_worker_socket, run_until_signalled
+from virtbroker.common.errors import ConfigError, SecurityError, VirtbrokerError
+from virtbroker.common.guestuser import guest_ids
+from virtbroker.common.resources import Resource, emulator_path, find_resources
+from virtbroker.common.wire import drain
+from virtbroker.workers.lifecycle import host_id_for
+from virtbroker.workers.security.apparmor import AppArmorDriver
+from virtbroker.workers.security.dac import DacDriver
+from virtbroker.common.statelock import StateLock
 
 log = logging.getLogger("virtbroker.security")
 
