@@ -7,15 +7,15 @@ ZeroMQ identity frame, which is never sent.
 
 Why a second transport: a ZeroMQ round trip between two local processes wakes four threads
 (each side's I/O thread and its caller), a stream round trip two. When guests boot on every
-core, each wake-up waits for a CPU, and in a 20-guest start storm that is the difference
-between a lookup p99 of about 2 ms and well under 1 ms (docs/BENCHMARKS.md). ZeroMQ stays
-the transport for workers, remote clients and events.
+core, each wake-up waits for a CPU, so in a start storm the stream's lookups wait less (the
+figures are in docs/BENCHMARKS.md). ZeroMQ stays the transport for workers, remote clients
+and events.
 """
 
 from __future__ import annotations
 
 import os
-import select
+import selectors
 import socket
 import time
 from collections import deque
@@ -76,6 +76,9 @@ class StreamSocket:
         self.path = stream_path(url)
         self.max_bytes = max_bytes
         self.sock: socket.socket | None = None
+        # selectors, not select.select(): select() cannot watch a descriptor above 1,023,
+        # and a client in a process with many files open gets one.
+        self.selector: selectors.BaseSelector | None = None
         self.unpacker: msgpack.Unpacker | None = None
         self.ready: deque[list[bytes]] = deque()
         self.buffer = memoryview(bytearray(READ_BYTES))  # see broker.local: recv(n) allocates n
@@ -88,7 +91,9 @@ class StreamSocket:
             except OSError as e:
                 sock.close()
                 raise UnavailableError(f"cannot connect to the broker at {self.url}: {e.strerror}") from None
-            self.sock, self.unpacker = sock, unpacker(self.max_bytes)
+            selector = selectors.DefaultSelector()
+            selector.register(sock, selectors.EVENT_READ)
+            self.sock, self.selector, self.unpacker = sock, selector, unpacker(self.max_bytes)
             self.ready.clear()
         return self.sock
 
@@ -112,7 +117,7 @@ class StreamSocket:
         deadline = time.monotonic() + timeout_ms / 1000
         while not self.ready:
             remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0 or not select.select([self.sock], [], [], remaining_s)[0]:
+            if remaining_s <= 0 or not self.selector.select(remaining_s):
                 return False
             try:
                 size = self.sock.recv_into(self.buffer)
@@ -136,9 +141,11 @@ class StreamSocket:
         return self.ready.popleft()
 
     def close(self, linger: int = 0) -> None:
+        if self.selector is not None:
+            self.selector.close()
         if self.sock is not None:
             self.sock.close()
-        self.sock = self.unpacker = None
+        self.sock = self.selector = self.unpacker = None
         self.ready.clear()
 
 
