@@ -89,11 +89,31 @@ class WorkerInfo:
     slots: int
     drivers: list[str] = field(default_factory=list)
     last_seen: float = 0.0  # monotonic
-    jobs: set[int] = field(default_factory=set)
+    jobs: set = field(default_factory=set)  # job ids (lifecycle) or label ids (security) it holds
+    # Extra slots for PRIORITY_OPS only (destroy, reconcile): libvirtd's priority workers. A
+    # destroy takes one when every ordinary slot is busy, so it never waits behind starts.
+    priority_slots: int = 0
+    priority_jobs: set[int] = field(default_factory=set)  # the jobs in those slots
 
     @property
     def free_slots(self) -> int:
-        return self.slots - len(self.jobs)
+        return self.slots - (len(self.jobs) - len(self.priority_jobs))
+
+    @property
+    def free_priority_slots(self) -> int:
+        return self.priority_slots - len(self.priority_jobs)
+
+    def can_take(self, op: str) -> bool:
+        return self.free_slots > 0 or (op in PRIORITY_OPS and self.free_priority_slots > 0)
+
+    def take(self, job_id: int, op: str) -> None:
+        if self.free_slots <= 0 and op in PRIORITY_OPS:
+            self.priority_jobs.add(job_id)
+        self.jobs.add(job_id)
+
+    def drop(self, job_id) -> None:
+        self.jobs.discard(job_id)
+        self.priority_jobs.discard(job_id)
 
     def summary(self) -> dict:
         return {
@@ -102,6 +122,7 @@ class WorkerInfo:
             "host": self.host_id,
             "uri": self.uri,
             "slots": self.slots,
+            "priority_slots": self.priority_slots,
             "busy": len(self.jobs),
             "drivers": list(self.drivers),
         }
@@ -132,6 +153,7 @@ class Scheduler:
         # added in id order, on submit and when loaded).
         self.by_domain: dict[str, dict[int, None]] = {}
         self.queued_count = 0  # jobs waiting in any queue: max_queued_jobs is checked on this
+        self.priority_queued = 0  # of them, PRIORITY_OPS (dispatch looks for these when slots are full)
 
     # -- jobs
     def new_job(self, uuid: str, name: str, op: str, now_wall: float, **kw) -> Job:
@@ -168,8 +190,15 @@ class Scheduler:
         """The domain's job ids, oldest first."""
         return list(self.by_domain.get(uuid, ()))
 
+    def _dequeued(self, job: Job) -> None:
+        self.queued_count -= 1
+        if job.op in PRIORITY_OPS:
+            self.priority_queued -= 1
+
     def enqueue(self, job: Job) -> None:
         self.queued_count += 1
+        if job.op in PRIORITY_OPS:
+            self.priority_queued += 1
         queue = self.queues.setdefault(job.uuid, deque())
         if job.op in PRIORITY_OPS:
             # After priority jobs already waiting, before everything else.
@@ -193,7 +222,7 @@ class Scheduler:
         if job.state != "queued":
             raise OperationInvalidError(f"job {job_id} is {job.state}; only queued jobs can be cancelled")
         self.queues[job.uuid].remove(job_id)
-        self.queued_count -= 1
+        self._dequeued(job)
         self.drop_empty_queue(job.uuid)
         # QUEUED -> CANCELLED
         self._now_final(job)
@@ -237,14 +266,14 @@ class Scheduler:
 
     def pop_head(self, uuid: str) -> Job:
         job = self.jobs[self.queues[uuid].popleft()]
-        self.queued_count -= 1
+        self._dequeued(job)
         self.drop_empty_queue(uuid)
         return job
 
     def remove_queued(self, job: Job) -> None:
         """Take a queued job out of its domain's queue (it is about to become final)."""
         self.queues[job.uuid].remove(job.job_id)
-        self.queued_count -= 1
+        self._dequeued(job)
         self.drop_empty_queue(job.uuid)
 
     def drop_empty_queue(self, uuid: str) -> None:
@@ -275,7 +304,7 @@ class Scheduler:
         self._add_lease(lease)
         self.active[job.uuid] = job.job_id
         self.ready.pop(job.uuid, None)
-        worker.jobs.add(job.job_id)
+        worker.take(job.job_id, job.op)
         # QUEUED -> RUNNING
         job.state = "running"
         job.started_at = now_wall

@@ -150,3 +150,22 @@ def with_static_label(xml: str, model: str, label_text: str) -> str:
     label = etree.SubElement(root, "seclabel", type="static", model=model, relabel="no")
     etree.SubElement(label, "label").text = label_text
     return etree.tostring(root, encoding="unicode")
+
+
+_MEMORY_UNITS_KIB = {
+    "b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
+    "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024, "t": 1024**3, "tib": 1024**3,
+    "tb": 1000**4 / 1024,
+}
+
+
+def memory_mib(xml: str) -> int:
+    """The guest's memory in MiB, as libvirt reads `<memory unit=...>` (default KiB); 0 if absent."""
+    el = parse(xml).find("memory")
+    if el is None or not (el.text or "").strip():
+        return 0
+    try:
+        kib = float(el.text.strip()) * _MEMORY_UNITS_KIB[(el.get("unit") or "KiB").lower()]
+    except (ValueError, KeyError):
+        return 0
+    return int(kib // 1024)

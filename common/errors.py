@@ -90,6 +90,13 @@ class UnavailableError(VirtbrokerError):
     code = "unavailable"
 
 
+class OperationFailedError(VirtbrokerError):
+    """The operation cannot be carried out as things are (libvirt's VIR_ERR_OPERATION_FAILED):
+    e.g. no host has room for a guest to start."""
+
+    code = "operation-failed"
+
+
 class LimitError(VirtbrokerError):
     """A configured limit (max_domains, max_queued_jobs) would be passed: nothing was changed."""
 
@@ -113,6 +120,7 @@ ERRORS_BY_CODE = {
         TimeoutError_,
         UnavailableError,
         LimitError,
+        OperationFailedError,
     )
 }
 

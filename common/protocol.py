@@ -216,6 +216,11 @@ class Hello(Message):
     drivers: list[str] = field(default_factory=list)  # security workers: ["dac"], ["apparmor"]
     guests: list[dict] = field(default_factory=list)  # [{uuid, name, state}] running on the host
     leases: list[dict] = field(default_factory=list)  # [{lease_id, job_id, epoch}] still being worked
+    # Lifecycle workers: extra slots for destroy and reconcile only (libvirtd's priority
+    # workers), and the host's capacity from libvirt (0: not reported), for placement.
+    priority_slots: int = 0
+    memory_mib: int = 0
+    cpus: int = 0
 
 
 @dataclass
