@@ -10,7 +10,9 @@ import signal
 import sys
 import time
 
-from virtbroker.common.config import Config
+from dataclasses import MISSING
+
+from virtbroker.common.config import Config, config_fields, field_type, option_flags
 from virtbroker.common.errors import VirtbrokerError
 from virtbroker.common.logsetup import setup_logging
 
@@ -21,58 +23,35 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 
 
-def _common_options(parser: argparse.ArgumentParser) -> None:
+def _common_options(parser: argparse.ArgumentParser, command: str | None = None) -> None:
+    """-c, and one option per Config field that COMMAND takes (common/config.py declares each
+    field's type, help and check once; the option, the ini key and the check follow from it)."""
     parser.add_argument("-c", "--config", help="ini file with a [virtbroker] section (configs/virtbroker.ini)")
-    parser.add_argument("--state-dir", help="where the broker keeps its database and ipc sockets")
-    parser.add_argument("--client-url", help="client endpoint (default ipc://STATE_DIR/client.sock)")
-    parser.add_argument("--worker-url", help="worker endpoint (default ipc://STATE_DIR/worker.sock)")
-    parser.add_argument("--events-url", help="event endpoint (default ipc://STATE_DIR/events.sock)")
-    parser.add_argument("--local-url", help="client endpoint over a UNIX stream socket (default unix://STATE_DIR/local.sock)")
-    parser.add_argument("--uri", help="libvirt URI of the lifecycle workers (default test:///default)")
-    parser.add_argument("--slots", type=int, help="jobs one lifecycle worker runs at once (default 4)")
-    parser.add_argument("--lease-ttl", type=float, dest="lease_ttl_s", help="lease TTL in seconds (default 10)")
-    parser.add_argument("--security", help="security drivers, comma-separated: dac,apparmor")
-    parser.add_argument("--guest-user", help="USER[:GROUP] QEMU runs as when dac is on")
-    parser.add_argument("--storage-root", action="append", dest="storage_roots", help="a directory guests' files may live in (repeatable)")
-    parser.add_argument("--serialization", choices=("per-resource", "global"), help="security driver locking")
-    parser.add_argument("--resync-interval", type=float, dest="resync_interval_s",
-                        help="seconds between lifecycle workers' reports of their host's guests (default 15)")
-    parser.add_argument("--readonly-url", help="an extra endpoint that serves lookups, lists and job status only")
-    parser.add_argument("--curve-dir", help="broker: CURVE key directory (virtbroker keygen); turns on authentication")
-    parser.add_argument("--curve-server-key", help="worker: the broker's public key file")
-    parser.add_argument("--curve-secret-key", help="worker: this worker's secret key file")
-    parser.add_argument("--metrics-port", type=int, help="serve the broker's Prometheus metrics on this port")
-    parser.add_argument("--job-history", type=int, help="broker: final jobs to keep before the oldest are forgotten (default 10000)")
-    parser.add_argument("--allow-insecure-tcp", action="store_true", default=None,
-                        help="accept tcp:// endpoints without CURVE (anyone who reaches them is a peer)")
-    parser.add_argument("--max-domains", type=int, help="broker: domains it holds at most (default 200000)")
-    parser.add_argument("--max-queued-jobs", type=int, help="broker: queued jobs at most, in all (default 100000)")
-    parser.add_argument("--max-queued-jobs-per-domain", type=int,
-                        help="broker: queued jobs at most per domain (default 1000)")
-    parser.add_argument("--deadline", action="append", metavar="OP:SECONDS",
-                        help="broker: how long a job of OP may run before it ends lost (repeatable)")
-    parser.add_argument("--allowed-emulator", action="append", dest="allowed_emulators", metavar="PATH",
-                        help="apparmor: an emulator guests may name (repeatable; default: libvirt's)")
-    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING")
+    for f in config_fields(command):
+        kind = field_type(f)
+        help_text = f.metadata.get("help", "")
+        shown = f.default if f.default is not MISSING else None
+        if shown not in (None, "", 0, False) and "default" not in help_text:
+            help_text += f" (default {shown:g})" if isinstance(shown, float) else f" (default {shown})"
+        metavar = f.metadata.get("metavar") or _METAVARS.get(kind, "S" if f.name.endswith("_s") else None)
+        flags = option_flags(f)
+        if kind is bool:
+            # --allow-insecure-tcp / --no-allow-insecure-tcp; None: not given, the ini decides.
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif kind in (list[str], dict[str, float]):
+            # Repeatable, and each value may hold several, comma-separated (--security dac,apparmor).
+            parser.add_argument(*flags, dest=f.name, action="append", metavar=metavar, help=help_text)
+        else:
+            # Kept as text: Config.load parses it by the field's type, so a bad value is one
+            # ConfigError line naming the key, from the command line as from the ini.
+            parser.add_argument(*flags, dest=f.name, metavar=metavar, help=help_text)
+
+
+_METAVARS = {int: "N", str: None, list[str]: "ITEM[,ITEM]", dict[str, float]: "KEY:VALUE"}
 
 
 def _config(args: argparse.Namespace) -> Config:
-    overrides = {
-        key: getattr(args, key, None)
-        for key in (
-            "state_dir", "client_url", "worker_url", "events_url", "local_url", "uri", "slots", "lease_ttl_s",
-            "guest_user", "storage_roots", "serialization", "log_level", "workers",
-            "metrics_port", "resync_interval_s", "readonly_url", "curve_dir", "curve_server_key",
-            "curve_secret_key", "job_history", "allow_insecure_tcp", "max_domains", "max_queued_jobs",
-            "max_queued_jobs_per_domain", "allowed_emulators",
-        )
-    }
-    if getattr(args, "deadline", None):
-        from virtbroker.common.config import parse_deadlines
-
-        overrides["deadline_s"] = parse_deadlines("--deadline", ",".join(args.deadline))
-    if getattr(args, "security", None) is not None:
-        overrides["security"] = [d.strip() for d in args.security.split(",") if d.strip()]
+    overrides = {f.name: getattr(args, f.name, None) for f in config_fields()}
     return Config.load(args.config, **overrides)
 
 
@@ -103,33 +82,96 @@ def cmd_security_worker(args) -> int:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent_pid: int) -> None:
     """Ask Linux to send SIGTERM when `up` dies, even by kill -9, so no child is orphaned."""
     import ctypes
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
-        pass  # not Linux: children outlive a killed `up`, as before
+        return  # not Linux: children outlive a killed `up`, as before
+    if os.getppid() != parent_pid:
+        os._exit(EXIT_ERROR)  # `up` died between the fork and the prctl: nobody would tell us
 
 
-def _child(target, config: Config, *extra):
+def _child(target, config: Config, parent_pid: int, *extra):
     # Children of `up` log through the parent's handler (multiprocessing-logging) and
     # leave Ctrl-C to the parent, which stops them in order.
-    _die_with_parent()
+    _die_with_parent(parent_pid)
+    signal.set_wakeup_fd(-1)  # the parent's wake-up pipe is the parent's
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(target(config, *extra))
+    try:
+        code = target(config, *extra)
+    except VirtbrokerError as e:
+        # One line, as `virtbroker broker` would print, instead of a traceback per restart.
+        log.error("error: %s", e)
+        code = EXIT_USAGE if e.code == "config" else EXIT_ERROR
+    sys.exit(code)
+
+
+class Restarts:
+    """When `up` starts each child again, as supervisord does (supervisor/process.py): pure,
+    the clock passed in.
+
+    A child that exits after running startsecs_s or more was RUNNING: it is started again at
+    once. One that exits sooner failed to start (STARTING -> BACKOFF) and waits 1 s, then 2 s,
+    ... before the next try; after the first start and startretries retries all failed so, it
+    is FATAL and `up` gives up. supervisor itself is not used as a library here: its process
+    management lives inside supervisord's event loop and config objects (and it would make an
+    extra a dependency of `up`); what `up` needs of it is this table and a wait.
+    """
+
+    def __init__(self, startsecs_s: float, startretries: int):
+        self.startsecs_s = startsecs_s
+        self.startretries = startretries
+        self.started_at: dict[str, float] = {}
+        self.failed_starts: dict[str, int] = {}
+        self.restart_at: dict[str, float] = {}
+
+    def started(self, name: str, now: float) -> None:
+        # BACKOFF (or new) -> STARTING
+        self.restart_at.pop(name, None)
+        self.started_at[name] = now
+
+    def exited(self, name: str, now: float) -> float | None:
+        """The child's restart time, or None when it is FATAL."""
+        if now - self.started_at[name] >= self.startsecs_s:
+            # RUNNING -> EXITED: it had started fine; start it again at once.
+            self.failed_starts[name] = 0
+            self.restart_at[name] = now
+            return now
+        failures = self.failed_starts.get(name, 0) + 1
+        self.failed_starts[name] = failures
+        if failures > self.startretries:
+            return None  # BACKOFF -> FATAL
+        # STARTING -> BACKOFF
+        self.restart_at[name] = now + failures
+        return self.restart_at[name]
+
+    def due(self, now: float) -> list[str]:
+        return sorted(name for name, at in self.restart_at.items() if at <= now)
+
+    def next_due(self) -> float | None:
+        return min(self.restart_at.values(), default=None)
 
 
 def cmd_up(args) -> int:
-    """The broker, N lifecycle workers and the security workers, in the foreground, one merged log."""
+    """The broker, N lifecycle workers and the security workers, in the foreground, one merged
+    log; a child that exits is started again (class Restarts)."""
     import multiprocessing_logging
+    from multiprocessing.connection import wait as wait_for_any
 
     from virtbroker.broker.server import run_broker
     from virtbroker.workers.lifecycle import run_worker
 
     config = _config(args)
     setup_logging(config.log_level)
+    # Children log through a queue the parent drains. `up`'s own lines about its children go
+    # straight to stderr instead: a child killed while it holds the queue's write lock would
+    # otherwise silence the very lines that say it died and was started again.
+    up_log = logging.getLogger("virtbroker.up")
+    up_log.handlers[:] = list(logging.getLogger().handlers)
+    up_log.propagate = False
     multiprocessing_logging.install_mp_handler()
     ctx = multiprocessing.get_context("fork")
 
@@ -139,14 +181,22 @@ def cmd_up(args) -> int:
 
         specs += [(f"security-{d}", run_security_worker, (d,)) for d in config.security]
     specs += [(f"worker-{i + 1}", run_worker, ()) for i in range(config.workers)]
+    by_name = {name: (target, extra) for name, target, extra in specs}
 
-    children: dict[str, multiprocessing.Process] = {}
+    children: dict[str, multiprocessing.Process] = {}  # the live ones
+    restarts = Restarts(config.startsecs_s, config.startretries)
 
-    def spawn(name, target, extra):
-        proc = ctx.Process(target=_child, args=(target, config, *extra), name=name, daemon=False)
+    def spawn(name: str) -> multiprocessing.Process:
+        target, extra = by_name[name]
+        proc = ctx.Process(target=_child, args=(target, config, os.getpid(), *extra), name=name, daemon=False)
         proc.start()
         children[name] = proc
+        restarts.started(name, time.monotonic())
+        return proc
 
+    # A signal wakes the wait below through this pipe (signal.set_wakeup_fd), so a SIGTERM
+    # is acted on at once and no loop needs to poll.
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     stopping = False
 
     def on_signal(signum, frame):
@@ -158,40 +208,78 @@ def cmd_up(args) -> int:
             os._exit(EXIT_ERROR)
         stopping = True
 
+    signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for name, target, extra in specs:
-        spawn(name, target, extra)
+    for name, _, _ in specs:
+        spawn(name)
     log.info("virtbroker up: clients connect at %s or, on this host, %s", config.client_url, config.local_url)
-    by_name = {name: (target, extra) for name, target, extra in specs}
-    backoff_s = {name: 0.5 for name in by_name}
-    restart_at: dict[str, float] = {}
-    while not stopping:
-        time.sleep(0.2)
+    fatal = ""
+    while not stopping and not fatal:
+        due_at = restarts.next_due()
+        timeout_s = None if due_at is None else max(0.0, due_at - time.monotonic())
+        wait_for_any([proc.sentinel for proc in children.values()] + [wake_r], timeout_s)
+        try:
+            os.read(wake_r, 512)
+        except BlockingIOError:
+            pass
+        if stopping:
+            break
         now = time.monotonic()
         for name, proc in list(children.items()):
-            if proc.is_alive() or stopping:
+            if proc.exitcode is None:
                 continue
-            if name not in restart_at:
-                # Like supervisord's backoff: a child that keeps failing is retried less often.
-                restart_at[name] = now + backoff_s[name]
-                log.error("%s exited with code %s; restarting it in %.1f s", name, proc.exitcode, backoff_s[name])
-                backoff_s[name] = min(backoff_s[name] * 2, 30.0)
-            elif now >= restart_at.pop(name):
-                spawn(name, *by_name[name])
+            del children[name]
+            ran_s = now - restarts.started_at[name]
+            restart_at = restarts.exited(name, now)
+            how = _exit_status(proc.exitcode)
+            if restart_at is None:
+                fatal = (f"{name} failed to start {config.startretries + 1} times in a row (each time it ended within "
+                         f"{config.startsecs_s:g} s; last it {how}); giving up")
+                up_log.error("%s", fatal)
+                break
+            when = "now" if restart_at <= now else f"in {restart_at - now:.0f} s"
+            up_log.warning("%s (pid %d) %s after %.1f s; starting it again %s", name, proc.pid, how, ran_s, when)
+        if fatal:
+            break
+        for name in restarts.due(time.monotonic()):
+            proc = spawn(name)
+            up_log.info("%s started again (pid %d)", name, proc.pid)
     # Workers first, so they finish their jobs while the broker still listens.
-    log.info("stopping")
-    order = [n for n in children if n.startswith("worker")] + [n for n in children if n.startswith("security")] + ["broker"]
-    for name in order:
-        proc = children[name]
-        if proc.is_alive():
-            os.kill(proc.pid, signal.SIGTERM)
-        proc.join(timeout=40)
-        if proc.is_alive():
-            log.warning("%s did not stop in time; killing it", name)
-            proc.kill()
-            proc.join()
-    return EXIT_OK
+    up_log.info("stopping")
+    groups = [
+        [n for n in children if n.startswith("worker")],
+        [n for n in children if n.startswith("security")],
+        [n for n in children if n == "broker"],
+    ]
+    for group in groups:
+        for name in group:
+            if children[name].is_alive():
+                os.kill(children[name].pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_WAIT_S
+        for name in group:
+            proc = children[name]
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                up_log.warning("%s did not stop in %.0f s; killing it", name, STOP_WAIT_S)
+                proc.kill()
+                proc.join()
+    signal.set_wakeup_fd(-1)
+    return EXIT_ERROR if fatal else EXIT_OK
+
+
+# A worker finishes its running jobs for up to 30 s (workers/lifecycle.py STOP_GRACE_S), then
+# says goodbye: the same 40 s as supervisord's stopwaitsecs and systemd's TimeoutStopSec.
+STOP_WAIT_S = 40.0
+
+
+def _exit_status(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
 
 
 def cmd_demo(args) -> int:
@@ -215,21 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="run the broker and workers in the foreground")
-    _common_options(up)
-    up.add_argument("--workers", type=int, help="lifecycle workers to start (default 2)")
+    _common_options(up, "up")
     up.set_defaults(func=cmd_up)
 
     broker = sub.add_parser("broker", help="run the broker alone (for supervisord)")
-    _common_options(broker)
+    _common_options(broker, "broker")
     broker.set_defaults(func=cmd_broker)
 
     worker = sub.add_parser("worker", help="run one lifecycle worker (for supervisord)")
-    _common_options(worker)
+    _common_options(worker, "worker")
     worker.add_argument("--worker-id", help="stable id for this worker (default: random)")
     worker.set_defaults(func=cmd_worker)
 
     sec = sub.add_parser("security-worker", help="run one security worker (for supervisord)")
-    _common_options(sec)
+    _common_options(sec, "security-worker")
     sec.add_argument("--driver", required=True, choices=("dac", "apparmor"))
     sec.add_argument("--worker-id", help="stable id for this worker (default: random)")
     sec.set_defaults(func=cmd_security_worker)
