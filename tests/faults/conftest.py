@@ -1,4 +1,4 @@
-"""Fault injection helpers: a printed seed, settling the broker, KVM guests of this folder and a private libvirtd.
+"""Fault injection helpers: a printed seed, settling the broker, this folder's guest prefix and a private libvirtd.
 
 Every fault happens at a point drawn from a seeded random.Random. The seed is printed (and
 kept as a user property of the test); rerun with VB_FAULT_SEED=<seed> to draw the same points.
@@ -21,12 +21,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtbroker.broker.server import RESYNC_QUIET_S
+from virtbroker.broker.core import RESYNC_QUIET_S
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common.protocol import FINAL_JOB_STATES
-from tests.guests import quiet_libvirt_errors, remove_guests
-from tests.kvm.conftest import DOMAIN_TYPE, URI
+from tests.guests import DOMAIN_TYPE, quiet_libvirt_errors
 
 # Guests of this folder only: other suites (and benchmarks) share the host's libvirtd.
 FAULT_PREFIX = "vbt-flt-"
@@ -49,17 +48,6 @@ def fault_rng(request) -> random.Random:
     rng = random.Random(seed)
     rng.seed_value = seed  # for assertion messages
     return rng
-
-
-def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout_s:g} s")
-        time.sleep(interval_s)
 
 
 def settle(client: Client, timeout_s: float = 60.0, quiet_s: float = 0.5) -> list[dict]:
@@ -92,24 +80,10 @@ def fault_guest_xml(name: str, **kw) -> str:
     return minimal_domain_xml(FAULT_PREFIX + name, DOMAIN_TYPE, **kw)
 
 
-def remove_fault_guests(conn: libvirt.virConnect) -> None:
-    remove_guests(conn, FAULT_PREFIX)
-
-
 @pytest.fixture
-def fault_guests():
-    """A qemu:///system connection; this folder's guests are removed before and after, pass or fail."""
-    quiet_libvirt_errors()
-    try:
-        conn = libvirt.open(URI)
-    except libvirt.libvirtError as e:
-        pytest.fail(f"libvirtd is not reachable at {URI}: {e}")
-    remove_fault_guests(conn)
-    try:
-        yield conn
-    finally:
-        remove_fault_guests(conn)
-        conn.close()
+def guest_prefix() -> str:
+    """kvm_guests (tests/conftest.py) removes this folder's guests only."""
+    return FAULT_PREFIX
 
 
 def active_guests(uri: str, prefix: str = FAULT_PREFIX) -> dict[str, str]:
@@ -139,17 +113,6 @@ def converge(read_registry, read_truth, context: str, timeout_s: float = RESYNC_
         if time.monotonic() - started > timeout_s:
             raise AssertionError(f"{context}: registry {registry} != host {truth} after {timeout_s:g} s")
         time.sleep(0.25)
-
-
-def destroy_through_broker(cluster, prefix: str = FAULT_PREFIX) -> None:
-    """Best effort: destroy what the broker thinks runs, so its registry ends clean too."""
-    try:
-        with Client(cluster.client_url, timeout_s=10) as c:
-            running = [d["name"] for d in c.list() if d["name"].startswith(prefix)]
-            if running:
-                c.wait([c.submit(n, "destroy")["job_id"] for n in running], 60)
-    except Exception:
-        pass
 
 
 # --------------------------------------------------------------------------- a private libvirtd

@@ -27,8 +27,8 @@ from tests.faults.conftest import (
     fault_guest_xml,
     registry_active,
     settle,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -126,11 +126,12 @@ def test_a_stalled_libvirtd_does_not_stop_the_workers_heartbeats(lvd_cluster):
     name = f"{FAULT_PREFIX}stall"
     c.define(fault_guest_xml("stall"))
     assert c.run(name, "start", 60)["state"] == "succeeded"
-    time.sleep(1.5)  # at least one resync listing has gone through
+    # No wait for a resync first: the workers list the guests every second, so during the
+    # stall below each of them tries several listings, and each blocks on libvirtd.
     daemon.popen.send_signal(signal.SIGSTOP)
     try:
         job = c.submit(name, "suspend")
-        time.sleep(3 * cluster.lease_ttl_s)
+        time.sleep(3 * cluster.lease_ttl_s)  # the fault's length: three lease TTLs stalled
         during = c.job(job["job_id"])
         workers = {w["worker_id"] for w in c.workers()}
     finally:

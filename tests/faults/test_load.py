@@ -28,7 +28,6 @@ from virtbroker.common.protocol import FINAL_JOB_STATES
 from tests.faults.conftest import (
     FAULT_PREFIX,
     active_guests,
-    destroy_through_broker,
     fault_guest_xml,
     registry_active,
     settle,
@@ -58,11 +57,13 @@ OUTCOME = {
 
 # QEMU guests without an OS (no ACPI): only the ops whose outcome does not depend on a guest
 # OS. Suspending a paused QEMU guest reaches the worker; libvirt may accept it or not, and
-# either way the guest stays paused.
-KVM_OPS = ("start",) * 3 + ("suspend", "resume") * 2 + ("destroy",)
+# either way the guest stays paused. Nothing answers a shutdown's ACPI request, so each one
+# ends in a destroy after run_load's shutdown timeout (0.5 s, not the default 60 s).
+KVM_OPS = ("start",) * 3 + ("suspend", "resume") * 2 + ("destroy", "shutdown")
 KVM_OUTCOME = {
     ("start", "shutoff"): ("succeeded", "running"),
     ("destroy", "running"): ("succeeded", "shutoff"), ("destroy", "paused"): ("succeeded", "shutoff"),
+    ("shutdown", "running"): ("succeeded", "shutoff"), ("shutdown", "paused"): ("succeeded", "shutoff"),
     ("suspend", "running"): ("succeeded", "paused"), ("suspend", "paused"): ("any", "paused"),
     ("resume", "paused"): ("succeeded", "running"),
 }
@@ -189,8 +190,9 @@ def test_thousand_jobs_from_eight_clients_keep_per_domain_order(cluster_factory,
     cluster.broker.stop()
     cluster.start_broker()
     c2 = cluster.client(timeout_s=30)
+    # A worker is listed only once the broker has handled its hello, host reconciliation
+    # included, so with every worker listed every hello has been applied.
     cluster.wait_workers(WORKERS)
-    time.sleep(0.5)  # hellos are handled in arrival order; the last one may still be in flight
     assert {d["name"]: d["state"] for d in c2.list(all=True)} == registry
 
 
@@ -200,18 +202,20 @@ KVM_CLIENTS = 4
 
 
 @pytest.mark.kvm
-def test_kvm_jobs_from_four_clients_keep_order_and_match_virsh(cluster_factory, fault_guests, fault_rng):
+def test_kvm_jobs_from_four_clients_keep_order_and_match_virsh(cluster_factory, kvm_guests, fault_rng):
     """The same checks on real guests, and the final registry against `virsh list`."""
     cluster = cluster_factory(uri=URI, lease_ttl_s=5.0)
     cluster.start_broker()
-    try:
-        c = cluster.client(timeout_s=30)
-        names = [f"{FAULT_PREFIX}ld{i}" for i in range(KVM_DOMAINS)]
-        for name in names:
-            c.define(fault_guest_xml(name[len(FAULT_PREFIX):]))
-        _, registry, _ = run_load(cluster, fault_rng, names, KVM_CLIENTS, KVM_JOBS, KVM_OPS, 3, KVM_OUTCOME)
-        # No fault here: the registry agrees with the host at once.
-        assert {n: s for n, s in registry.items() if s != "shutoff"} == active_guests(URI)
-        assert registry_active(c) == active_guests(URI)
-    finally:
-        destroy_through_broker(cluster)
+    c = cluster.client(timeout_s=30)
+    names = [f"{FAULT_PREFIX}ld{i}" for i in range(KVM_DOMAINS)]
+    for name in names:
+        c.define(fault_guest_xml(name[len(FAULT_PREFIX):]))
+    by_domain, registry, _ = run_load(cluster, fault_rng, names, KVM_CLIENTS, KVM_JOBS, KVM_OPS, 3, KVM_OUTCOME)
+    # The shutdown timeout given to Client.submit reached the worker: a shutdown that started
+    # ended after about 0.5 s, not after the default 60 s.
+    shutdowns = [j for jobs in by_domain.values() for j in jobs if j["op"] == "shutdown" and j["started_at"]]
+    assert shutdowns, "no shutdown ran: the timeout was not exercised"
+    assert max(j["finished_at"] - j["started_at"] for j in shutdowns) < 20, shutdowns
+    # No fault here: the registry agrees with the host at once.
+    assert {n: s for n, s in registry.items() if s != "shutoff"} == active_guests(URI)
+    assert registry_active(c) == active_guests(URI)

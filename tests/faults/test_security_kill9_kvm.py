@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from virtbroker.client.api import Client
 from tests.faults.conftest import (
     FAULT_PREFIX,
     active_guests,
     ensure_guest_user,
     fault_guest_xml,
-    wait_until,
 )
 from tests.kvm.conftest import URI
+from tests.waiting import wait_until
 from tests.kvm.test_security_kvm import GUEST_USER, ORIGINAL, make_image, owner
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]
@@ -49,7 +48,7 @@ def storage_root():
 
 
 @pytest.fixture
-def dac_cluster(cluster_factory, fault_guests, storage_root):
+def dac_cluster(cluster_factory, kvm_guests, storage_root):
     ensure_guest_user()
     extra = ["--security", "dac", "--guest-user", GUEST_USER, "--storage-root", str(storage_root)]
     cluster = cluster_factory(uri=URI, lease_ttl_s=3.0, extra=extra)
@@ -59,16 +58,7 @@ def dac_cluster(cluster_factory, fault_guests, storage_root):
     cluster.start_worker("sw1", slots=4)
     cluster.wait_workers(1)
     cluster.wait_workers(1, role="security")
-    try:
-        yield cluster
-    finally:
-        try:
-            with Client(cluster.client_url, timeout_s=10) as c:
-                running = [d["name"] for d in c.list()]
-                if running:
-                    c.wait([c.submit(n, "destroy")["job_id"] for n in running], 60)
-        except Exception:
-            pass
+    return cluster  # kvm_guests destroys its guests through the broker first, labels and all
 
 
 def labels_left(disks) -> list[str]:

@@ -22,7 +22,7 @@ from virtbroker.workers.lifecycle import Hypervisor
 pytestmark = pytest.mark.kvm
 
 
-def test_a_guest_still_starting_is_not_read_as_paused(fault_guests):
+def test_a_guest_still_starting_is_not_read_as_paused(kvm_guests):
     hv = Hypervisor(URI)
     name = f"{FAULT_PREFIX}starting"
     xml = fault_guest_xml("starting")

@@ -18,13 +18,12 @@ from tests.faults.conftest import (
     RESYNC_ARGS,
     active_guests,
     converge,
-    destroy_through_broker,
     fault_guest_xml,
     registry_active,
     settle,
-    wait_until,
 )
 from tests.kvm.conftest import URI
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -34,17 +33,14 @@ WORKERS = ("kw1", "kw2", "kw3")
 
 
 @pytest.fixture
-def kvm_fault_cluster(cluster_factory, fault_guests):
+def kvm_fault_cluster(cluster_factory, kvm_guests):
     cluster = cluster_factory(uri=URI, lease_ttl_s=3.0, extra=RESYNC_ARGS)
     cluster.start_broker()
     for w in WORKERS:
         cluster.start_worker(w, slots=4)
     workers = cluster.wait_workers(len(WORKERS))
     assert len({w["host"] for w in workers}) == 1
-    try:
-        yield cluster
-    finally:
-        destroy_through_broker(cluster)
+    return cluster
 
 
 def check_registry_matches_virsh(c, names, context) -> float:

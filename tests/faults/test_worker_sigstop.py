@@ -15,7 +15,8 @@ import signal
 import time
 
 from virtbroker.client.templates import minimal_domain_xml
-from tests.faults.conftest import RESYNC_ARGS, converge, settle, wait_until
+from tests.faults.conftest import RESYNC_ARGS, converge, settle
+from tests.waiting import wait_until
 
 DOMAINS = 8
 ROUNDS = 3

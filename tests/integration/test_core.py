@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -18,16 +19,7 @@ from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import protocol as p
 from virtbroker.common.errors import ConflictError, InvalidError, NotFoundError, OperationInvalidError
 from tests.procs import ROOT, Proc
-
-
-def wait_until(predicate, timeout_s=20.0, interval_s=0.05):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError("condition not met in time")
+from tests.waiting import wait_until
 
 
 def test_embedded_up_runs_50_guests(tmp_path):
@@ -115,7 +107,12 @@ def test_lifecycle_verbs_follow_libvirt_state_rules(cluster):
     assert c.run("life", "resume")["state"] == "succeeded"
     assert c.run("life", "reboot")["state"] == "succeeded"
     assert c.run("life", "undefine")["error"].endswith("destroy it before undefine")
-    assert c.run("life", "shutdown", timeout_s=5)["state"] == "succeeded"
+    # Client.submit's timeout_s is the shutdown's ACPI timeout, sent to the broker (which
+    # checks it), not how long the client waits for the reply; run()'s is the job's wait.
+    with pytest.raises(InvalidError, match="timeout_s"):
+        c.submit("life", "shutdown", timeout_s=-1)
+    shutdown = c.submit("life", "shutdown", timeout_s=5)
+    assert c.wait([shutdown["job_id"]], 30)[0]["state"] == "succeeded"
     assert c.lookup("life")["state"] == "shutoff"
     assert c.run("life", "destroy")["error"].endswith("is not running")
     assert "<name>life</name>" in c.dumpxml("life")
@@ -160,21 +157,27 @@ def test_queue_order_destroy_priority_cancel_and_idempotency(cluster_factory):
 def test_events_carry_increasing_sequence_numbers(cluster):
     c = cluster.client()
     seen = []
-    ready = threading.Event()
 
     def listen():
         with Client(cluster.client_url) as sub_client:
-            stream = sub_client.events(timeout_s=15)
-            ready.set()
-            for event in stream:
+            for event in sub_client.events(timeout_s=30):
                 seen.append(event)
-                if event.KIND == "domain" and event.event == "state" and event.state == "shutoff":
+                if event.KIND == "domain" and event.name == "ev" and event.event == "state" and event.state == "shutoff":
                     return
 
     t = threading.Thread(target=listen)
     t.start()
-    ready.wait(5)
-    time.sleep(0.5)  # a SUB socket needs a moment to join after connect (ZeroMQ's slow joiner)
+    # A SUB socket joins some time after it connects (ZeroMQ's slow joiner): make events
+    # until the listener has heard one.
+    c.define(minimal_domain_xml("ev-join"))
+    ops = itertools.cycle(("start", "destroy"))
+
+    def heard() -> bool:
+        if not seen:
+            c.run("ev-join", next(ops))
+        return bool(seen)
+
+    wait_until(heard, 15, what="the listener joined")
     c.define(minimal_domain_xml("ev"))
     c.run("ev", "start")
     c.run("ev", "destroy")
@@ -214,6 +217,13 @@ def _heard(c: Client, sub: zmq.Socket, tag: str) -> None:
     raise AssertionError("the subscriber never joined")
 
 
+def _connections(path: str) -> int:
+    """Connected UNIX sockets bound to path: the broker's ends of its ipc:// connections there."""
+    with open("/proc/net/unix") as f:
+        next(f)
+        return sum(1 for line in f if line.split()[-1] == path and line.split()[5] == "03")
+
+
 def test_events_follow_subscribers_as_they_come_and_go(cluster):
     """The broker builds events only for topics someone subscribed to (XPUB): when one of two
     subscribers leaves, the other still hears everything; a subscriber of one topic gets
@@ -225,8 +235,11 @@ def test_events_follow_subscribers_as_they_come_and_go(cluster):
         first, second = _subscribe(context, url), _subscribe(context, url)
         _heard(c, first, "sub-a")
         _heard(c, second, "sub-b")
+        events_path = url[len("ipc://"):]
+        joined = _connections(events_path)
         first.close()
-        time.sleep(0.3)
+        # The broker has seen the first subscriber go once it closed its end of that connection.
+        wait_until(lambda: _connections(events_path) < joined, 10, what="the broker dropped the first subscriber")
         c.define(minimal_domain_xml("sub-c"))
         assert _next_event(second, "domain", "sub-c").event == "defined"
         second.close()

@@ -20,6 +20,7 @@ from virtbroker.common import protocol as p
 from tests.fakeworker import FakeWorker
 from tests.integration.test_access import free_port
 from tests.procs import ROOT
+from tests.waiting import wait_until
 
 HOST_A, HOST_B = "host-a", "host-b"
 
@@ -68,16 +69,6 @@ def refused(port: int, kind: str, reason: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def wait_for(check, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout_s:g} s")
-
-
 def joined(cluster, count: int, role: str = "lifecycle") -> list[dict]:
     return cluster.wait_workers(count, role=role, timeout_s=10)
 
@@ -111,7 +102,7 @@ def test_a_peer_cannot_finish_another_workers_job(keyed):
     rogue.send(result("rogue", assignment))
     ack = rogue.expect(p.ResultAck, job_id=job["job_id"])
     assert not ack.accepted and "not leased to you" in ack.reason
-    wait_for(lambda: refused(port, "result", "impersonation") >= 1, what="impersonation counted")
+    wait_until(lambda: refused(port, "result", "impersonation") >= 1, what="impersonation counted")
     assert refused(port, "result", "not-lease-holder") >= 1
     assert c.job(job["job_id"])["state"] == "running"
     assert c.lookup("id-a")["state"] == "shutoff"
@@ -119,7 +110,7 @@ def test_a_peer_cannot_finish_another_workers_job(keyed):
 
     # A hello under the victim's id from another key is refused; the id stays the victim's.
     rogue.hello("victim", host_id=HOST_A)
-    wait_for(lambda: refused(port, "hello", "impersonation") >= 1, what="hello refused")
+    wait_until(lambda: refused(port, "hello", "impersonation") >= 1, what="hello refused")
     assert {w["worker_id"]: w["host"] for w in c.workers()} == {"victim": HOST_A, "rogue": HOST_B}
 
     # The holder's own result is accepted.
@@ -164,7 +155,7 @@ def test_role_and_host_come_from_the_key(keyed):
     # A lifecycle key cannot register as a security worker, of any host.
     rogue = peer("rogue")
     rogue.hello("rogue-sec", role="security", host_id=HOST_A, drivers=["dac"])
-    wait_for(lambda: refused(port, "hello", "wrong-role") >= 1, what="wrong role refused")
+    wait_until(lambda: refused(port, "hello", "wrong-role") >= 1, what="wrong role refused")
     # A security key for host A that says host B is host A's.
     sec = peer("sec-a")
     sec.hello("sec-a", role="security", host_id=HOST_B, drivers=["dac"])
@@ -203,7 +194,7 @@ def test_label_requests_need_the_lease_and_carry_the_brokers_definition(keyed):
     assert not sec.drop(p.LabelRequest)  # the rogue's never arrived
     # Only the security worker asked may answer.
     rogue.send(p.LabelReply(worker_id="rogue", label_id="L-1", driver="dac", ok=True, detail={"uid": 0, "gid": 0}))
-    wait_for(lambda: refused(port, "label-reply", "not-asked") >= 1, what="foreign label reply refused")
+    wait_until(lambda: refused(port, "label-reply", "not-asked") >= 1, what="foreign label reply refused")
     sec.send(p.LabelReply(worker_id="sec-a", label_id="L-1", driver="dac", ok=True, detail={"uid": 1, "gid": 1}))
     assert victim.expect(p.LabelReply, label_id="L-1").detail == {"uid": 1, "gid": 1}
     # A label id is used once.

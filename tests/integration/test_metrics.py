@@ -1,11 +1,11 @@
 """The broker's Prometheus metrics count jobs, expiries and workers as they happen."""
 
 import socket
-import time
 import urllib.request
 
 from virtbroker.client.templates import minimal_domain_xml
 from prometheus_client.parser import text_string_to_metric_families
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -34,8 +34,18 @@ def test_metrics_follow_jobs_and_workers(cluster_factory):
     c.run("metered", "start")
     c.run("metered", "destroy")
     c.run("metered", "destroy")  # fails: not running
-    time.sleep(1.2)  # gauges are refreshed once a second
-    m = scrape(port)
+    # Gauges are refreshed at most once a second: wait until one refresh came after the jobs.
+    settled = {
+        ("virtbroker_domains", (("state", "shutoff"),)): 1,
+        ("virtbroker_domains", (("state", "running"),)): 0,
+        ("virtbroker_workers", (("role", "lifecycle"),)): 1,
+    }
+
+    def refreshed() -> dict | None:
+        m = scrape(port)
+        return m if all(m.get(key) == value for key, value in settled.items()) else None
+
+    m = wait_until(refreshed, 10, interval_s=0.1, what="gauges refreshed after the jobs")
     assert m[("virtbroker_jobs_total", (("op", "start"), ("state", "succeeded")))] == 1
     assert m[("virtbroker_jobs_total", (("op", "destroy"), ("state", "succeeded")))] == 1
     assert m[("virtbroker_jobs_total", (("op", "destroy"), ("state", "failed")))] == 1

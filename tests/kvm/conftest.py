@@ -1,43 +1,15 @@
 """Real QEMU guests through libvirtd on qemu:///system. Every guest a test makes is named
-with the test prefix and is destroyed at the end, also when the test fails."""
+with the test prefix; the kvm_guests fixture (tests/conftest.py) removes them at the end,
+also when the test fails."""
 
 from __future__ import annotations
 
-import os
-
 import libvirt
-import pytest
 
 from virtbroker.client.templates import minimal_domain_xml
-from tests.guests import quiet_libvirt_errors, remove_guests
+from tests.guests import DOMAIN_TYPE, PREFIX, URI
 
-URI = "qemu:///system"
-PREFIX = "vbt-"
-DOMAIN_TYPE = "kvm" if os.path.exists("/dev/kvm") else "qemu"
-
-
-def destroy_test_guests(conn: libvirt.virConnect) -> None:
-    remove_guests(conn, PREFIX)
-
-
-@pytest.fixture(scope="session")
-def libvirt_conn():
-    quiet_libvirt_errors()
-    try:
-        conn = libvirt.open(URI)
-    except libvirt.libvirtError as e:
-        pytest.fail(f"libvirtd is not reachable at {URI} (scripts/setup-host.sh starts it): {e}")
-    destroy_test_guests(conn)
-    yield conn
-    destroy_test_guests(conn)
-    conn.close()
-
-
-@pytest.fixture
-def kvm_guests(libvirt_conn):
-    """Cleans up this test's guests on the hypervisor afterwards, whatever happened."""
-    yield libvirt_conn
-    destroy_test_guests(libvirt_conn)
+__all__ = ["DOMAIN_TYPE", "PREFIX", "URI", "guest_xml", "running_on_host"]
 
 
 def guest_xml(name: str, **kw) -> str:

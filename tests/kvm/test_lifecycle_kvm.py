@@ -10,6 +10,7 @@ import pytest
 
 from virtbroker.client.api import Client
 from tests.kvm.conftest import PREFIX, URI, guest_xml, running_on_host
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -22,16 +23,7 @@ def kvm_cluster(cluster_factory, kvm_guests):
         cluster.start_worker(f"kw{i}", slots=5)
     workers = cluster.wait_workers(4)
     assert len({w["host"] for w in workers}) == 1  # qemu:///system of one machine is one host
-    yield cluster
-    # Guests first through virtbroker, so the broker's view ends clean too; the kvm_guests
-    # fixture then removes anything left on the hypervisor.
-    try:
-        with Client(cluster.client_url, timeout_s=10) as c:
-            running = [d["name"] for d in c.list()]
-            if running:
-                c.wait([c.submit(n, "destroy")["job_id"] for n in running], 60)
-    except Exception:
-        pass
+    return cluster  # kvm_guests destroys its guests through the broker, then on the hypervisor
 
 
 def virsh_running() -> set[str]:
@@ -94,12 +86,11 @@ def test_worker_killed_mid_start_ends_lost_and_reconcile_matches_virsh(kvm_clust
     c.define(guest_xml("victim"))
     job = c.submit(name, "start")
     # Kill the worker the moment it holds the lease.
-    deadline = time.monotonic() + 10
-    while True:
+    def running() -> dict | None:
         current = c.job(job["job_id"])
-        if current["state"] == "running" or time.monotonic() > deadline:
-            break
-    assert current["state"] == "running", current
+        return current if current["state"] == "running" else None
+
+    current = wait_until(running, 10, interval_s=0, what="the start running")
     kvm_cluster.workers[current["worker_id"]].kill9()
     killed_at = time.monotonic()
 
@@ -108,13 +99,11 @@ def test_worker_killed_mid_start_ends_lost_and_reconcile_matches_virsh(kvm_clust
     assert final["finished_at"] - (time.time() - (time.monotonic() - killed_at)) <= kvm_cluster.lease_ttl_s + 1.0
 
     # A reconcile job reads the guest's real state back on another worker of the host.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def reconciled() -> list[dict]:
         reconciles = [j for j in c.jobs(domain=name) if j["op"] == "reconcile"]
-        if reconciles and reconciles[-1]["state"] == "succeeded":
-            break
-        time.sleep(0.1)
-    assert reconciles and reconciles[-1]["state"] == "succeeded", reconciles
+        return reconciles if reconciles and reconciles[-1]["state"] == "succeeded" else []
+
+    reconciles = wait_until(reconciled, 20, interval_s=0.1, what="a reconcile succeeded")
     assert reconciles[-1]["worker_id"] != current["worker_id"]
     on_host = name in running_on_host(kvm_guests)
     assert (c.lookup(name)["state"] == "running") == on_host
@@ -134,9 +123,27 @@ def test_guest_stopped_outside_virtbroker_is_noticed_by_resync(cluster_factory, 
     c.define(guest_xml("outside"))
     assert c.run(name, "start", 60)["state"] == "succeeded"
     kvm_guests.lookupByName(name).destroy()  # behind virtbroker's back, as `virsh destroy` would
-    deadline = time.monotonic() + 15
-    while c.lookup(name)["state"] != "shutoff" and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert c.lookup(name)["state"] == "shutoff"
+    wait_until(lambda: c.lookup(name)["state"] == "shutoff", 15, interval_s=0.2, what="the registry says shutoff")
     assert c.run(name, "start", 60)["state"] == "succeeded"
     assert c.run(name, "destroy", 60)["state"] == "succeeded"
+
+
+def test_shutdown_timeout_given_to_submit_destroys_a_guest_that_ignores_acpi(cluster_factory, kvm_guests):
+    """The minimal guest boots to firmware with no OS, so nothing answers the ACPI power
+    button: the shutdown ends with a destroy once the timeout_s given to Client.submit has
+    passed, 2 s here, not the worker's default of 60 s."""
+    cluster = cluster_factory(uri=URI, lease_ttl_s=3.0)
+    cluster.start_broker()
+    cluster.start_worker("acpi1")
+    cluster.wait_workers(1)
+    c = cluster.client()
+    name = f"{PREFIX}noacpi"
+    c.define(guest_xml("noacpi"))
+    assert c.run(name, "start", 60)["state"] == "succeeded"
+    job = c.submit(name, "shutdown", timeout_s=2)
+    final = c.wait([job["job_id"]], 60)[0]
+    assert final["state"] == "succeeded", final
+    took_s = final["finished_at"] - final["started_at"]
+    assert 2.0 <= took_s < 20.0, f"the shutdown took {took_s:.1f} s"
+    assert c.lookup(name)["state"] == "shutoff"
+    assert name not in running_on_host(kvm_guests)
