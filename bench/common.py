@@ -61,23 +61,23 @@ class Settings:
     reps: int = 3
     storm_ns: list[int] = field(default_factory=list)
     worker_counts: list[int] = field(default_factory=list)
-    sequential_max_n: int = 20  # one-after-another destroys cost 1-2 s per guest; not run above this N
+    sequential_max_n: int = 20  # one-after-another destroys wait for each QEMU to exit; not run above this N
     latency_ns: list[int] = field(default_factory=list)
     security_n: int = 20
-    # The labelling ratios sit within a few percent of their limits, and one repetition of a
-    # 20-guest storm moves by +-10% on this host: the full run takes 5 of them there.
+    # The labelling ratios sit within a few percent of their limits, and single repetitions
+    # of a 20-guest storm spread wider than that on this host: the full run takes 5 of them.
     security_reps: int = 3
     scale_sizes: list[int] = field(default_factory=list)
     noop_worker_counts: list[int] = field(default_factory=list)
-    # One no-op repetition takes about a second, and they spread by +-15% on this host.
+    # No-op repetitions are short and spread widely on this host: the full run takes 5.
     noop_reps: int = 3
 
     @classmethod
     def make(cls, short: bool) -> "Settings":
         if short:
-            # N=8 keeps the smoke run under 3 minutes on 2 cores (N=10 took 173 to 189 s);
-            # the targets are judged at N=20 by the full run (its verdicts are shown beside
-            # the short run's).
+            # N=8 keeps the smoke run short on 2 cores (its duration is in the results'
+            # meta); the targets are judged at N=20 by the full run (its verdicts are
+            # shown beside the short run's).
             return cls(
                 short=True,
                 storm_ns=[8],

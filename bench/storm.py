@@ -57,7 +57,7 @@ def libvirt_storm(conn: libvirt.virConnect, names: list[str], way: str) -> tuple
                     start(name)
             start_s = time.monotonic() - started
             # The threaded ways destroy in parallel too: the guests of a storm are
-            # independent, and one after another costs 1-2 s per guest while QEMU exits.
+            # independent, and one after another waits for each QEMU to exit in turn.
             started = time.monotonic()
             if threaded:
                 parallel(destroy, names)

@@ -22,7 +22,7 @@ DOMAIN_TYPE = "kvm" if os.path.exists("/dev/kvm") else "qemu"
 def remove_guests(conn: libvirt.virConnect, prefix: str) -> int:
     """Destroy and undefine every guest whose name starts with prefix; returns how many.
 
-    One thread per guest: one destroy after another takes 1 to 2 s per guest while QEMU exits.
+    One thread per guest: one destroy after another would wait for each QEMU to exit in turn.
     """
     doms = [d for d in conn.listAllDomains() if d.name().startswith(prefix)]
 
