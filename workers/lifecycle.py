@@ -36,7 +36,7 @@ STOP_GRACE_S = 30.0
 # Job threads run this much nicer than the worker's main thread. A worker may have hundreds
 # of job threads runnable at once, and the kernel shares the CPU between threads: at equal
 # priority they starve the one thread that sends heartbeats and results (and, on a shared
-# machine, the broker's loop). Measured with no-op jobs: 10 to 25% more jobs a second.
+# machine, the broker's loop); with no-op jobs the worker finishes more jobs a second.
 JOB_THREAD_NICE = 5
 SHUTDOWN_POLL_S = 0.25
 ALIVE_CHECK_S = 1.0
@@ -647,7 +647,7 @@ class LifecycleWorker:
             self.unacked[job.job_id] = frames
             out.append(frames)
             # A failure is news; a success is in the broker's job records and events, and a
-            # line for each would cost more than the job itself at bulk rates (about 8 µs).
+            # line for each would cost more than the job itself at bulk rates.
             log.log(
                 logging.DEBUG if result.ok else logging.WARNING,
                 "job %d: %s %s %s in %.2f s%s",
