@@ -12,6 +12,7 @@ fi
 packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-utils apparmor attr gcc python3-dev python3-venv procps
+  systemd  # systemd-analyze, for the test of configs/systemd (works without systemd as PID 1)
 )
 missing=()
 for p in "${packages[@]}"; do
