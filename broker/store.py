@@ -142,6 +142,17 @@ def _state_row(r: DomainRecord) -> tuple:
     return (r.uuid, r.state, r.host_id, r.epoch, live, live_xml)
 
 
+def domain_record(domain_row: tuple, state_row: tuple | None) -> DomainRecord:
+    """A stored domain: its `domains` row, whose state columns its `domain_state` row (if it
+    has one) overrides. Every backend builds records here, so they agree on the rule."""
+    if state_row is None:
+        return DomainRecord(*domain_row)
+    uuid, name, xml, _, _, _, generation, _ = domain_row
+    _, state, host_id, epoch, live, live_xml = state_row
+    running_xml = {1: xml, 2: live_xml}.get(live)  # live 0: not running
+    return DomainRecord(uuid, name, xml, state, host_id, epoch, generation, running_xml)
+
+
 _JOB_COLUMNS = frozenset({"job_id", "uuid", "domain_name", "op", "state"})
 
 
@@ -185,15 +196,11 @@ class Store:
     # -- reading at startup
     def load_domains(self) -> list[DomainRecord]:
         rows = self.db.execute(
-            "SELECT d.uuid, d.name, d.xml,"
-            " CASE WHEN s.uuid IS NULL THEN d.state ELSE s.state END,"
-            " CASE WHEN s.uuid IS NULL THEN d.host_id ELSE s.host_id END,"
-            " CASE WHEN s.uuid IS NULL THEN d.epoch ELSE s.epoch END,"
-            " d.generation,"
-            " CASE WHEN s.uuid IS NULL THEN d.live_xml WHEN s.live = 1 THEN d.xml WHEN s.live = 2 THEN s.live_xml END"
+            "SELECT d.uuid, d.name, d.xml, d.state, d.host_id, d.epoch, d.generation, d.live_xml,"
+            " s.uuid, s.state, s.host_id, s.epoch, s.live, s.live_xml"
             " FROM domains d LEFT JOIN domain_state s ON s.uuid = d.uuid"
         ).fetchall()
-        return [DomainRecord(*row) for row in rows]
+        return [domain_record(row[:8], row[8:] if row[8] is not None else None) for row in rows]
 
     def load_jobs(self) -> list[Job]:
         rows = self.db.execute("SELECT job_id, uuid, domain_name, op, state, body FROM jobs ORDER BY job_id")
