@@ -11,7 +11,7 @@ fi
 
 packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
-  qemu-system-x86 qemu-utils apparmor attr gcc python3-dev python3-venv procps
+  qemu-system-x86 qemu-utils apparmor attr gcc python3-dev python3-venv procps etcd-server etcd-client
   systemd  # systemd-analyze, for the test of configs/systemd (works without systemd as PID 1)
 )
 missing=()
