@@ -7,7 +7,8 @@ import math
 import os
 import typing
 from dataclasses import MISSING, Field, dataclass, field, fields
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from virtbroker.common.errors import ConfigError
 from virtbroker.common.stream import is_stream_url, stream_path
@@ -138,9 +139,20 @@ class Config:
     # lowest-latency way in for a client on the broker's host.
     local_url: str = option("", check=_check_local_url,
                             help="client endpoint over a UNIX stream socket (default unix://STATE_DIR/local.sock)")
+    # libvirt's remote protocol for virsh, libvirt-python and virt-install (`virtbroker
+    # libvirt-gateway`, gateway/): read-write and owner-only, and a read-only twin for reads and
+    # events, as libvirtd has libvirt-sock and libvirt-sock-ro. No tcp:// form.
+    libvirt_url: str = option("", check=_check_local_url, commands=("libvirt-gateway", "up"),
+                              help="libvirt-compatible socket (default unix://STATE_DIR/libvirt-sock)")
+    libvirt_readonly_url: str = option("", check=_check_local_url, commands=("libvirt-gateway", "up"),
+                                       help="its read-only twin (default: libvirt_url's path + '-ro')")
     uri: str = option("test:///default", help="libvirt URI of the lifecycle workers")
     workers: int = option(2, check=at_least(0), commands=("up",), help="lifecycle workers `up` starts")
     slots: int = option(4, check=at_least(1), help="jobs one lifecycle worker runs at once")
+    # The destroy lane (docs/ARCHITECTURE.md): as libvirtd's 5 priority workers, extra slots only
+    # destroy and reconcile may take, when every ordinary slot is busy.
+    priority_slots: int = option(5, check=at_least(0),
+                                 help="lifecycle worker: extra slots for destroy and reconcile only")
     lease_ttl_s: float = option(10.0, check=duration(), help="lease TTL in seconds")
     heartbeat_interval_s: float = option(0.0, check=duration(zero="lease_ttl_s / 4"),
                                          help="seconds between worker heartbeats (default lease TTL / 4)")
@@ -168,6 +180,8 @@ class Config:
     # Final jobs the broker keeps (in memory and in broker.sqlite3); older ones are forgotten.
     job_history: int = option(10000, check=at_least(1),
                               help="broker: final jobs to keep before the oldest are forgotten")
+    # Events the broker's store keeps for replay (the `events` request); older ones are forgotten.
+    event_history: int = option(100000, check=at_least(1), help="broker: events kept for replay")
     metrics_port: int = option(0, check=at_least(0, 65535),
                                help="serve the broker's Prometheus metrics on this port (0: off)")
     metrics_addr: str = option("127.0.0.1", help="address the metrics port listens on")
@@ -189,7 +203,7 @@ class Config:
     # How `virtbroker up` restarts its children, as supervisord's startsecs and startretries: a
     # child that exits before it has run startsecs_s counts as a failed start; after the first
     # start and startretries retries all failed so, `up` stops everything and exits non-zero.
-    startsecs_s: float = option(1.0, check=duration(zero="every exit is a failed start"), commands=("up",),
+    startsecs_s: float = option(1.0, check=duration(zero="a child is running as soon as it starts"), commands=("up",),
                                 help="seconds a child of up must run for its start to count as a success")
     startretries: int = option(3, check=at_least(0), commands=("up",),
                                help="failed starts in a row of one child that up retries before it gives up")
@@ -208,6 +222,10 @@ class Config:
             self.events_url = f"ipc://{self.state_dir}/events.sock"
         if not self.local_url:
             self.local_url = f"unix://{self.state_dir}/local.sock"
+        if not self.libvirt_url:
+            self.libvirt_url = f"unix://{self.state_dir}/libvirt-sock"
+        if not self.libvirt_readonly_url:
+            self.libvirt_readonly_url = self.libvirt_url + "-ro"
         for f in fields(self):
             value = _of_type(f.name, _TYPES[f.name], getattr(self, f.name))
             setattr(self, f.name, value)

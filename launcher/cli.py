@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from multiprocessing.process import BaseProcess
 
 from dataclasses import MISSING
 
@@ -77,6 +78,14 @@ def cmd_security_worker(args) -> int:
     config = _config(args)
     setup_logging(config.log_level)
     return run_security_worker(config, args.driver, args.worker_id)
+
+
+def cmd_libvirt_gateway(args) -> int:
+    from virtbroker.gateway.server import run_gateway
+
+    config = _config(args)
+    setup_logging(config.log_level)
+    return run_gateway(config)
 
 
 PR_SET_PDEATHSIG = 1
@@ -181,12 +190,14 @@ def cmd_up(args) -> int:
 
         specs += [(f"security-{d}", run_security_worker, (d,)) for d in config.security]
     specs += [(f"worker-{i + 1}", run_worker, ()) for i in range(config.workers)]
+    # LIBVIRT GATEWAY: `virtbroker libvirt-gateway` joins up as one more spec here, e.g.
+    # ("libvirt-gateway", run_gateway, ()); it is restarted and stopped (before the broker) like the others.
     by_name = {name: (target, extra) for name, target, extra in specs}
 
-    children: dict[str, multiprocessing.Process] = {}  # the live ones
+    children: dict[str, BaseProcess] = {}  # the live ones
     restarts = Restarts(config.startsecs_s, config.startretries)
 
-    def spawn(name: str) -> multiprocessing.Process:
+    def spawn(name: str) -> BaseProcess:
         target, extra = by_name[name]
         proc = ctx.Process(target=_child, args=(target, config, os.getpid(), *extra), name=name, daemon=False)
         proc.start()
@@ -247,15 +258,14 @@ def cmd_up(args) -> int:
             up_log.info("%s started again (pid %d)", name, proc.pid)
     # Workers first, so they finish their jobs while the broker still listens.
     up_log.info("stopping")
-    groups = [
-        [n for n in children if n.startswith("worker")],
-        [n for n in children if n.startswith("security")],
-        [n for n in children if n == "broker"],
-    ]
+    workers = [n for n in children if n.startswith("worker")]
+    security = [n for n in children if n.startswith("security")]
+    others = [n for n in children if n not in workers + security + ["broker"]]  # the libvirt gateway, say
+    groups = [workers, security, others, [n for n in children if n == "broker"]]
     for group in groups:
         for name in group:
             if children[name].is_alive():
-                os.kill(children[name].pid, signal.SIGTERM)
+                children[name].terminate()  # SIGTERM
         deadline = time.monotonic() + STOP_WAIT_S
         for name in group:
             proc = children[name]
@@ -320,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--driver", required=True, choices=("dac", "apparmor"))
     sec.add_argument("--worker-id", help="stable id for this worker (default: random)")
     sec.set_defaults(func=cmd_security_worker)
+
+    gateway = sub.add_parser("libvirt-gateway", help="serve libvirt's remote protocol (virsh, libvirt-python) on UNIX sockets")
+    _common_options(gateway, "libvirt-gateway")
+    gateway.set_defaults(func=cmd_libvirt_gateway)
 
     keygen = sub.add_parser("keygen", help="make CURVE keys: the broker's, or a client's or worker's")
     keygen.add_argument("curve_dir", help="the broker's key directory (made if absent, with the server key)")

@@ -12,7 +12,7 @@ from virtbroker.common.config import DEFAULT_DEADLINES_S, Config, config_fields,
 from virtbroker.common.errors import ConfigError
 from virtbroker.launcher import cli
 
-COMMANDS = ("up", "broker", "worker", "security-worker")
+COMMANDS = ("up", "broker", "worker", "security-worker", "libvirt-gateway")
 REQUIRED = {"security-worker": ["--driver", "dac"]}
 
 
@@ -24,9 +24,12 @@ def samples(tmp_path) -> dict:
         "worker_url": f"ipc://{tmp_path}/w.sock",
         "events_url": f"ipc://{tmp_path}/e.sock",
         "local_url": f"unix://{tmp_path}/l.sock",
+        "libvirt_url": f"unix://{tmp_path}/libvirt-sock",
+        "libvirt_readonly_url": f"unix://{tmp_path}/libvirt-sock-ro",
         "uri": "qemu:///system",
         "workers": 5,
         "slots": 7,
+        "priority_slots": 2,
         "lease_ttl_s": 12.5,
         "heartbeat_interval_s": 2.5,
         "resync_interval_s": 7.5,
@@ -42,6 +45,7 @@ def samples(tmp_path) -> dict:
         "curve_server_key": str(tmp_path / "server.key"),
         "curve_secret_key": str(tmp_path / "worker.key_secret"),
         "job_history": 50,
+        "event_history": 60,
         "metrics_port": 9100,
         "metrics_addr": "0.0.0.0",
         "log_level": "DEBUG",
@@ -177,6 +181,8 @@ BAD = [
     ("slots", "2.5", "is not an integer"),
     ("security_slots", "0", "at least 1"),
     ("job_history", "0", "at least 1"),
+    ("event_history", "0", "at least 1"),
+    ("priority_slots", "-1", "at least 0"),
     ("max_domains", "0", "at least 1"),
     ("max_queued_jobs", "0", "at least 1"),
     ("max_queued_jobs_per_domain", "0", "at least 1"),
