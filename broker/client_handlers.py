@@ -11,10 +11,12 @@ import math
 
 from virtbroker import __version__
 from virtbroker.broker.core import BrokerCore, Waiter
+from virtbroker.broker.events import Events
 from virtbroker.common import domxml, protocol as p
 from virtbroker.common.config import MAX_DEADLINE_S
 from virtbroker.common.errors import (
     ConflictError,
+    GoneError,
     InvalidError,
     LimitError,
     PermissionError_,
@@ -27,11 +29,12 @@ log = logging.getLogger("virtbroker.broker")
 MAX_WAIT_S = 3600.0
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0
 # What the read-only endpoint answers; everything else there is refused.
-READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers"})
+READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers", "events"})
 # Requests whose replies change nothing, so they need not wait for the disk. A read may show a
 # change whose own acknowledgement is still waiting for its commit: if the broker dies first,
 # that change is gone, and it was never acknowledged.
-READ_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "workers"})
+READ_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "workers", "events"})
+MAX_EVENTS_PAGE = 10000
 _DEFERRED = object()  # a handler's "no reply yet" (wait)
 
 
@@ -52,6 +55,7 @@ class ClientHandlers:
             "wait": self.handle_wait,
             "cancel": self.handle_cancel,
             "workers": self.handle_workers,
+            "events": self.handle_events,
         }
 
     def on_message(self, frames: list[bytes], dest, readonly: bool = False) -> int:
@@ -238,3 +242,17 @@ class ClientHandlers:
 
     def handle_workers(self, msg: p.ListWorkers, identity: bytes):
         return [w.summary() for w in self.core.workers.values()]
+
+    def handle_events(self, msg: p.EventsSince, identity: bytes):
+        """Kept events after `since` (committed ones; later ones come live on the events endpoint)."""
+        core = self.core
+        if msg.since < 0 or not 0 < msg.limit <= MAX_EVENTS_PAGE:
+            raise InvalidError(f"since must be >= 0 and limit 1 to {MAX_EVENTS_PAGE}")
+        if msg.since + 1 < core.oldest_event and msg.since < core.events.seq:
+            raise GoneError(
+                f"events after {msg.since} are no longer all kept (the oldest is {core.oldest_event}, "
+                f"event_history = {core.config.event_history}): re-read the state with list and jobs, "
+                f"then follow events from seq {core.events.seq}"
+            )
+        rows = core.store.events_since(msg.since, msg.limit)
+        return {"events": [Events.replayed(body) for _seq, body in rows], "seq": core.saved_seq}

@@ -94,8 +94,11 @@ class BrokerCore:
         self.waiters: list[Waiter] = []
         self.waited_for: dict[int, int] = {}  # job_id -> how many waiters name it (pruning spares these)
         self.outbox = Outbox()
-        self.events = Events(int(store.meta("event_seq", "0")))
+        self.events = Events(int(store.meta("event_seq", "0")), keep=store.put_event)
         self.saved_seq = self.events.seq
+        # The oldest event the store keeps for replay (events before it are gone).
+        oldest = store.oldest_event()
+        self.oldest_event = oldest if oldest is not None else self.events.seq + 1
         self.saved_next_job_id = 1
 
     # ------------------------------------------------------------------ startup
@@ -341,6 +344,12 @@ class BrokerCore:
         if self.events.seq != self.saved_seq:
             self.saved_seq = self.events.seq
             self.store.set_meta("event_seq", str(self.events.seq))
+        # The event history is bounded: trim it when it is a hundredth over, not every turn.
+        kept = self.events.seq - self.oldest_event + 1
+        history = self.config.event_history
+        if kept > history + max(1, history // 100):
+            self.oldest_event = self.events.seq - history + 1
+            self.store.forget_events_before(self.oldest_event)
         if self.scheduler.next_job_id != self.saved_next_job_id:
             # Job ids are never reused, even when the job with the highest id was pruned.
             self.saved_next_job_id = self.scheduler.next_job_id

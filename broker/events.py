@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import msgpack
+
 from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import Job
 from virtbroker.common import protocol as p
@@ -12,12 +16,14 @@ TOPICS = (b"domain", b"job")
 class Events:
     """The event sequence and the events of the current loop turn.
 
-    `seq` counts every event, sent or not, so a subscriber sees a gap only where it was not
-    listening. Events leave with the replies of the batch that holds their changes (Outbox).
+    Every event is built and kept (`keep(seq, blob)`, the store's event history, for replay);
+    only those of topics someone listens to are published. Events leave with the replies of
+    the batch that holds their changes (Outbox), so none describes anything not on disk.
     """
 
-    def __init__(self, seq: int):
+    def __init__(self, seq: int, keep: Callable[[int, bytes], None] = lambda seq, blob: None):
         self.seq = seq
+        self.keep = keep
         self.pending: list[p.Message] = []  # this turn's events, not yet handed to the outbox
         self.subscriptions: set[bytes] = set()  # topic prefixes subscribers asked for
         self.listening = dict.fromkeys(TOPICS, False)  # per topic: does any subscriber want it
@@ -37,22 +43,26 @@ class Events:
 
     def domain(self, record: DomainRecord, event: str) -> None:
         self.seq += 1
-        if not self.listening[b"domain"]:
-            return  # its seq is spent all the same
-        self.pending.append(
-            p.DomainEvent(
-                seq=self.seq, uuid=record.uuid, name=record.name, event=event, state=record.state,
-                host_id=record.host_id,
-            )
-        )
+        self._add(b"domain", p.DomainEvent(
+            seq=self.seq, uuid=record.uuid, name=record.name, event=event, state=record.state, host_id=record.host_id,
+        ))
 
     def job(self, job: Job) -> None:
         self.seq += 1
-        if not self.listening[b"job"]:
-            return
-        self.pending.append(
-            p.JobEvent(seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error)
-        )
+        self._add(b"job", p.JobEvent(
+            seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error,
+        ))
+
+    def _add(self, topic: bytes, event: p.Message) -> None:
+        self.keep(event.seq, p.pack([event.KIND, event.body()]))
+        if self.listening[topic]:
+            self.pending.append(event)
+
+    @staticmethod
+    def replayed(blob: bytes) -> dict:
+        """A kept event as the `events` reply carries it: its fields and its kind (`type`)."""
+        kind, body = msgpack.unpackb(blob, raw=False)
+        return {"type": kind, **body}
 
     def take(self) -> list[p.Message]:
         taken, self.pending = self.pending, []

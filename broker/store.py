@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS jobs (
                         -- map (every field, as JSON text or msgpack, in older stores)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- The last event_history events, for replay (`events` request): msgpack [kind, body].
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
 """
 
 
@@ -65,6 +67,8 @@ class Batch:
     jobs: list[tuple] = field(default_factory=list)
     deleted_jobs: list[tuple] = field(default_factory=list)
     meta: list[tuple] = field(default_factory=list)
+    events: list[tuple] = field(default_factory=list)  # (seq, body)
+    events_before: int | None = None  # delete every kept event with a lower seq
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -104,6 +108,9 @@ def _apply(db: sqlite3.Connection, batch: Batch) -> None:
     _insert(db, "INSERT OR REPLACE INTO jobs (job_id, uuid, domain_name, op, state, body)", batch.jobs)
     _delete(db, "jobs", "job_id", batch.deleted_jobs)
     _insert(db, "INSERT OR REPLACE INTO meta (key, value)", batch.meta)
+    _insert(db, "INSERT OR REPLACE INTO events (seq, body)", batch.events)
+    if batch.events_before is not None:
+        db.execute("DELETE FROM events WHERE seq < ?", (batch.events_before,))
 
 
 # Rows go to SQLite ROWS_PER_STATEMENT at a time, in one multi-row statement, not through
@@ -192,6 +199,8 @@ class Store:
         self.dirty_jobs: dict[int, Job] = {}
         self.deleted_jobs: set[int] = set()
         self.dirty_meta: dict[str, str] = {}
+        self.new_events: list[tuple[int, bytes]] = []
+        self.events_before: int | None = None
 
     # -- reading at startup
     def load_domains(self) -> list[DomainRecord]:
@@ -205,6 +214,14 @@ class Store:
     def load_jobs(self) -> list[Job]:
         rows = self.db.execute("SELECT job_id, uuid, domain_name, op, state, body FROM jobs ORDER BY job_id")
         return [Job.from_dict(_job_fields(row)) for row in rows]
+
+    def events_since(self, since: int, limit: int) -> list[tuple[int, bytes]]:
+        """Kept events with seq > since, oldest first (what is committed; later ones follow live)."""
+        return self.db.execute("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
+
+    def oldest_event(self) -> int | None:
+        row = self.db.execute("SELECT MIN(seq) FROM events").fetchone()
+        return row[0] if row else None
 
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -236,11 +253,18 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self.dirty_meta[key] = value
 
+    def put_event(self, seq: int, body: bytes) -> None:
+        self.new_events.append((seq, body))
+
+    def forget_events_before(self, seq: int) -> None:
+        """Drop kept events older than seq with the next batch (the history is bounded)."""
+        self.events_before = seq
+
     @property
     def pending(self) -> bool:
         return bool(
             self.dirty_domains or self.dirty_states or self.deleted_domains or self.dirty_jobs or self.deleted_jobs
-            or self.dirty_meta
+            or self.dirty_meta or self.new_events or self.events_before is not None
         )
 
     def take_batch(self) -> Batch | None:
@@ -261,7 +285,11 @@ class Store:
             ],
             deleted_jobs=[(j,) for j in self.deleted_jobs],
             meta=list(self.dirty_meta.items()),
+            events=self.new_events,
+            events_before=self.events_before,
         )
+        self.new_events = []
+        self.events_before = None
         self.dirty_domains.clear()
         self.dirty_states.clear()
         self.deleted_domains.clear()

@@ -17,6 +17,9 @@ from virtbroker.common.stream import StreamSocket, is_stream_url
 from virtbroker.common.errors import TimeoutError_, UnavailableError, VirtbrokerError, error_from_code
 
 
+EVENTS_PAGE = 1000  # events replayed per request
+
+
 class Client:
     """A connection to one broker. Not thread-safe: use one Client per thread.
 
@@ -196,16 +199,37 @@ class Client:
         job = self.submit(domain, op, **kw)
         return self.wait([job["job_id"]], timeout_s)[0]
 
-    def events(self, timeout_s: float | None = None) -> Iterator[p.Message]:
-        """Domain and job events from the broker's PUB socket, as they happen."""
+    def events(self, timeout_s: float | None = None, since: int | None = None) -> Iterator[p.Message]:
+        """Domain and job events from the broker's PUB socket, as they happen.
+
+        With `since`, first every kept event with a higher seq (replayed from the broker's
+        event history, in order), then the live ones, each once. Raises GoneError if events
+        after `since` are no longer kept: re-read the state (list, jobs) instead.
+        """
         events_url = self.ping()["events_url"]
         sub = self._connect(zmq.SUB, events_url)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         try:
+            last = -1
+            if since is not None:
+                # Subscribed before the replay is read: an event committed meanwhile comes
+                # both ways, and its seq drops the second copy.
+                last = since
+                while True:
+                    page = self.call(p.EventsSince, since=last, limit=EVENTS_PAGE)["events"]
+                    for body in page:
+                        kind = body.pop("type")
+                        event = p.from_body(p.DomainEvent if kind == "domain" else p.JobEvent, body)
+                        last = event.seq
+                        yield event
+                    if len(page) < EVENTS_PAGE:
+                        break
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             while deadline is None or time.monotonic() < deadline:
                 wait_ms = 500 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
                 if sub.poll(min(wait_ms, 500)):
-                    yield p.decode_event(sub.recv_multipart())
+                    event = p.decode_event(sub.recv_multipart())
+                    if event.seq > last:
+                        yield event
         finally:
             sub.close(linger=0)

@@ -206,7 +206,7 @@ def cmd_workers(c: Client, args) -> int:
 
 def cmd_events(c: Client, args) -> int:
     count = 0
-    for event in c.events(timeout_s=args.timeout):
+    for event in c.events(timeout_s=args.timeout, since=args.since):
         body = {"type": event.KIND, **event.body()}
         if args.json:
             print(json.dumps(body, sort_keys=True), flush=True)
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("events", help="print domain and job events as they happen")
     p.add_argument("--count", type=int, help="stop after this many events")
     p.add_argument("--timeout", type=float, help="stop after this many seconds")
+    p.add_argument("--since", type=int, metavar="SEQ",
+                   help="first replay every kept event after SEQ, then go on live (each event once)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_events)
 

@@ -97,6 +97,13 @@ class OperationFailedError(VirtbrokerError):
     code = "operation-failed"
 
 
+class GoneError(VirtbrokerError):
+    """What was asked for is no longer kept (events older than the broker's event history):
+    re-read the state instead, as after Kubernetes' 410 Gone."""
+
+    code = "gone"
+
+
 class LimitError(VirtbrokerError):
     """A configured limit (max_domains, max_queued_jobs) would be passed: nothing was changed."""
 
@@ -121,6 +128,7 @@ ERRORS_BY_CODE = {
         UnavailableError,
         LimitError,
         OperationFailedError,
+        GoneError,
     )
 }
 

@@ -179,6 +179,17 @@ class ListWorkers(Message):
     request_id: int
 
 
+@dataclass
+class EventsSince(Message):
+    """Replay stored events with seq > since, oldest first, at most `limit` (a page)."""
+
+    KIND = "events"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    since: int
+    limit: int = 1000
+
+
 # --------------------------------------------------------------------------- broker -> client
 
 

@@ -198,6 +198,16 @@ class Hypervisor:
         return out
 
 
+def host_capacity(conn: libvirt.virConnect) -> tuple[int, int]:
+    """The host's memory (MiB) and CPUs, from libvirt's node info; (0, 0) if it cannot tell."""
+    try:
+        info = conn.getInfo()  # [model, memory MiB, cpus, MHz, nodes, sockets, cores, threads]
+        return int(info[1]), int(info[2])
+    except libvirt.libvirtError as e:
+        log.warning("cannot read the host's capacity: %s", e)
+        return 0, 0
+
+
 class JobRunner:
     """What one job thread does for one job. Holds the thread's inproc socket (for labels)."""
 
@@ -484,6 +494,11 @@ class LifecycleWorker:
         self.hv = Hypervisor(config.uri)
         self.host_id = host_id_for(self.hv.conn, config.uri)
         self.slots = config.slots
+        # Threads for destroy and reconcile only when every ordinary slot is busy (libvirtd's
+        # priority workers). The broker never sends more than slots ordinary jobs plus
+        # priority_slots of those, so one thread pool of both sizes never makes a destroy wait.
+        self.priority_slots = config.priority_slots
+        self.memory_mib, self.cpus = host_capacity(self.hv.conn)
         self.running: dict[int, p.JobAssignment] = {}
         # job_id -> monotonic time its lease stops being renewed (its deadline)
         self.deadlines: dict[int, float] = {}
@@ -495,7 +510,7 @@ class LifecycleWorker:
         self.resync_stop = threading.Event()
         self._local = threading.local()
         self.mailbox = Mailbox()
-        self.threads = JobThreads(self.slots, self._in_thread)
+        self.threads = JobThreads(self.slots + self.priority_slots, self._in_thread)
 
         self.sock = connect_worker_socket(context, config, self.worker_id)
         self.inproc = context.socket(zmq.ROUTER)
@@ -539,6 +554,9 @@ class LifecycleWorker:
             slots=self.slots,
             guests=self.hv.guests(),
             leases=leases,
+            priority_slots=self.priority_slots,
+            memory_mib=self.memory_mib,
+            cpus=self.cpus,
         )
         self.sock.send_multipart(p.encode(msg))
 
