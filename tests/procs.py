@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from virtbroker.client.api import Client
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,14 +127,15 @@ class Cluster:
             raise RuntimeError("broker did not answer a ping:\n" + (self.broker.log()[-3000:] if self.broker else ""))
 
     def wait_workers(self, count: int, role: str = "lifecycle", timeout_s: float = 30.0) -> list[dict]:
+        def joined() -> list[dict]:
+            workers = [w for w in c.workers() if w["role"] == role]
+            return workers if len(workers) >= count else []
+
         with Client(self.client_url, timeout_s=2.0) as c:
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                workers = [w for w in c.workers() if w["role"] == role]
-                if len(workers) >= count:
-                    return workers
-                time.sleep(0.05)
-        raise RuntimeError(f"fewer than {count} {role} workers joined:\n" + self.logs())
+            try:
+                return wait_until(joined, timeout_s, what=f"{count} {role} worker(s) joined")
+            except AssertionError:
+                raise RuntimeError(f"fewer than {count} {role} workers joined:\n" + self.logs()) from None
 
     def logs(self) -> str:
         procs = ([self.broker] if self.broker else []) + list(self.workers.values()) + list(self.security.values())

@@ -15,6 +15,7 @@ from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common.errors import UnavailableError
 from tests.faults.conftest import settle
+from tests.waiting import wait_until
 
 DEFINES = 1000
 STARTS = 100
@@ -90,10 +91,8 @@ def test_broker_kill9_during_defines_and_starts(cluster_factory, fault_rng):
     kills = 0
     try:
         for point in kill_points:
-            deadline = time.monotonic() + 120
-            while len(definer.acked) < point and definer.is_alive():
-                assert time.monotonic() < deadline, "defines stopped making progress"
-                time.sleep(0.002)
+            wait_until(lambda point=point: len(definer.acked) >= point or not definer.is_alive(), 120,
+                       interval_s=0.002, what="defines making progress")
             cluster.broker.kill9()
             kills += 1
             time.sleep(fault_rng.uniform(0.0, 0.5))

@@ -8,12 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from tests.procs import ROOT
+from tests.waiting import wait_until
 
 
 def test_supervisord_runs_broker_and_workers_and_stops_them(tmp_path):
@@ -33,14 +33,16 @@ def test_supervisord_runs_broker_and_workers_and_stops_them(tmp_path):
     )
     try:
         with Client(f"ipc://{tmp_path}/state/client.sock", timeout_s=10) as c:
-            deadline = time.monotonic() + 60
-            workers = 0
-            while time.monotonic() < deadline and workers < 4:
+            def workers() -> int:
                 try:
-                    workers = c.ping(timeout_s=1)["workers"]
-                except Exception:
-                    time.sleep(0.2)
-            assert workers == 4, (tmp_path / "supervisord.log").read_text()[-3000:]
+                    return c.ping(timeout_s=1)["workers"]
+                except Exception:  # the broker is not up yet
+                    return 0
+
+            try:
+                wait_until(lambda: workers() >= 4, 60, interval_s=0.2, what="4 workers under supervisord")
+            except AssertionError as e:
+                raise AssertionError((tmp_path / "supervisord.log").read_text()[-3000:]) from e
             c.define(minimal_domain_xml("supervised"))
             assert c.run("supervised", "start", 30)["state"] == "succeeded"
             assert c.run("supervised", "destroy", 30)["state"] == "succeeded"

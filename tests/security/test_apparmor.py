@@ -6,7 +6,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from virtbroker.common.errors import ConfigError, SecurityError
 from virtbroker.common.resources import Resource
 from virtbroker.workers.security.apparmor import AppArmorDriver
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.security
 
@@ -200,11 +200,11 @@ def test_recover_cleans_up_after_a_crash(aa, tmp_path, images):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not tmp_file.exists():
+        def wrote() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "child never wrote its profile"
-            time.sleep(0.01)
+            return tmp_file.exists()
+
+        wait_until(wrote, 30, interval_s=0.01, what="the child wrote its profile")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:

@@ -18,6 +18,7 @@ from virtbroker.common.resources import Resource
 from virtbroker.workers.security.dac import XATTR_NAME
 from virtbroker.workers.security.locks import PathLocks
 from tests.security.conftest import ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.security
 
@@ -223,11 +224,11 @@ def test_crash_mid_transaction_is_undone(lab, cleanup):
     )
     try:
         # Ready when the child has labelled two files of its own (it pauses 0.5 s after each).
-        deadline = time.monotonic() + 30
-        while sum(os.stat(p).st_uid == lab.uid for p in files[1:]) < 2:
+        def labelled_two() -> bool:
             assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "child never labelled two files"
-            time.sleep(0.01)
+            return sum(os.stat(p).st_uid == lab.uid for p in files[1:]) >= 2
+
+        wait_until(labelled_two, 30, interval_s=0.01, what="the child labelled two files")
         os.kill(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:

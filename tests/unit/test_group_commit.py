@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 
 import pytest
 
 from virtbroker.workers.security.store import PHASE_PENDING, SecurityStore
+from tests.waiting import wait_until
 
 
 def _queued(store: SecurityStore, count: int, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while len(store._writer._queue) < count:
-        assert time.monotonic() < deadline, "changes did not queue"
-        time.sleep(0.01)
+    wait_until(lambda: len(store._writer._queue) >= count, timeout_s, interval_s=0.01, what="changes queued")
 
 
 def _run_while_blocked(store: SecurityStore, calls: list) -> list:
