@@ -148,8 +148,8 @@ def systemd_root(tmp_path: Path, units: dict[str, str]) -> Path:
 
 def verify(root: Path) -> subprocess.CompletedProcess:
     instances = [instance for instance, _ in UNITS.values()] + ["virtbroker-security@apparmor.service"]
-    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", *instances], capture_output=True, text=True,
-                          timeout=60)
+    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", *instances], check=False, capture_output=True,
+                          text=True, timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None or not Path("/usr/lib/systemd/system").is_dir(),
