@@ -148,7 +148,8 @@ class Config:
                                        help="its read-only twin (default: libvirt_url's path + '-ro')")
     uri: str = option("test:///default", help="libvirt URI of the lifecycle workers")
     workers: int = option(2, check=at_least(0), commands=("up",), help="lifecycle workers `up` starts")
-    slots: int = option(4, check=at_least(1), help="jobs one lifecycle worker runs at once")
+    # With `up`'s 2 workers, 20 jobs at once on a host, as libvirtd's 20 workers.
+    slots: int = option(10, check=at_least(1), help="jobs one lifecycle worker runs at once")
     # The destroy lane (docs/ARCHITECTURE.md): as libvirtd's 5 priority workers, extra slots only
     # destroy and reconcile may take, when every ordinary slot is busy.
     priority_slots: int = option(5, check=at_least(0),
