@@ -12,40 +12,53 @@ from virtbroker.gateway.rpc import RemoteError
 
 
 class HostFacts:
+    """Two lazily opened connections to the host's libvirtd: a read-only one for every fact, and
+    a read-write one only for domain capabilities, which libvirtd's access rules refuse to
+    read-only clients. Only getters are ever called on either."""
+
     def __init__(self, uri: str):
         self.uri = uri
         self._lock = threading.Lock()
-        self._conn: libvirt.virConnect | None = None
+        self._conns: dict[bool, libvirt.virConnect] = {}
 
-    def conn(self) -> libvirt.virConnect:
+    def conn(self, read_write: bool = False) -> libvirt.virConnect:
         # A libvirt connection may be used from several threads; opening it is what needs the lock.
         with self._lock:
-            if self._conn is None:
+            if read_write not in self._conns:
                 try:
-                    self._conn = libvirt.openReadOnly(self.uri)
+                    opener = libvirt.open if read_write else libvirt.openReadOnly
+                    self._conns[read_write] = opener(self.uri)
                 except libvirt.libvirtError as e:
                     raise _remote(e) from e
-            return self._conn
+            return self._conns[read_write]
 
-    def ask(self, fn):
+    def ask(self, fn, read_write: bool = False):
         """fn(conn) with libvirt's own error passed on; a broken connection is opened again next time."""
-        conn = self.conn()
+        conn = self.conn(read_write)
         try:
             return fn(conn)
         except libvirt.libvirtError as e:
-            if e.get_error_code() in (libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR) and not conn.isAlive():
+            if not _alive(conn):
                 with self._lock:
-                    self._conn = None
+                    if self._conns.get(read_write) is conn:
+                        del self._conns[read_write]
             raise _remote(e) from e
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                except libvirt.libvirtError:
-                    pass
-                self._conn = None
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass
+
+
+def _alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _remote(e: libvirt.libvirtError) -> RemoteError:

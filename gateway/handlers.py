@@ -433,7 +433,10 @@ def _domcaps(call, facts):
     emulator, arch, machine, virttype = u.optional_string(), u.optional_string(), u.optional_string(), u.optional_string()
     flags = u.uint()
     u.done()
-    return bytes(Packer().string(facts.ask(lambda c: c.getDomainCapabilities(emulator, arch, machine, virttype, flags))))
+    # libvirtd refuses domain capabilities on a read-only connection; this getter is all the
+    # read-write one is used for.
+    caps = facts.ask(lambda c: c.getDomainCapabilities(emulator, arch, machine, virttype, flags), read_write=True)
+    return bytes(Packer().string(caps))
 
 
 def _version(call, facts):

@@ -291,6 +291,11 @@ async def _serve(gateway: Gateway) -> None:
 def run_gateway(config: Config) -> int:
     if not config.libvirt_url:
         raise ConfigError("libvirt_url is not set")
+    # libvirt prints every error of the host-facts connections to stderr by default; they are
+    # passed on to the gateway's clients instead.
+    import libvirt
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     lock = StateLock(os.path.join(config.state_dir, "libvirt-gateway.lock"), "a libvirt gateway")
     os.umask(0o077)
     gateway = Gateway(config)

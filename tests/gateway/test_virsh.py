@@ -11,7 +11,7 @@ import time
 import pytest
 
 from virtbroker.client.templates import minimal_domain_xml
-from tests.gateway.conftest import virsh
+from tests.gateway.helpers import virsh
 
 
 @pytest.fixture
