@@ -202,7 +202,7 @@ def parallel(fn, items: list) -> None:
 @contextlib.contextmanager
 def vb_cluster(
     workers: int,
-    slots: int,
+    slots: int | None,
     uri: str = URI,
     extra: list[str] = (),
     security_drivers: list[str] = (),

@@ -84,6 +84,15 @@ def evaluate(results: dict) -> list[dict]:
     else:
         out.append(_target("Start storm N=20", None, "<= 1.05x", None, "not measured"))
         out.append(_target("Destroy storm N=20", None, "<= 1.10x", None, "not measured"))
+    defaults = next((r for r in storm["rows"] if r["n"] == TARGET_N and r["way"] == "virtbroker-defaults"), None) \
+        if storm else None
+    if defaults and defaults.get("start_ratio") is not None:
+        out.append(_target("Start storm N=20: `virtbroker up` untuned (2 workers, default slots) / libvirt threads",
+                           f"{defaults['start_ratio']:.2f}x ({defaults['start_median_s']:.2f} s)", "<= 1.05x",
+                           defaults["start_ratio"] <= 1.05))
+        out.append(_target("Destroy storm N=20: `virtbroker up` untuned / libvirt threads",
+                           f"{defaults['destroy_ratio']:.2f}x ({defaults['destroy_median_s']:.2f} s)", "<= 1.10x",
+                           defaults["destroy_ratio"] <= 1.10))
 
     latency = _section(results, "latency")
     row = None

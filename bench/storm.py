@@ -71,10 +71,18 @@ def libvirt_storm(conn: libvirt.virConnect, names: list[str], way: str) -> tuple
 
 
 # ---------------------------------------------------------------------------- virtbroker
-def vb_storm(conn: libvirt.virConnect, names: list[str], workers: int) -> tuple[float, float]:
-    """The same storm through a broker and `workers` lifecycle workers (real processes)."""
-    # Enough slots in total for every guest at once, as one thread per guest has.
-    slots = max(1, math.ceil(len(names) / workers))
+DEFAULTS_WAY = "virtbroker-defaults"
+DEFAULT_WORKERS = 2  # what `virtbroker up` starts when not told otherwise
+
+
+def vb_storm(conn: libvirt.virConnect, names: list[str], workers: int, defaults: bool = False) -> tuple[float, float]:
+    """The same storm through a broker and `workers` lifecycle workers (real processes).
+
+    defaults: the workers keep their own slots and priority slots, as `virtbroker up` gives an
+    operator who tunes nothing; otherwise each gets ceil(N/workers) slots, so every guest can
+    be in flight at once, as one thread per guest has.
+    """
+    slots = None if defaults else max(1, math.ceil(len(names) / workers))
     xml = {name: guest_xml(name) for name in names}
     try:
         with vb_cluster(workers, slots) as cluster:
@@ -92,6 +100,7 @@ def ways_for(settings: Settings, n: int) -> list[tuple[str, int | None]]:
     if not settings.short and n == 20:
         ways.append(("libvirt-threads-shared", None))
     ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts]
+    ways.append((DEFAULTS_WAY, DEFAULT_WORKERS))
     return ways
 
 
@@ -109,7 +118,7 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                     if workers is None:
                         start_s, destroy_s = libvirt_storm(conn, names, way)
                     else:
-                        start_s, destroy_s = vb_storm(conn, names, workers)
+                        start_s, destroy_s = vb_storm(conn, names, workers, defaults=way == DEFAULTS_WAY)
                 except Exception as e:
                     say(f"  failed: {e}")
                     entry["errors"].append(str(e)[:500])
@@ -133,9 +142,10 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             "Wall time from the first define until every guest runs (start) and from the first "
             "destroy until every destroy returned (destroy). The baseline gives each thread its own "
             "libvirt connection (libvirtd runs at most 5 calls of one connection at a time); "
-            "libvirt-threads-shared is the same on one shared connection. virtbroker gets "
-            "ceil(N/workers) slots per worker, so every way can have all N in flight, and defines and "
-            "submits with one thread and client per guest."
+            "libvirt-threads-shared is the same on one shared connection. virtbroker-Nw gets "
+            "ceil(N/workers) slots per worker, so every way can have all N in flight; virtbroker-defaults "
+            "is `virtbroker up` untuned (2 workers, their default slots and priority slots). virtbroker "
+            "defines and submits with one thread and client per guest."
         ),
         "rows": rows,
     }

@@ -89,8 +89,10 @@ class Cluster:
         self.wait_ready()
         return self.broker
 
-    def start_worker(self, worker_id: str, slots: int = 4) -> Proc:
-        proc = Proc(worker_id, self._argv("worker", "--worker-id", worker_id, "--slots", str(slots)), self.state_dir)
+    def start_worker(self, worker_id: str, slots: int | None = 4) -> Proc:
+        """slots=None: the worker's defaults (slots and priority_slots), as an operator gets them."""
+        more = ["--slots", str(slots)] if slots is not None else []
+        proc = Proc(worker_id, self._argv("worker", "--worker-id", worker_id, *more), self.state_dir)
         self.workers[worker_id] = proc.start()
         return proc
 
