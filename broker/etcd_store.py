@@ -276,15 +276,21 @@ class _Endpoints:
     def post(self, path: str, body: dict, timeout_s: float | None = None) -> dict:
         """POST body to /v3/<path> on the current member, failing over to the others.
 
-        A refused or reset connection, or a member that answers it cannot serve now (no
-        leader, proposal dropped, server-side timeout) moves to the next member; after a
-        round in which every member failed so, a short pause, then another round. A
-        request that times out ends the call: the deadline is spent. Every outcome is
-        decided within timeout_s (request_timeout_s by default): UnavailableError then.
-        The writes sent here are idempotent (fenced puts and deletes of given values), so
-        a retry after an unknown outcome (a reset connection) is safe.
+        A refused or reset connection, a member that answers it cannot serve now (no
+        leader, proposal dropped, server-side timeout), or one that has not answered
+        within half the deadline moves the request to the next member; after a round in
+        which every member failed fast, a short pause, then another round. Every outcome
+        is decided within timeout_s (request_timeout_s by default): UnavailableError then.
+
+        Why half: a member that forwarded a proposal to a leader that has just died never
+        hears of it again, and only answers when its own request timeout (7 s) runs out;
+        the retry, at another member after the election, is what gets through. The writes
+        sent here are idempotent (fenced puts and deletes of given values), so a retry
+        after an unknown outcome is safe.
         """
-        deadline = time.monotonic() + (self.request_timeout_s if timeout_s is None else timeout_s)
+        total_s = self.request_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + total_s
+        attempt_s = max(total_s / 2, 0.5)
         failures_in_round = 0
         pause_s = RETRY_PAUSE_S
         last_error: Exception | None = None
@@ -293,14 +299,15 @@ class _Endpoints:
             if remaining_s <= 0:
                 raise UnavailableError(f"etcd at {', '.join(self.names)} did not answer in time: {last_error}")
             client = self.clients[self.current]
-            client.timeout = remaining_s
+            client.timeout = min(remaining_s, attempt_s)
             try:
                 return client.post(client.get_url(path), json=body)
             except gw.ConnectionTimeoutError as e:
-                # The member took the whole deadline (no quorum, or hung): the next call
-                # starts at another member.
+                # No quorum, a lost proposal, or a hung member: try the next one.
+                last_error = e
+                log.debug("etcd at %s did not answer in %.1f s", self.names[self.current], client.timeout)
                 self.next()
-                raise UnavailableError(f"etcd at {self.names[self.current - 1]} did not answer in time: {e.detail_text or e}") from e
+                failures_in_round = 0
             except (gw.ConnectionFailedError, gw.InternalServerError) as e:
                 last_error = e
                 log.debug("etcd at %s failed: %s", self.names[self.current], e.detail_text or e)

@@ -1,0 +1,1 @@
+"""Tests of the etcd backend against real etcd members."""
