@@ -10,14 +10,14 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import requests
 from etcd3gw import exceptions as gw
 from etcd3gw.client import Etcd3Client
-
 from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import Job
 from virtbroker.broker.store import Batch, _job_fields, domain_record
@@ -315,7 +315,7 @@ class _Endpoints:
                 failures_in_round += 1
                 if failures_in_round >= len(self.clients):
                     failures_in_round = 0
-                    time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))  # noqa: a retry pause, not a synchronisation
+                    time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))  # a retry pause, not a synchronisation
                     pause_s = min(pause_s * 2, 0.5)
             except gw.Etcd3Exception as e:
                 text = e.detail_text or str(e)
@@ -366,7 +366,8 @@ class Watch:
             except CompactedError as e:
                 self.changes.put(e)
                 return
-            except Exception as e:  # the member went away or refused: resume at the next one
+            except (requests.RequestException, UnavailableError, OSError, ValueError) as e:
+                # The member went away, refused, or sent what is not JSON: resume at the next one.
                 if self.closed.is_set():
                     return
                 log.debug("etcd watch at %s ended: %s", self.http.names[self.http.current], e)
@@ -376,7 +377,7 @@ class Watch:
 
     def _stream(self) -> None:
         client = self.http.clients[self.http.current]
-        body = {"create_request": {
+        body: dict[str, Any] = {"create_request": {
             "key": _b64(self.start), "range_end": _b64(self.end), "start_revision": self.next_revision,
         }}
         response = client.session.post(

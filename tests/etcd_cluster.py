@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import urllib.error
@@ -16,6 +14,10 @@ import uuid
 from tests.waiting import wait_until
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
+# setpriv --pdeathsig KILL: a test run killed outright (SIGKILL, a timeout) leaves no etcd
+# behind. (A preexec_fn calling prctl would do the same, but is unsafe once threads run.)
+# The signal follows the thread that started the member: start members from the test's thread.
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 
@@ -32,11 +34,6 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
-
-
-def _die_with_parent() -> None:
-    # PR_SET_PDEATHSIG: a test run killed outright (SIGKILL, a timeout) leaves no etcd behind.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _get_json(url: str, timeout_s: float = 1.0, body: bytes | None = None) -> dict | None:
@@ -89,7 +86,7 @@ class EtcdCluster:
         client = f"http://127.0.0.1:{self.client_ports[i]}"
         peer = f"http://127.0.0.1:{self.peer_ports[i]}"
         args = [
-            ETCD, "--name", self.names[i], "--data-dir", self.data_dir(i),
+            *DIE_WITH_PARENT, ETCD, "--name", self.names[i], "--data-dir", self.data_dir(i),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", self.initial_cluster, "--initial-cluster-token", self.token,
@@ -98,10 +95,9 @@ class EtcdCluster:
             "--logger", "zap", "--log-outputs", "stderr",
         ]
         if self.logs[i] is None:
-            self.logs[i] = open(os.path.join(self.base_dir, f"{self.names[i]}.log"), "ab")
-        self.procs[i] = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=self.logs[i], stderr=self.logs[i], preexec_fn=_die_with_parent,
-        )
+            # Open for the member's whole life, across restarts; close() closes it.
+            self.logs[i] = open(os.path.join(self.base_dir, f"{self.names[i]}.log"), "ab")  # noqa: SIM115
+        self.procs[i] = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.logs[i], stderr=self.logs[i])
 
     def healthy(self, i: int) -> bool:
         """The member answers /health as healthy: it is up, has a leader and serves a quorum read."""
@@ -198,7 +194,7 @@ class EtcdCluster:
                 log.close()
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def __enter__(self) -> EtcdCluster:
+    def __enter__(self) -> EtcdCluster:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

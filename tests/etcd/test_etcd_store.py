@@ -7,11 +7,8 @@ import threading
 import time
 
 import pytest
-
-from tests.waiting import wait_until
 from virtbroker.broker.etcd_store import (
     MAX_TXN_OPS,
-    EtcdBackend,
     FencedError,
     events_from,
     plan_transactions,
@@ -21,6 +18,8 @@ from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import Job
 from virtbroker.broker.store import Batch, Store, write_batches
 from virtbroker.common.errors import UnavailableError
+
+from tests.waiting import wait_until
 
 XML = "<domain type='kvm'><name>{name}</name><memory>131072</memory></domain>"
 
@@ -171,7 +170,7 @@ def test_a_write_under_a_stale_fence_is_refused_and_writes_nothing(etcd_backends
     with pytest.raises(FencedError) as refused:
         first.write_batches([stale], old.fence)
     assert refused.value.code == "fenced"
-    raw, after = first.snapshot()
+    _, after = first.snapshot()
     assert after == before  # not one key changed
     assert first.meta("owner") == "first" and first.load_jobs() == []
 
