@@ -241,6 +241,38 @@ def list_all_domains(call: Call) -> bytes:
     return bytes(pk.uint(len(listing)))
 
 
+def _count(call: Call, active: bool) -> bytes:
+    call.args.done()
+    listing = call.gw.broker.call("list", state="active" if active else "inactive")
+    return int_reply(len(listing))
+
+
+def list_domain_ids(call: Call) -> bytes:
+    """The pre-0.9.13 listing of active guests' ids (virConnectListDomains)."""
+    max_ids = call.args.int()
+    call.args.done()
+    if not 0 <= max_ids <= DOMAIN_LIST_MAX:
+        raise RemoteError(rpc.ERR_RPC, f"too many domains requested: {max_ids} for limit {DOMAIN_LIST_MAX}", rpc.FROM_RPC)
+    listing = call.gw.broker.call("list", state="active")[:max_ids]
+    pk = Packer().uint(len(listing))
+    for d in listing:
+        pk.int(call.gw.ids.for_state(d["uuid"], d["state"]))
+    return bytes(pk)
+
+
+def list_defined_names(call: Call) -> bytes:
+    """The pre-0.9.13 listing of inactive guests' names (virConnectListDefinedDomains)."""
+    max_names = call.args.int()
+    call.args.done()
+    if not 0 <= max_names <= DOMAIN_LIST_MAX:
+        raise RemoteError(rpc.ERR_RPC, f"too many domains requested: {max_names} for limit {DOMAIN_LIST_MAX}", rpc.FROM_RPC)
+    listing = call.gw.broker.call("list", state="inactive")[:max_names]
+    pk = Packer().uint(len(listing))
+    for d in listing:
+        pk.string(d["name"])
+    return bytes(pk)
+
+
 # ------------------------------------------------------------------------------- domain reads
 def get_state(call: Call) -> bytes:
     summary, flags = args_dom(call, with_flags=True)
@@ -516,6 +548,10 @@ def _table() -> dict[int, Procedure]:
         Procedure(r.PROC_DOMAIN_LOOKUP_BY_UUID, "virDomainLookupByUUID", lookup_by_uuid, READ),
         Procedure(r.PROC_DOMAIN_LOOKUP_BY_ID, "virDomainLookupByID", lookup_by_id, READ),
         Procedure(r.PROC_CONNECT_LIST_ALL_DOMAINS, "virConnectListAllDomains", list_all_domains, READ),
+        Procedure(r.PROC_CONNECT_NUM_OF_DOMAINS, "virConnectNumOfDomains", lambda c: _count(c, True), READ),
+        Procedure(r.PROC_CONNECT_NUM_OF_DEFINED_DOMAINS, "virConnectNumOfDefinedDomains", lambda c: _count(c, False), READ),
+        Procedure(r.PROC_CONNECT_LIST_DOMAINS, "virConnectListDomains", list_domain_ids, READ),
+        Procedure(r.PROC_CONNECT_LIST_DEFINED_DOMAINS, "virConnectListDefinedDomains", list_defined_names, READ),
         Procedure(r.PROC_DOMAIN_GET_STATE, "virDomainGetState", get_state, READ),
         Procedure(r.PROC_DOMAIN_GET_INFO, "virDomainGetInfo", get_info, READ),
         Procedure(r.PROC_DOMAIN_GET_OS_TYPE, "virDomainGetOSType", get_os_type, READ),

@@ -1,0 +1,162 @@
+"""libvirt-python, unmodified, against the gateway on test:///default guests: transient guests,
+numeric ids, list flags, events through domainEventRegisterAny, and a slow call that holds
+nothing else."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import libvirt
+import pytest
+
+from virtbroker.client.templates import minimal_domain_xml
+from tests.gateway.helpers import start_gateway
+from tests.guests import quiet_libvirt_errors
+
+
+@pytest.fixture
+def conn(test_gateway):
+    quiet_libvirt_errors()
+    cluster, gw = test_gateway
+    c = libvirt.open(gw.uri)
+    yield cluster, c
+    c.close()
+
+
+def test_transient_guest(conn):
+    cluster, c = conn
+    dom = c.createXML(minimal_domain_xml("gw-t"), 0)
+    assert dom.isActive() == 1 and dom.isPersistent() == 0 and dom.ID() > 0
+    assert c.lookupByID(dom.ID()).name() == "gw-t"
+    names = lambda flags: sorted(d.name() for d in c.listAllDomains(flags))  # noqa: E731
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT) == ["gw-t"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT) == []
+    with pytest.raises(libvirt.libvirtError) as e:
+        dom.undefine()
+    assert e.value.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+    dom.destroy()
+    # Gone from the registry once it stopped, as libvirt forgets a transient domain.
+    deadline = time.monotonic() + 20
+    while cluster.client().list(all=True):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with pytest.raises(libvirt.libvirtError) as e:
+        c.lookupByName("gw-t")
+    assert e.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+
+
+def test_ids_lists_and_errors(conn):
+    cluster, c = conn
+    a = c.defineXML(minimal_domain_xml("gw-a"))
+    b = c.defineXML(minimal_domain_xml("gw-b"))
+    assert a.ID() == -1 and a.isPersistent() == 1 and a.state() == [libvirt.VIR_DOMAIN_SHUTOFF, 0]
+    a.create()
+    a = c.lookupByName("gw-a")
+    first_id = a.ID()
+    assert first_id > 0 and c.lookupByID(first_id).UUIDString() == a.UUIDString()
+    assert c.lookupByUUIDString(a.UUIDString()).ID() == first_id
+    names = lambda flags: sorted(d.name() for d in c.listAllDomains(flags))  # noqa: E731
+    assert names(0) == ["gw-a", "gw-b"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE) == ["gw-a"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_SHUTOFF) == ["gw-b"]
+    assert names(libvirt.VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE) == []
+    assert c.numOfDomains() == 1 and c.numOfDefinedDomains() == 1
+    assert c.listDomainsID() == [first_id] and c.listDefinedDomains() == ["gw-b"]
+    info = a.info()
+    assert info[0] == libvirt.VIR_DOMAIN_RUNNING and info[1] == 65536 and info[3] == 1
+    with pytest.raises(libvirt.libvirtError) as e:
+        a.create()
+    assert e.value.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+    with pytest.raises(libvirt.libvirtError) as e:
+        c.lookupByID(first_id + 100)
+    assert e.value.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN
+    with pytest.raises(libvirt.libvirtError) as e:
+        c.defineXML(minimal_domain_xml("gw-a2", uuid=a.UUIDString()))
+    assert e.value.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED
+    a.destroy()
+    assert c.lookupByName("gw-a").ID() == -1
+    with pytest.raises(libvirt.libvirtError):
+        c.lookupByID(first_id)
+    # Host facts come from libvirtd (test:///default here: the worker's URI).
+    assert c.getType() and c.getLibVersion() > 0 and "<capabilities>" in c.getCapabilities()
+    a.undefine()
+    b.undefine()
+
+
+def test_events_through_python(conn):
+    cluster, c = conn
+    libvirt.virEventRegisterDefaultImpl()
+    seen: list[tuple[str, int, int]] = []
+    loop_stop = threading.Event()
+
+    def run_loop():
+        while not loop_stop.is_set():
+            libvirt.virEventRunDefaultImpl()
+
+    ec = libvirt.open(c.getURI())
+    callback_id = ec.domainEventRegisterAny(
+        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lambda _c, dom, event, detail, _o: seen.append((dom.name(), event, detail)), None)
+    thread = threading.Thread(target=run_loop, daemon=True)
+    thread.start()
+    try:
+        vb = cluster.client()
+        vb.define(minimal_domain_xml("gw-e"))
+        vb.run("gw-e", "start")
+        vb.run("gw-e", "destroy")
+        vb.run("gw-e", "undefine")
+        expected = [
+            ("gw-e", libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED),
+            ("gw-e", libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED),
+            ("gw-e", libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED),
+            ("gw-e", libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED),
+        ]
+        deadline = time.monotonic() + 20
+        while len(seen) < len(expected) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert seen == expected
+    finally:
+        ec.domainEventDeregisterAny(callback_id)
+        loop_stop.set()
+        # One more timer tick wakes the loop thread so it can see the stop.
+        libvirt.virEventAddTimeout(0, lambda *a: None, None)
+        thread.join(timeout=10)
+        ec.close()
+
+
+def test_slow_call_holds_nothing_else(cluster_factory):
+    """A start waits for a worker that is not there; lookups on other connections go on."""
+    quiet_libvirt_errors()
+    cluster = cluster_factory(lease_ttl_s=3.0)
+    cluster.start_broker()
+    gw = start_gateway(cluster)
+    c1, c2 = libvirt.open(gw.uri), libvirt.open(gw.uri)
+    try:
+        dom = c1.defineXML(minimal_domain_xml("gw-slow"))
+        outcome = {}
+
+        def start():
+            try:
+                dom.create()
+                outcome["ok"] = True
+            except libvirt.libvirtError as e:
+                outcome["error"] = e
+
+        t = threading.Thread(target=start, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 10
+        while not cluster.client().jobs(state="queued"):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for _ in range(50):
+            assert c2.lookupByName("gw-slow").name() == "gw-slow"
+        c2.defineXML(minimal_domain_xml("gw-other"))
+        assert sorted(d.name() for d in c1.listAllDomains(0)) == ["gw-other", "gw-slow"]  # the same connection too
+        # The start completes once a worker comes.
+        cluster.start_worker("w1")
+        t.join(timeout=60)
+        assert outcome == {"ok": True}
+        assert c2.lookupByName("gw-slow").isActive() == 1
+    finally:
+        c1.close()
+        c2.close()
