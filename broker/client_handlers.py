@@ -39,9 +39,10 @@ _DEFERRED = object()  # a handler's "no reply yet" (wait)
 
 
 class ClientHandlers:
-    def __init__(self, core: BrokerCore, events_url: str):
+    def __init__(self, core: BrokerCore, events_url: str, broker=None):
         self.core = core
         self.events_url = events_url
+        self.broker = broker  # the loop, for its part in failover (ping)
         # Every request kind the client endpoints take, and its handler.
         self.table = {
             "ping": self.handle_ping,
@@ -122,6 +123,8 @@ class ClientHandlers:
 
     # ------------------------------------------------------------------ handlers
     def handle_ping(self, msg: p.Ping, identity: bytes):
+        if self.broker is not None:
+            return self.broker.status()
         return {
             "version": __version__,
             "domains": len(self.core.registry),

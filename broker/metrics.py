@@ -34,6 +34,11 @@ class BrokerMetrics:
             ["kind", "reason"],
             registry=r,
         )
+        self.leader = Gauge("virtbroker_leader", "1 while this broker leads (always, on the sqlite store)", registry=r)
+        self.takeovers = Counter("virtbroker_takeovers", "Times this broker took the lead from etcd", registry=r)
+        self.fenced = Counter("virtbroker_fenced_writes",
+                              "Times this broker stopped leading: a write refused by the fence, or its lease lost",
+                              registry=r)
         self.workers = Gauge("virtbroker_workers", "Workers connected, by role", ["role"], registry=r)
         self.hosts = Gauge("virtbroker_hosts", "Hosts with at least one lifecycle worker", registry=r)
         self.domains = Gauge("virtbroker_domains", "Defined domains, by state", ["state"], registry=r)

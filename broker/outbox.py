@@ -59,6 +59,14 @@ class Outbox:
             events += evs
         return out, events
 
+    def abandon(self) -> list[Entry]:
+        """A broker that lost the lead: every message still waiting for the disk, taken out
+        (none may leave as it is: the change it reports may not be stored)."""
+        out = [entry for _, entries, _ in self.in_flight for entry in entries] + self.durable
+        self.in_flight.clear()
+        self.durable = []
+        return out
+
     def release_all(self) -> tuple[list[Entry], list[p.Message]]:
         """At shutdown, once the writer has written everything."""
         out, events = self.release(self.in_flight[-1][0]) if self.in_flight else ([], [])

@@ -13,23 +13,28 @@ the sockets here.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 
 import zmq
 
+from virtbroker import __version__
 from virtbroker.broker.client_handlers import ClientHandlers
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
+from virtbroker.broker.etcd_store import EtcdBackend
+from virtbroker.broker.ha import Campaign, EtcdStore
+from virtbroker.broker.metrics import BrokerMetrics
 from virtbroker.broker.local import LocalConnection, LocalEndpoint
 from virtbroker.broker.outbox import TO_WORKERS, Entry
 from virtbroker.broker.placement import dispatch
 from virtbroker.broker.store import Store, StoreWriter
 from virtbroker.broker.worker_handlers import WorkerHandlers
 from virtbroker.common import protocol as p
-from virtbroker.common.config import Config
+from virtbroker.common.config import Config, etcd_endpoints
 from virtbroker.common.curve import CurveServer, check_tcp_security
-from virtbroker.common.errors import ProtocolError
+from virtbroker.common.errors import ProtocolError, VirtbrokerError
 from virtbroker.common.process import run_until_signalled
 from virtbroker.common.statelock import StateLock
 from virtbroker.common.wire import send_frames
@@ -58,21 +63,36 @@ class Broker:
         check_tcp_security([u for u in urls if u], bool(config.curve_dir), config.allow_insecure_tcp, "--curve-dir")
         # Before any socket or the database is touched: one broker per state dir.
         self.lock = StateLock(os.path.join(config.state_dir, "broker.lock"), "a broker")
-        self.store = Store(config.state_dir)
-        self.core = BrokerCore(config, self.store)
-        self.core.load()
-        self.metrics = self.core.metrics
-        self.clients = ClientHandlers(self.core, config.events_url)
-        self.worker_messages = WorkerHandlers(self.core)
+        self.metrics = BrokerMetrics()
         self.curve = CurveServer(context, config.curve_dir) if config.curve_dir else None
-        if self.curve is not None:
-            self.core.worker_keys = self.curve.worker_keys
+        self.core: BrokerCore | None = None  # None while standing by (etcd store)
+        self.store: Store | None = None
+        self.campaign: Campaign | None = None
+        self.leader_info: dict | None = None  # the leading broker's URLs (etcd store), as its key says
+        self.token: int | None = None  # our fencing token while we lead
+        self.standby_peers: set[bytes] = set()  # worker connections we sent not-leader to
+        self.takeovers = 0
+        if config.store == "sqlite":
+            self._lead(Store(config.state_dir))
+        else:
+            self.campaign = Campaign(config, context)
         self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
         self.local: LocalEndpoint | None = None
         self.writer: StoreWriter | None = None
+        self.poller: zmq.Poller | None = None
         self.batch_id = 0
         self.stopping = False
         self._gauges_at = 0.0
+
+    def _lead(self, store: Store) -> None:
+        """Load the state from the store and serve it (at start, or when elected)."""
+        self.store = store
+        self.core = BrokerCore(self.config, store, metrics=self.metrics)
+        self.core.load()
+        self.clients = ClientHandlers(self.core, self.config.events_url, self)
+        self.worker_messages = WorkerHandlers(self.core)
+        if self.curve is not None:
+            self.core.worker_keys = self.curve.worker_keys
 
     def bind(self) -> None:
         # ipc sockets are created owner-only: only this user may connect.
@@ -113,18 +133,26 @@ class Broker:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
-        core = self.core
-        self.writer = StoreWriter(self.store, self.context)
-        poller = zmq.Poller()
+        self.poller = poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
-        poller.register(self.writer.done, zmq.POLLIN)
         poller.register(self.pub_sock, zmq.POLLIN)
         if self.readonly_sock is not None:
             poller.register(self.readonly_sock, zmq.POLLIN)
         self.local.start(poller)
+        if self.campaign is not None:
+            poller.register(self.campaign.loop_side, zmq.POLLIN)
+            self.campaign.start()
+        else:
+            self._start_writer()
         while not self.stopping:
             ready = dict(poller.poll(self._poll_timeout_ms()))
+            if self.campaign is not None and self.campaign.loop_side in ready:
+                self._campaign_news()
+            core = self.core
+            if core is None:
+                self._stand_by(ready)
+                continue
             now = time.monotonic()
             if self.writer.done in ready:
                 self._release_written()
@@ -148,6 +176,151 @@ class Broker:
             self._send(core.outbox.take_now())
         self._shutdown()
 
+    def _start_writer(self) -> None:
+        self.writer = StoreWriter(self.store, self.context)
+        self.poller.register(self.writer.done, zmq.POLLIN)
+
+    # ------------------------------------------------------------------ failover (etcd store)
+    def _campaign_news(self) -> None:
+        while True:
+            try:
+                news = self.campaign.loop_side.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if news[0] == b"leader":
+                self._take_over(int(news[1]), json.loads(news[2]))
+            elif news[0] == b"follower":
+                self.leader_info = json.loads(news[1]) if news[1] else None
+                if self.core is not None:
+                    self._step_down("another broker leads now")
+            elif news[0] == b"lost":
+                self._step_down(news[1].decode())
+
+    def _take_over(self, token: int, info: dict) -> None:
+        """Elected: load what the store holds and lead under `token`."""
+        started = time.monotonic()
+        backend = EtcdBackend(etcd_endpoints(self.config.store), self.config.etcd_prefix, self.config.store_timeout_s)
+        fence = (backend.leader_key.decode(), token)
+        try:
+            self._lead(EtcdStore(backend, fence, self.config.store))
+        except VirtbrokerError as e:
+            # We hold the lead but cannot serve it: leave, so that the lease lapses and
+            # another broker (or this one, restarted) takes over.
+            log.critical("elected, but cannot load the state from %s: %s", self.config.store, e)
+            os._exit(EXIT_STORE)
+        self.token, self.leader_info = token, info
+        self.takeovers += 1
+        self.metrics.takeovers.inc()
+        self.metrics.leader.set(1)
+        self._start_writer()
+        # Workers that came to us while we stood by: register with us now.
+        for identity in self.standby_peers:
+            self.core.to_connection(identity, p.Reregister())
+        self.standby_peers.clear()
+        log.warning("leading (fencing token %d): %d domains, %d jobs loaded in %.2f s", token,
+                    len(self.core.registry), len(self.core.scheduler.jobs), time.monotonic() - started)
+
+    def _step_down(self, reason: str) -> None:
+        """Stop acknowledging at once and stand by: nothing that waited for the store leaves
+        as it is (its change may or may not be stored), and the state in memory is dropped."""
+        log.error("standing by: %s", reason)
+        core = self.core
+        if core is None:
+            return
+        self.core = None
+        self.token = None
+        self.metrics.leader.set(0)
+        self.metrics.fenced.inc()
+        if self.writer is not None:
+            self.poller.unregister(self.writer.done)
+            self.writer.abandon()
+            self.writer = None
+        waiting = core.outbox.abandon() + [(w.dest, [w.identity, *p.encode(p.Ok(request_id=w.request_id))])
+                                           for w in core.waiters]
+        failed = []
+        for dest, frames in waiting:
+            if dest is TO_WORKERS:
+                continue
+            for reply in p.unbatch(p.decode(frames[1:], p.CLIENT_VERSION)):
+                failed.append((dest, [frames[0], *p.encode(p.Error(
+                    request_id=reply.request_id, code="unavailable",
+                    message="this broker lost the lead before the change was stored; it may or may not be: "
+                            "look it up on the leader",
+                ))]))
+        self._send(core.outbox.take_now() + failed)
+        self.store.close()
+        self.store = None
+
+    def _stand_by(self, ready: dict) -> None:
+        """Answer what arrives while another broker leads (or none does)."""
+        for sock in (self.client_sock, self.readonly_sock):
+            if sock is not None and sock in ready:
+                self._drain_standby(sock)
+        self.local.service(ready, self._standby_local, BATCH_MAX_MESSAGES)
+        if self.worker_sock in ready:
+            while True:
+                try:
+                    frames = self.worker_sock.recv_multipart(_NOBLOCK)
+                except zmq.Again:
+                    break
+                identity = frames[0]
+                self.standby_peers.add(identity)
+                leader = self.leader_info["worker_url"] if self.leader_info else None
+                self._send_one(self.worker_sock, [identity, *p.encode(p.NotLeader(leader_url=leader))])
+        if self.pub_sock in ready:
+            self._read_subscriptions()
+
+    def _drain_standby(self, sock: zmq.Socket) -> None:
+        for _ in range(BATCH_MAX_MESSAGES):
+            try:
+                frames = sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return
+            self._answer_standby(sock, frames, "client_url")
+
+    def _standby_local(self, conn: LocalConnection, item) -> int:
+        if isinstance(item, ProtocolError):
+            self._send_one(conn, [b"", *p.encode(p.Error(request_id=None, code=item.code, message=item.message))])
+            return 1
+        self._answer_standby(conn, [b"", *item], "local_url")
+        return 1
+
+    def _answer_standby(self, dest, frames: list[bytes], url_key: str) -> None:
+        identity = frames[0]
+        try:
+            requests = p.unbatch(p.decode(frames[1:], p.CLIENT_VERSION))
+        except ProtocolError as e:
+            self._send_one(dest, [identity, *p.encode(p.Error(request_id=None, code=e.code, message=e.message))])
+            return
+        leader = self.leader_info.get(url_key) if self.leader_info else None
+        replies = []
+        for msg in requests:
+            request_id = getattr(msg, "request_id", None)
+            if msg.KIND == "ping":
+                replies.append(p.encode(p.Ok(request_id=request_id, result=self.status())))
+            elif leader:
+                replies.append(p.encode(p.Error(request_id=request_id, code="not-leader", leader=leader,
+                                                message=f"this broker stands by; the leader is at {leader}")))
+            else:
+                replies.append(p.encode(p.Error(request_id=request_id, code="unavailable",
+                                                message="no broker leads (is etcd reachable, with a quorum?)")))
+        for frames_out in p.batch_frames(replies):
+            self._send_one(dest, [identity, *frames_out])
+
+    def status(self) -> dict:
+        """What `ping` says of this broker's part in failover (vbctl brokers)."""
+        return {
+            "version": __version__,
+            "role": "leader" if self.core is not None else "standby",
+            "store": self.config.store,
+            "token": self.token,
+            "leader": self.leader_info,
+            "takeovers": self.takeovers,
+            "events_url": self.config.events_url,
+            "domains": len(self.core.registry) if self.core is not None else None,
+            "workers": len(self.core.workers) if self.core is not None else 0,
+        }
+
     def _hand_over_batch(self) -> None:
         """Group commit: this turn's changes go to the writer; their replies wait for it."""
         batch = self.core.take_batch()
@@ -167,6 +340,11 @@ class Broker:
             except zmq.Again:
                 return
             if status != b"done":
+                if self.campaign is not None:
+                    # Fenced (another broker leads) or etcd unreachable: acknowledge nothing
+                    # more, drop what is in memory, and stand by; a new leader reloads.
+                    self._step_down(f"the store refused a write ({detail.decode(errors='replace')})")
+                    return
                 # Nothing more may be acknowledged: leave, and let supervisord restart us
                 # on what is on disk.
                 log.critical("stopping: the state store failed (%s)", detail.decode(errors="replace"))
@@ -178,6 +356,8 @@ class Broker:
     def _poll_timeout_ms(self) -> int:
         if self.local is not None and self.local.backlogged:
             return 0  # requests already read wait for the next turn
+        if self.core is None:
+            return int(TICK_S * 1000)
         timeout_s = min(TICK_S, self.core.scheduler.earliest_expiry - time.monotonic())
         return max(0, int(timeout_s * 1000))
 
@@ -278,15 +458,18 @@ class Broker:
 
     def _shutdown(self) -> None:
         log.info("broker stopping")
-        # Everything handed to the writer is written before the replies that wait for it go.
-        self.writer.stop()
-        self.store.commit()
-        entries, events = self.core.outbox.release_all()
-        self._send(entries)
-        self._publish(events + self.core.events.take())
-        for identity in self.core.identities.values():
-            self.worker_sock.send_multipart([identity, *p.encode(p.Shutdown())], zmq.NOBLOCK)
-        self.store.close()
+        if self.core is not None:
+            # Everything handed to the writer is written before the replies that wait for it go.
+            self.writer.stop()
+            self.store.commit()
+            entries, events = self.core.outbox.release_all()
+            self._send(entries)
+            self._publish(events + self.core.events.take())
+            for identity in self.core.identities.values():
+                self.worker_sock.send_multipart([identity, *p.encode(p.Shutdown())], zmq.NOBLOCK)
+            self.store.close()
+        if self.campaign is not None:
+            self.campaign.stop()  # resigns if it leads, so a standby takes over at once
         for sock in (self.client_sock, self.worker_sock, self.pub_sock, self.readonly_sock):
             if sock is not None:
                 sock.close(linger=0)

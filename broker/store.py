@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -193,6 +194,10 @@ class Store:
         self.path = os.path.join(state_dir, "broker.sqlite3")
         self.db = _connect(self.path)
         self.db.executescript(SCHEMA)
+        self._clear()
+
+    def _clear(self) -> None:
+        """Nothing marked yet."""
         self.dirty_domains: dict[str, DomainRecord] = {}  # whole rows: definitions changed
         self.dirty_states: dict[str, DomainRecord] = {}  # state rows only
         self.deleted_domains: set[str] = set()
@@ -298,11 +303,26 @@ class Store:
         self.dirty_meta.clear()
         return batch
 
+    def open_writer(self) -> "SqliteWriter":
+        """The writer's own connection (made in the writer's thread)."""
+        return SqliteWriter(self.path)
+
     def commit(self) -> None:
         """Write what is dirty now, in this thread (startup, shutdown, tests)."""
         batch = self.take_batch()
         if batch is not None:
             write_batches(self.db, [batch])
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class SqliteWriter:
+    def __init__(self, path: str):
+        self.db = _connect(path)
+
+    def write(self, batches: list[Batch]) -> None:
+        write_batches(self.db, batches)
 
     def close(self) -> None:
         self.db.close()
@@ -317,11 +337,14 @@ class StoreWriter:
     fatal: the loop is told, and must exit without acknowledging anything more.
     """
 
-    DONE_URL = "inproc://store-writer"
+    _instances = itertools.count(1)
 
     def __init__(self, store: Store, context: zmq.Context):
+        self.store = store
         self.path = store.path
         self.context = context
+        # A broker that leads again after losing the lead makes a new writer in the same context.
+        self.DONE_URL = f"inproc://store-writer-{next(self._instances)}"
         self.queue: queue.Queue = queue.Queue()
         self.done = context.socket(zmq.PULL)
         self.done.setsockopt(zmq.LINGER, 0)
@@ -333,7 +356,7 @@ class StoreWriter:
         self.queue.put((batch_id, batch))
 
     def _run(self) -> None:
-        db = _connect(self.path)
+        writer = self.store.open_writer()
         out = self.context.socket(zmq.PUSH)
         out.setsockopt(zmq.LINGER, 0)
         out.connect(self.DONE_URL)
@@ -354,18 +377,25 @@ class StoreWriter:
                 if not items:
                     continue
                 try:
-                    write_batches(db, [batch for _, batch in items])
+                    writer.write([batch for _, batch in items])
                 except Exception as e:
-                    log.critical("cannot write the broker's state to %s: %s", self.path, e)
-                    out.send_multipart([b"error", str(e).encode()])
+                    code = getattr(e, "code", "store")
+                    log.critical("cannot write the broker's state to %s (%s): %s", self.path, code, e)
+                    out.send_multipart([b"error", f"{code}: {e}".encode()])
                     return
                 out.send_multipart([b"done", str(items[-1][0]).encode()])
         finally:
             out.close(linger=0)
-            db.close()
+            writer.close()
 
     def stop(self) -> None:
         """Write what was submitted, then end the thread."""
         self.queue.put(None)
         self.thread.join()
+        self.done.close(linger=0)
+
+    def abandon(self) -> None:
+        """Stop without waiting: what is in flight may or may not be written (a broker that
+        lost the lead; its writes are fenced, and it acknowledges none of them)."""
+        self.queue.put(None)
         self.done.close(linger=0)

@@ -93,6 +93,26 @@ def each_one_of(*choices: str) -> Check:
     return check
 
 
+def _check_store(store: str) -> str | None:
+    if store == "sqlite":
+        return None
+    if not store.startswith("etcd://") or not all(
+        host and port.isdigit() for host, _, port in (e.rpartition(":") for e in etcd_endpoints(store))
+    ):
+        return f"'{store}' is neither sqlite nor etcd://HOST:PORT[,HOST:PORT...]"
+    return None
+
+
+def etcd_endpoints(store: str) -> list[str]:
+    """etcd://h1:p1,h2:p2 -> ["h1:p1", "h2:p2"]"""
+    return [e.strip() for e in store[len("etcd://"):].split(",") if e.strip()]
+
+
+def url_list(urls: str) -> list[str]:
+    """A comma-separated list of broker URLs (clients and workers follow the leader among them)."""
+    return [u.strip() for u in urls.split(",") if u.strip()]
+
+
 def _check_local_url(url: str) -> str | None:
     if not is_stream_url(url) or not stream_path(url).startswith("/"):
         return f"must be unix:///ABSOLUTE/PATH, not '{url}'"
@@ -183,6 +203,16 @@ class Config:
                               help="broker: final jobs to keep before the oldest are forgotten")
     # Events the broker's store keeps for replay (the `events` request); older ones are forgotten.
     event_history: int = option(100000, check=at_least(1), help="broker: events kept for replay")
+    # Where the broker keeps its state: "sqlite" (STATE_DIR/broker.sqlite3, one broker), or an
+    # etcd cluster, etcd://HOST:PORT[,HOST:PORT...]: then any number of brokers share it, one
+    # leads (under a lease of leader_ttl_s, its fencing token on every write) and the others
+    # stand by (docs/ARCHITECTURE.md, Failover).
+    store: str = option("sqlite", check=_check_store, metavar="sqlite|etcd://HOST:PORT[,...]",
+                        help="broker: the state store")
+    etcd_prefix: str = option("/virtbroker/", help="broker: the key prefix of its state in etcd")
+    leader_ttl_s: float = option(2.0, check=duration(), help="broker: the etcd lease of the leader, in seconds")
+    store_timeout_s: float = option(2.0, check=duration(),
+                                    help="broker: how long an etcd request may take before it counts as failed")
     metrics_port: int = option(0, check=at_least(0, 65535),
                                help="serve the broker's Prometheus metrics on this port (0: off)")
     metrics_addr: str = option("127.0.0.1", help="address the metrics port listens on")

@@ -208,6 +208,9 @@ class Error(Message):
     request_id: int | None
     code: str
     message: str
+    # With code not-leader: the leading broker's URL for the same kind of endpoint (its
+    # client URL, or its local one to a local client); nil while no broker leads.
+    leader: str | None = None
 
 
 # --------------------------------------------------------------------------- worker -> broker
@@ -319,6 +322,16 @@ class Reregister(Message):
 
     KIND = "reregister"
     VERSION = WORKER_VERSION
+
+
+@dataclass
+class NotLeader(Message):
+    """Sent by a standby broker to a worker that talks to it: go to the leader's worker URL
+    (nil while no broker leads: try the others in your list)."""
+
+    KIND = "not-leader"
+    VERSION = WORKER_VERSION
+    leader_url: str | None = None
 
 
 @dataclass
