@@ -12,7 +12,7 @@ from pathlib import Path
 from bench import report
 from bench.common import ROOT, Settings, cleanup_guests, open_libvirt, say
 
-SECTIONS = ("storm", "latency", "security", "scale")
+SECTIONS = ("storm", "latency", "security", "scale", "gateway")
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -35,6 +35,10 @@ def run_section(name: str, settings: Settings, conn) -> dict:
         from bench import security
 
         result = security.run(settings, conn)
+    elif name == "gateway":
+        from bench import gateway
+
+        result = gateway.run(settings, conn)
     else:
         from bench import scale
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         cleanup_guests(conn)
         conn.close()
     results["meta"]["duration_s"] = time.monotonic() - started
-    results["targets"] = report.evaluate(results)
+    results["targets"] = report.evaluate(results) + results["sections"].get("gateway", {}).get("targets", [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     doc = report.write(results)
