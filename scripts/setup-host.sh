@@ -13,6 +13,7 @@ packages=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   qemu-system-x86 qemu-utils apparmor attr gcc python3-dev python3-venv procps etcd-server etcd-client
   systemd  # systemd-analyze, for the test of configs/systemd (works without systemd as PID 1)
+  virtinst  # virt-install, for the tests of the libvirt gateway
 )
 missing=()
 for p in "${packages[@]}"; do
