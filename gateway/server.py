@@ -128,7 +128,7 @@ class Connection:
             self.finish(header, run_handler(proc.handler, call))
             return
         future = self.gw.loop.run_in_executor(self.gw.pools[proc.pool], run_handler, proc.handler, call)
-        future.add_done_callback(lambda f: self.finish(header, f.result()))
+        future.add_done_callback(lambda f: self.finish(header, _outcome(f)))
 
     def finish(self, header: Header, outcome: tuple[bool, bytes]) -> None:
         self.calls.release()
@@ -152,6 +152,12 @@ class Connection:
             self.callbacks.clear()
             self.writer.close()
             self.gw.connections.discard(self)
+
+
+def _outcome(future) -> tuple[bool, bytes]:
+    if future.cancelled() or future.exception() is not None:  # the pools are shutting down
+        return False, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: the gateway is stopping", rpc.FROM_RPC).body()
+    return future.result()
 
 
 def run_handler(handler, call: Call) -> tuple[bool, bytes]:
