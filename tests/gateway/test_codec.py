@@ -112,3 +112,17 @@ def test_transient_guests_get_no_define_events():
     assert [e.event for e in t.on_domain(_dom(2, "state", "running"))] == [rpc.EV_STARTED]
     assert [e.event for e in t.on_domain(_dom(3, "state", "shutoff"))] == [rpc.EV_STOPPED]
     assert [e.event for e in t.on_domain(_dom(4, "undefined", "shutoff"))] == []
+
+
+def test_job_errors_map_to_libvirt():
+    from virtbroker.gateway.domains import job_error
+
+    lost = job_error({"job_id": 42, "state": "lost", "error_code": "deadline", "error": "past its deadline"})
+    assert lost.code == rpc.ERR_OPERATION_FAILED and "job 42 was lost" in lost.message
+    refused = job_error({"job_id": 1, "state": "failed", "error_code": "operation-invalid",
+                         "error": "Requested operation is not valid: domain 'g' is not running"})
+    assert refused.code == rpc.ERR_OPERATION_INVALID and refused.message.count("Requested operation") == 1
+    gone = job_error({"job_id": 2, "state": "failed", "error_code": "not-found", "error": "no domain 'g'"})
+    assert gone.code == rpc.ERR_NO_DOMAIN
+    driver = job_error({"job_id": 3, "state": "failed", "error_code": "driver", "error": "qemu died"})
+    assert driver.code == rpc.ERR_OPERATION_FAILED and driver.message == "operation failed: qemu died"
