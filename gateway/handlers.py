@@ -341,10 +341,10 @@ def get_xml_desc(call: Call) -> bytes:
 # ------------------------------------------------------------------------------- changes
 def _define(call: Call, xml: str) -> bytes:
     gw = call.gw
-    xml, uuid = ensure_uuid_or_xml_error(xml)
-    # A transient guest defined again becomes persistent (virt-install: createXML, then defineXML).
-    gw.ids.unmark_transient(uuid)
+    # The XML goes to the broker as it came (the broker parses and checks it once).
     summary = gw.broker.call("define", xml, invalid_code=rpc.ERR_XML_ERROR)
+    # A transient guest defined again becomes persistent (virt-install: createXML, then defineXML).
+    gw.ids.unmark_transient(summary["uuid"])
     return dom_reply(gw, summary)
 
 
