@@ -71,6 +71,7 @@ class Broker:
         self.leader_info: dict | None = None  # the leading broker's URLs (etcd store), as its key says
         self.token: int | None = None  # our fencing token while we lead
         self.standby_peers: set[bytes] = set()  # worker connections we sent not-leader to
+        self.abandoned_writers: list[StoreWriter] = []  # of leads lost: closed at shutdown
         self.takeovers = 0
         if config.store == "sqlite":
             self._lead(Store(config.state_dir))
@@ -156,6 +157,8 @@ class Broker:
             now = time.monotonic()
             if self.writer.done in ready:
                 self._release_written()
+                if self.core is None:
+                    continue  # the store refused a write: we stood down (etcd store)
             if self.pub_sock in ready:
                 self._read_subscriptions()
             handled = 0
@@ -234,6 +237,7 @@ class Broker:
         if self.writer is not None:
             self.poller.unregister(self.writer.done)
             self.writer.abandon()
+            self.abandoned_writers.append(self.writer)
             self.writer = None
         waiting = core.outbox.abandon() + [(w.dest, [w.identity, *p.encode(p.Ok(request_id=w.request_id))])
                                            for w in core.waiters]
@@ -470,6 +474,8 @@ class Broker:
             self.store.close()
         if self.campaign is not None:
             self.campaign.stop()  # resigns if it leads, so a standby takes over at once
+        for writer in self.abandoned_writers:
+            writer.close(self.config.store_timeout_s * 2)
         for sock in (self.client_sock, self.worker_sock, self.pub_sock, self.readonly_sock):
             if sock is not None:
                 sock.close(linger=0)

@@ -396,6 +396,11 @@ class StoreWriter:
 
     def abandon(self) -> None:
         """Stop without waiting: what is in flight may or may not be written (a broker that
-        lost the lead; its writes are fenced, and it acknowledges none of them)."""
+        lost the lead; its writes are fenced, and it acknowledges none of them). The thread
+        ends on its own; `done` stays open for it until close()."""
         self.queue.put(None)
+
+    def close(self, timeout_s: float) -> None:
+        """After abandon(): wait for the thread (at most timeout_s), then close `done`."""
+        self.thread.join(timeout_s)
         self.done.close(linger=0)

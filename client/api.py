@@ -11,13 +11,30 @@ from typing import Any, Iterator
 import zmq
 
 from virtbroker.common import protocol as p
-from virtbroker.common.config import default_client_url
+from virtbroker.common.config import default_client_url, url_list
 from virtbroker.common.curve import use_as_client
 from virtbroker.common.stream import StreamSocket, is_stream_url
-from virtbroker.common.errors import TimeoutError_, UnavailableError, VirtbrokerError, error_from_code
+from virtbroker.common.errors import (
+    NotLeaderError,
+    TimeoutError_,
+    UnavailableError,
+    VirtbrokerError,
+    error_from_code,
+)
 
 
 EVENTS_PAGE = 1000  # events replayed per request
+FAILOVER_PAUSE_S = 0.2  # between tries of the next broker while none answers or leads
+# With several brokers, how long one may take to answer before the next is tried (a leader
+# that died answers nothing; a standby answers at once).
+FAILOVER_ATTEMPT_S = 3.0
+
+
+def _error(reply: p.Error) -> VirtbrokerError:
+    """The typed error a reply carries; not-leader keeps the leader it names."""
+    if reply.code == "not-leader":
+        return NotLeaderError(reply.message, reply.leader)
+    return error_from_code(reply.code, reply.message)
 
 
 class Client:
@@ -40,17 +57,32 @@ class Client:
         secret_key: str | None = None,
     ):
         """url: the client endpoint (ipc://, tcp://) or the local endpoint (unix://PATH, on the
-        broker's host). server_key and secret_key (files, see `virtbroker keygen`) turn on
-        CURVE over ZeroMQ; they default to $VIRTBROKER_SERVER_KEY and $VIRTBROKER_CLIENT_KEY.
-        The local endpoint has no CURVE: its socket file's permissions decide who connects."""
-        self.url = url or default_client_url()
+        broker's host), or several, comma-separated: brokers sharing an etcd store, of which
+        the client follows the leader (a standby's not-leader answer names it; a broker that
+        does not answer is passed over for the next). server_key and secret_key (files, see
+        `virtbroker keygen`) turn on CURVE over ZeroMQ; they default to $VIRTBROKER_SERVER_KEY
+        and $VIRTBROKER_CLIENT_KEY. The local endpoint has no CURVE: its socket file's
+        permissions decide who connects."""
+        self.urls = url_list(url or default_client_url())
+        self.url = self.urls[0]
         self.timeout_s = timeout_s
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.server_key = server_key or os.environ.get("VIRTBROKER_SERVER_KEY")
         self.secret_key = secret_key or os.environ.get("VIRTBROKER_CLIENT_KEY")
         self._ids = itertools.count(1)
-        self.sock = StreamSocket(self.url) if is_stream_url(self.url) else self._connect(zmq.DEALER, self.url)
+        self.sock = self._open(self.url)
+
+    def _open(self, url: str):
+        return StreamSocket(url) if is_stream_url(url) else self._connect(zmq.DEALER, url)
+
+    def _move(self, leader: str | None) -> None:
+        """To the leader a standby named, else to the next URL of the list."""
+        if leader is None:
+            leader = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)] if self.url in self.urls else self.urls[0]
+        self.sock.close(linger=0)
+        self.url = leader
+        self.sock = self._open(leader)
 
     def _connect(self, kind: int, url: str) -> zmq.Socket:
         sock = self.context.socket(kind)
@@ -80,16 +112,39 @@ class Client:
         reply_timeout_s bounds the wait for the reply (default: the client's timeout_s);
         every other keyword is a field of the message, timeout_s included.
         """
-        request_id = next(self._ids)
-        self.sock.send_multipart(p.encode(msg_cls(request_id=request_id, **fields)))
-        return self._receive(request_id, reply_timeout_s if reply_timeout_s is not None else self.timeout_s)
+        msg = msg_cls(request_id=next(self._ids), **fields)
+        timeout_s = reply_timeout_s if reply_timeout_s is not None else self.timeout_s
+        return self._following(msg, time.monotonic() + timeout_s, lambda left_s: self._receive(msg.request_id, left_s))
+
+    def _following(self, msg: p.Message, deadline: float, receive, whole_wait: bool = False) -> Any:
+        """Send msg and return what receive(seconds left) returns; follow the leader among
+        brokers of an etcd store: on not-leader to the one named, and, with several URLs, on
+        no answer or no leader to the next. A submit without an idempotency key is sent again
+        only when it surely did not run (not-leader): its outcome may be unknown otherwise."""
+        may_repeat = msg.KIND != "submit" or getattr(msg, "idempotency_key", None) is not None
+        while True:
+            self.sock.send_multipart(p.encode(msg))
+            left_s = max(0.0, deadline - time.monotonic())
+            if len(self.urls) > 1 and not whole_wait:
+                left_s = min(left_s, FAILOVER_ATTEMPT_S)  # a broker that died must not take all the time
+            try:
+                return receive(left_s)
+            except NotLeaderError as e:
+                if time.monotonic() >= deadline:
+                    raise
+                self._move(e.leader)
+            except UnavailableError:
+                if len(self.urls) < 2 or not may_repeat or time.monotonic() >= deadline:
+                    raise
+                self._move(None)
+                time.sleep(min(FAILOVER_PAUSE_S, max(0.0, deadline - time.monotonic())))
 
     def _receive(self, request_id: int, timeout_s: float) -> Any:
         for reply in self._replies(time.monotonic() + timeout_s):
             if getattr(reply, "request_id", None) not in (request_id, None):
                 continue  # the answer to an earlier request that timed out
             if isinstance(reply, p.Error):
-                raise error_from_code(reply.code, reply.message)
+                raise _error(reply)
             return reply.result
 
     def _replies(self, deadline: float) -> Iterator[p.Message]:
@@ -115,22 +170,26 @@ class Client:
         for msg in requests:
             msg.request_id = next(self._ids)
             ids.append(msg.request_id)
-        for frames in p.batch_frames([p.encode(msg) for msg in requests]):
-            self.sock.send_multipart(frames)
-        results: dict[int, Any] = {}
-        wanted = set(ids)
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
-        for reply in self._replies(deadline):
-            request_id = getattr(reply, "request_id", None)
-            if request_id is None and isinstance(reply, p.Error):
-                raise error_from_code(reply.code, reply.message)  # a whole batch refused
-            if request_id in wanted:
-                results[request_id] = (
-                    error_from_code(reply.code, reply.message) if isinstance(reply, p.Error) else reply.result
-                )
-                if len(results) == len(ids):
-                    break
-        return [results[i] for i in ids]
+        while True:
+            for frames in p.batch_frames([p.encode(msg) for msg in requests]):
+                self.sock.send_multipart(frames)
+            results: dict[int, Any] = {}
+            wanted = set(ids)
+            for reply in self._replies(deadline):
+                request_id = getattr(reply, "request_id", None)
+                if request_id is None and isinstance(reply, p.Error):
+                    raise _error(reply)  # a whole batch refused
+                if request_id in wanted:
+                    results[request_id] = _error(reply) if isinstance(reply, p.Error) else reply.result
+                    if len(results) == len(ids):
+                        break
+            out = [results[i] for i in ids]
+            # A standby refused them all (and ran none): send them to the leader it named.
+            if all(isinstance(r, NotLeaderError) for r in out) and time.monotonic() < deadline:
+                self._move(out[0].leader)
+                continue
+            return out
 
     # -- requests
     def ping(self, timeout_s: float | None = None) -> dict:
@@ -184,9 +243,15 @@ class Client:
     def wait_status(self, job_ids: list[int], timeout_s: float) -> dict:
         """{"jobs": [...], "timed_out": bool}: returns when all are final or at timeout_s."""
         # The broker answers at timeout_s at the latest; allow the transport a margin on top.
-        request_id = next(self._ids)
-        self.sock.send_multipart(p.encode(p.Wait(request_id=request_id, job_ids=list(job_ids), timeout_s=timeout_s)))
-        return self._receive(request_id, timeout_s + 10)
+        started = time.monotonic()
+        msg = p.Wait(request_id=next(self._ids), job_ids=list(job_ids), timeout_s=timeout_s)
+
+        def receive(left_s: float) -> dict:
+            # A wait sent again (to a new leader) waits for what is left of its time.
+            msg.timeout_s = max(0.0, timeout_s - (time.monotonic() - started))
+            return self._receive(msg.request_id, left_s)
+
+        return self._following(msg, started + timeout_s + 10, receive, whole_wait=True)
 
     def cancel(self, job_id: int) -> dict:
         return self.call(p.Cancel, job_id=job_id)

@@ -97,6 +97,16 @@ class OperationFailedError(VirtbrokerError):
     code = "operation-failed"
 
 
+class NotLeaderError(UnavailableError):
+    """A standby broker's answer: nothing was done; the leader is at `leader` (a URL), if any."""
+
+    code = "not-leader"
+
+    def __init__(self, message: str, leader: str | None = None):
+        super().__init__(message)
+        self.leader = leader
+
+
 class GoneError(VirtbrokerError):
     """What was asked for is no longer kept (events older than the broker's event history):
     re-read the state instead, as after Kubernetes' 410 Gone."""
@@ -129,6 +139,7 @@ ERRORS_BY_CODE = {
         LimitError,
         OperationFailedError,
         GoneError,
+        NotLeaderError,
     )
 }
 

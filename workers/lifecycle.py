@@ -24,7 +24,7 @@ import zmq
 from virtbroker.common import domxml, protocol as p
 from virtbroker.common.config import Config
 from virtbroker.common.guestuser import guest_ids
-from virtbroker.common.process import connect_worker_socket, run_until_signalled
+from virtbroker.common.process import BrokerLink, run_until_signalled
 from virtbroker.common.wire import drain, send_frames
 from virtbroker.common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
@@ -512,7 +512,8 @@ class LifecycleWorker:
         self.mailbox = Mailbox()
         self.threads = JobThreads(self.slots + self.priority_slots, self._in_thread)
 
-        self.sock = connect_worker_socket(context, config, self.worker_id)
+        self.link = BrokerLink(context, config, self.worker_id)
+        self.poller: zmq.Poller | None = None
         self.inproc = context.socket(zmq.ROUTER)
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(INPROC_URL + "-" + self.worker_id)
@@ -563,8 +564,9 @@ class LifecycleWorker:
     def run(self) -> None:
         self.hello()
         log.info("lifecycle worker %s on %s (%s), %d slots", self.worker_id, self.host_id, self.config.uri, self.slots)
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        self.poller = poller = zmq.Poller()
+        for sock in self.link.sockets():
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.inproc, zmq.POLLIN)
         poller.register(self.mailbox.fd, zmq.POLLIN)
         resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
@@ -582,7 +584,9 @@ class LifecycleWorker:
                 break
             timeout_ms = max(0, int((next_beat - time.monotonic()) * 1000))
             ready = dict(poller.poll(min(timeout_ms, 200)))
-            if self.sock in ready:
+            if self.link.lost(ready, time.monotonic()):
+                self._rejoin("the broker went away")
+            elif self.sock in ready:
                 self._drain_broker()
             if self.inproc in ready or self.mailbox.fd in ready:
                 self._drain_threads()
@@ -622,8 +626,30 @@ class LifecycleWorker:
         finally:
             sock.close(linger=0)
 
+    @property
+    def sock(self) -> zmq.Socket:
+        """The DEALER to the (leading) broker."""
+        return self.link.sock
+
+    def _rejoin(self, why: str, leader_url: str | None = None) -> None:
+        """After a move to another broker (BrokerLink): watch its socket and register there."""
+        old = self.link.sockets()
+        self.link.move(leader_url)
+        for sock in old:
+            self.poller.unregister(sock)
+        for sock in self.link.sockets():
+            self.poller.register(sock, zmq.POLLIN)
+        log.info("%s: now talking to %s", why, self.link.url)
+        self.hello()
+        for frames_out in p.batch_frames(list(self.unacked.values())):
+            send_frames(self.sock, frames_out)
+
     def _drain_broker(self) -> None:
         for msg in drain(self.sock, p.WORKER_VERSION, log):
+            if isinstance(msg, p.NotLeader):
+                # A standby: go to the leader it names, or to the next broker of the list.
+                self._rejoin("the broker stands by", msg.leader_url or None)
+                return
             if isinstance(msg, p.JobAssignment):
                 self._start_job(msg)
             elif isinstance(msg, p.ResultAck):

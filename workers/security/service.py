@@ -23,7 +23,7 @@ from lxml import etree
 
 from virtbroker.common import protocol as p
 from virtbroker.common.config import Config
-from virtbroker.common.process import connect_worker_socket, run_until_signalled
+from virtbroker.common.process import BrokerLink, run_until_signalled
 from virtbroker.common.errors import ConfigError, SecurityError, VirtbrokerError
 from virtbroker.common.guestuser import guest_ids
 from virtbroker.common.resources import Resource, emulator_path, find_resources
@@ -223,7 +223,7 @@ class SecurityWorker:
         self.busy = 0
         self.pool = ThreadPoolExecutor(max_workers=config.security_slots, thread_name_prefix=f"sec-{driver}")
         self._local = threading.local()
-        self.sock = connect_worker_socket(context, config, self.worker_id)
+        self.link = BrokerLink(context, config, self.worker_id)
         self.inproc = context.socket(zmq.PULL)
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(f"{INPROC_URL}-{self.worker_id}")
@@ -294,8 +294,9 @@ class SecurityWorker:
         self.hello()
         log.info("%s security worker %s on %s (%s serialization)", self.driver_name, self.worker_id, self.host_id,
                  self.config.serialization)
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
+        self.poller = poller = zmq.Poller()
+        for sock in self.link.sockets():
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.inproc, zmq.POLLIN)
         interval_s = self.config.heartbeat_interval_s
         next_beat = time.monotonic() + interval_s
@@ -308,7 +309,9 @@ class SecurityWorker:
             if stop_deadline is not None and (self.busy == 0 or time.monotonic() > stop_deadline):
                 break
             ready = dict(poller.poll(max(0, min(200, int((next_beat - time.monotonic()) * 1000)))))
-            if self.sock in ready:
+            if self.link.lost(ready, time.monotonic()):
+                self._rejoin("the broker went away")
+            elif self.sock in ready:
                 self._drain_broker()
             if self.inproc in ready:
                 while True:
@@ -325,8 +328,27 @@ class SecurityWorker:
         self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))  # now with nothing in flight
         self.close()
 
+    @property
+    def sock(self) -> zmq.Socket:
+        """The DEALER to the (leading) broker."""
+        return self.link.sock
+
+    def _rejoin(self, why: str, leader_url: str | None = None) -> None:
+        """After a move to another broker (BrokerLink): watch its socket and register there."""
+        old = self.link.sockets()
+        self.link.move(leader_url)
+        for sock in old:
+            self.poller.unregister(sock)
+        for sock in self.link.sockets():
+            self.poller.register(sock, zmq.POLLIN)
+        log.info("%s: now talking to %s", why, self.link.url)
+        self.hello()
+
     def _drain_broker(self) -> None:
         for msg in drain(self.sock, p.WORKER_VERSION, log):
+            if isinstance(msg, p.NotLeader):
+                self._rejoin("the broker stands by", msg.leader_url or None)
+                return
             if isinstance(msg, p.LabelRequest):
                 if self.stopping:
                     self.sock.send_multipart(p.encode(self._reply(msg, ok=False, error="security worker is stopping")))
