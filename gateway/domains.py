@@ -127,9 +127,10 @@ class Broker:
     """virtbroker through its local endpoint: one persistent Client per thread (Clients are not
     thread-safe), made on the thread's first call."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    def __init__(self, url: str, timeout_s: float = 30.0, context=None):
         self.url = url
         self.timeout_s = timeout_s
+        self.context = context
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list[Client] = []
@@ -137,7 +138,7 @@ class Broker:
     def client(self) -> Client:
         c = getattr(self._local, "client", None)
         if c is None:
-            c = Client(self.url, timeout_s=self.timeout_s)
+            c = Client(self.url, timeout_s=self.timeout_s, context=self.context)
             self._local.client = c
             with self._lock:
                 self._clients.append(c)
@@ -164,6 +165,10 @@ class Broker:
         if final["state"] != "succeeded":
             raise job_error(final)
         return final
+
+    def release_thread_client(self) -> None:
+        """Close this thread's Client, if it made one (a connection's thread, when it ends)."""
+        self._drop_client()
 
     def _drop_client(self) -> None:
         c = getattr(self._local, "client", None)

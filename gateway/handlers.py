@@ -14,9 +14,9 @@ from virtbroker.gateway.xdr import Packer, Unpacker, XdrError
 
 log = logging.getLogger("virtbroker.gateway")
 
-# Where a handler runs: in the connection's loop (cheap, touches the connection), in the read
-# pool (a broker round trip), in the job pool (waits for a virtbroker job), or in the facts pool
-# (the host's libvirtd).
+# Where a handler runs: in the connection's own thread (LOOP: touches only the connection;
+# READ: one round trip to the broker, answered from its memory), in the job pool (waits for a
+# virtbroker job), or in the facts pool (the host's libvirtd, which may be slow).
 LOOP, READ, JOB, FACTS = "loop", "read", "job", "facts"
 
 DOMAIN_LIST_MAX = 16384

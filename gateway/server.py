@@ -1,14 +1,22 @@
-"""`virtbroker libvirt-gateway`: libvirt's remote protocol on two UNIX sockets (read-write, owner-only;
-read-only), served from one asyncio loop; each call that talks to the broker or to libvirtd runs
-in a worker thread, so a slow call never holds another call, another connection or the loop."""
+"""`virtbroker libvirt-gateway`: libvirt's remote protocol on two UNIX sockets (read-write,
+owner-only; read-only). One thread per connection reads its calls and answers the quick ones
+itself (a read from the broker's memory, the connect sequence); calls that wait for a
+virtbroker job or for libvirtd go to thread pools and answer from there. So a slow call never
+holds another call, nor another connection, nor the broker's loop, and a lookup costs one
+thread wake-up in the gateway."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
+import queue
 import signal
+import socket
+import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import zmq
 
 from virtbroker.common.config import Config
 from virtbroker.common.errors import ConfigError, VirtbrokerError
@@ -25,83 +33,101 @@ from virtbroker.gateway.xdr import Packer, Unpacker, XdrError
 log = logging.getLogger("virtbroker.gateway")
 
 EXIT_OK = 0
-EXIT_ERROR = 1
 
-# libvirtd's max_client_requests is 5; a connection may have this many calls under way before
-# the gateway stops reading from it (the rest wait in the socket, not in memory).
+# libvirtd's max_client_requests is 5; a connection may have this many pooled calls under way
+# before the gateway stops reading from it (the rest wait in the socket, not in memory).
 MAX_CALLS_PER_CONNECTION = 32
 MAX_CONNECTIONS = 4096  # libvirtd's max_clients is 5000
-# A client that stops reading its events is dropped once this much waits for it.
-MAX_PENDING_OUTPUT_BYTES = 16 * 1024 * 1024
+# Events waiting for a client that does not read them; past this the client is dropped.
+MAX_QUEUED_EVENTS = 10000
 STOP_GRACE_S = 30.0
-POOL_THREADS = {READ: 32, JOB: 256, FACTS: 4}
+POOL_THREADS = {JOB: 256, FACTS: 4}
+READ_BYTES = 256 * 1024
+CONNECTION_STACK_BYTES = 512 * 1024
 
 
 class Connection:
-    """One client connection; owned by the loop (its callbacks, its open state)."""
+    """One client connection, served by its own thread. Its open state and callbacks are
+    changed only by that thread; the event thread reads the callbacks as a snapshot (the dict
+    is replaced, never changed in place)."""
 
-    def __init__(self, gateway: "Gateway", reader, writer, read_only_socket: bool):
+    def __init__(self, gateway: "Gateway", sock: socket.socket, read_only_socket: bool, number: int):
         self.gw = gateway
-        self.reader = reader
-        self.writer = writer
+        self.sock = sock
         self.read_only = read_only_socket
+        self.number = number
         self.opened = False
         self.closed = False
         self.callbacks: dict[int, tuple[int, str | None]] = {}  # callback id -> (event id, uuid or all)
         self.next_callback_id = 1
-        self.calls = asyncio.Semaphore(MAX_CALLS_PER_CONNECTION)
+        self.write_lock = threading.Lock()
+        self.pooled = threading.Semaphore(MAX_CALLS_PER_CONNECTION)
+        self.in_flight = 0  # pooled calls under way (for a clean stop)
+        self.events: queue.Queue | None = None  # made with the first callback, with its writer thread
 
-    # -- called by LOOP handlers
+    # -- called by LOOP handlers, in the connection's thread
     def open(self, name: str | None, read_only: bool) -> None:
         if self.opened:
             raise RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: connection already open", rpc.FROM_RPC)
         self.opened = True
         self.read_only = self.read_only or read_only
-        log.debug("connection opened (%s, %s)", name, "read-only" if self.read_only else "read-write")
+        log.debug("connection %d opened (%s, %s)", self.number, name, "read-only" if self.read_only else "read-write")
 
     def close_requested(self) -> None:
-        self.callbacks.clear()
+        self.callbacks = {}
         self.opened = False
 
     def add_callback(self, event_id: int, uuid: str | None) -> int:
         callback_id = self.next_callback_id
         self.next_callback_id += 1
-        self.callbacks[callback_id] = (event_id, uuid)
+        self.callbacks = {**self.callbacks, callback_id: (event_id, uuid)}
+        if self.events is None:
+            self.events = queue.Queue(MAX_QUEUED_EVENTS)
+            threading.Thread(target=self._write_events, name=f"gateway-events-{self.number}", daemon=True).start()
         return callback_id
 
     def remove_callback(self, callback_id: int) -> bool:
-        return self.callbacks.pop(callback_id, None) is not None
+        if callback_id not in self.callbacks:
+            return False
+        self.callbacks = {k: v for k, v in self.callbacks.items() if k != callback_id}
+        return True
 
     # -- the wire
-    async def serve(self) -> None:
+    def serve(self) -> None:
+        buffer = bytearray()
         try:
             while not self.closed:
-                word = await self.reader.readexactly(rpc.LENGTH_BYTES)
-                length = rpc.frame_length(word)
-                if not rpc.MIN_FRAME_BYTES <= length <= rpc.MAX_FRAME_BYTES:
-                    # No way to find the next frame, and libvirtd closes here too.
-                    log.info("closing a connection that sent a frame length of %d bytes", length)
+                chunk = self.sock.recv(READ_BYTES)
+                if not chunk:
                     return
-                data = await self.reader.readexactly(length - rpc.LENGTH_BYTES)
-                await self.calls.acquire()
-                self.on_frame(data)
-        except (asyncio.IncompleteReadError, ConnectionError):
+                buffer += chunk
+                while len(buffer) >= rpc.LENGTH_BYTES:
+                    length = rpc.frame_length(bytes(buffer[:rpc.LENGTH_BYTES]))
+                    if not rpc.MIN_FRAME_BYTES <= length <= rpc.MAX_FRAME_BYTES:
+                        # No way to find the next frame, and libvirtd closes here too.
+                        log.info("closing a connection that sent a frame length of %d bytes", length)
+                        return
+                    if len(buffer) < length:
+                        break
+                    data = bytes(buffer[rpc.LENGTH_BYTES:length])
+                    del buffer[:length]
+                    self.on_frame(data)
+        except OSError:
             pass
         finally:
             self.close()
+            self.gw.broker.release_thread_client()
 
     def on_frame(self, data: bytes) -> None:
         header = Header.unpack(data)
         body = data[rpc.HEADER_BYTES:]
         if header.prog == rpc.KEEPALIVE_PROGRAM:
-            self.calls.release()
             if header.vers == rpc.KEEPALIVE_VERSION and header.proc == rpc.KEEPALIVE_PING and header.type == rpc.TYPE_MESSAGE:
                 self.send(rpc.frame(Header(rpc.KEEPALIVE_PROGRAM, rpc.KEEPALIVE_VERSION, rpc.KEEPALIVE_PONG,
                                            rpc.TYPE_MESSAGE, 0, rpc.STATUS_OK)))
             return
         if header.type != rpc.TYPE_CALL:
             # Replies, events and streams from a client: nothing this server asked for.
-            self.calls.release()
             log.debug("ignoring a message of type %d for procedure %d", header.type, header.proc)
             return
         if header.prog != rpc.REMOTE_PROGRAM or header.vers != rpc.REMOTE_VERSION:
@@ -124,40 +150,84 @@ class Connection:
                 rpc.ERR_OPERATION_DENIED, f"operation forbidden: read only access prevents {proc.api}", rpc.FROM_REMOTE))
             return
         call = Call(Unpacker(body), self.gw, self)
-        if proc.pool == LOOP:
-            self.finish(header, run_handler(proc.handler, call))
+        if proc.pool in (LOOP, READ):
+            # The connection's own state, or one read from the broker's memory: answered here.
+            self.reply(header, run_handler(proc.handler, call))
             return
-        future = self.gw.loop.run_in_executor(self.gw.pools[proc.pool], run_handler, proc.handler, call)
-        future.add_done_callback(lambda f: self.finish(header, _outcome(f)))
+        self.pooled.acquire()
+        with self.write_lock:
+            self.in_flight += 1
+        try:
+            self.gw.pools[proc.pool].submit(self._pooled, proc.handler, call, header)
+        except RuntimeError:  # the pools are shut down: the gateway is stopping
+            self._done_pooled()
+            self.reply_error(header, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: the gateway is stopping", rpc.FROM_RPC))
 
-    def finish(self, header: Header, outcome: tuple[bool, bytes]) -> None:
-        self.calls.release()
+    def _pooled(self, handler, call: Call, header: Header) -> None:
+        try:
+            self.reply(header, run_handler(handler, call))
+        finally:
+            self._done_pooled()
+
+    def _done_pooled(self) -> None:
+        with self.write_lock:
+            self.in_flight -= 1
+        self.pooled.release()
+
+    def reply(self, header: Header, outcome: tuple[bool, bytes]) -> None:
         ok, body = outcome
         self.send(rpc.frame(header.reply(rpc.STATUS_OK if ok else rpc.STATUS_ERROR), body))
 
     def reply_error(self, header: Header, error: RemoteError) -> None:
-        self.finish(header, (False, error.body()))
+        self.reply(header, (False, error.body()))
 
     def send(self, data: bytes) -> None:
-        if self.closed:
-            return  # the answer to a call whose client went away
-        self.writer.write(data)
-        if self.writer.transport.get_write_buffer_size() > MAX_PENDING_OUTPUT_BYTES:
-            log.warning("dropping a client that has not read %d bytes", MAX_PENDING_OUTPUT_BYTES)
+        with self.write_lock:
+            if self.closed:
+                return  # the answer to a call whose client went away
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                self._close_locked()
+
+    def queue_event(self, data: bytes) -> None:
+        """From the event thread: never blocks on a client that does not read."""
+        events = self.events
+        if events is None or self.closed:
+            return
+        try:
+            events.put_nowait(data)
+        except queue.Full:
+            log.warning("dropping a client that has not read %d events", MAX_QUEUED_EVENTS)
             self.close()
 
+    def _write_events(self) -> None:
+        while not self.closed:
+            data = self.events.get()
+            if data is None:
+                return
+            self.send(data)
+
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.callbacks.clear()
-            self.writer.close()
-            self.gw.connections.discard(self)
+        with self.write_lock:
+            self._close_locked()
 
-
-def _outcome(future) -> tuple[bool, bytes]:
-    if future.cancelled() or future.exception() is not None:  # the pools are shutting down
-        return False, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: the gateway is stopping", rpc.FROM_RPC).body()
-    return future.result()
+    def _close_locked(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.callbacks = {}
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        if self.events is not None:
+            try:
+                self.events.put_nowait(None)
+            except queue.Full:
+                pass
+        self.gw.forget(self)
 
 
 def run_handler(handler, call: Call) -> tuple[bool, bytes]:
@@ -181,23 +251,26 @@ class Gateway:
 
     def __init__(self, config: Config):
         self.config = config
-        self.broker = Broker(config.local_url)
+        self.context = zmq.Context()  # shared by every thread's Client (used only for events)
+        self.broker = Broker(config.local_url, context=self.context)
         self.ids = DomainIds()
         self.facts = HostFacts(config.uri)
         self.pools = {name: ThreadPoolExecutor(n, thread_name_prefix=f"gateway-{name}") for name, n in POOL_THREADS.items()}
+        self.lock = threading.Lock()  # guards self.connections, changed by connection threads
         self.connections: set[Connection] = set()
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.servers: list[asyncio.AbstractServer] = []
-        self.feed = EventFeed(config.local_url, LifecycleTranslator(self.ids.is_transient), self.deliver, self.on_stopped)
+        self.listeners: list[socket.socket] = []
+        self.stopping = threading.Event()
+        self.feed = EventFeed(config.local_url, LifecycleTranslator(self.ids.is_transient), self.publish, self.on_stopped)
+        self._numbers = 0
 
     # -- events: called from the feed's thread
-    def deliver(self, lc: Lifecycle) -> None:
-        self.loop.call_soon_threadsafe(self.publish, lc)
-
     def on_stopped(self, uuid: str) -> None:
         if self.ids.is_transient(uuid):
             # libvirt forgets a transient domain when it stops; virtbroker's registry follows.
-            self.pools[JOB].submit(self._forget_transient, uuid)
+            try:
+                self.pools[JOB].submit(self._forget_transient, uuid)
+            except RuntimeError:
+                pass  # stopping
 
     def _forget_transient(self, uuid: str) -> None:
         try:
@@ -206,59 +279,95 @@ class Gateway:
             log.warning("could not undefine transient domain %s after it stopped: %s", uuid, e)
 
     def publish(self, lc: Lifecycle) -> None:
-        dom = bytes(pack_dom(Packer(), self, {"name": lc.name, "uuid": lc.uuid, "state": lc.state}))
-        for conn in list(self.connections):
-            for callback_id, (event_id, uuid) in list(conn.callbacks.items()):
+        with self.lock:
+            connections = list(self.connections)
+        dom = None
+        for conn in connections:
+            for callback_id, (event_id, uuid) in conn.callbacks.items():
                 if event_id != lc.event_id or (uuid is not None and uuid != lc.uuid):
                     continue
+                if dom is None:
+                    dom = bytes(pack_dom(Packer(), self, {"name": lc.name, "uuid": lc.uuid, "state": lc.state}))
                 body = bytes(Packer().int(callback_id)) + dom
                 proc = rpc.PROC_DOMAIN_EVENT_CALLBACK_REBOOT
                 if lc.event_id == rpc.EVENT_ID_LIFECYCLE:
                     body += bytes(Packer().int(lc.event).int(lc.detail))
                     proc = rpc.PROC_DOMAIN_EVENT_CALLBACK_LIFECYCLE
-                conn.send(rpc.frame(Header(rpc.REMOTE_PROGRAM, rpc.REMOTE_VERSION, proc, rpc.TYPE_MESSAGE, 0, rpc.STATUS_OK), body))
+                conn.queue_event(rpc.frame(
+                    Header(rpc.REMOTE_PROGRAM, rpc.REMOTE_VERSION, proc, rpc.TYPE_MESSAGE, 0, rpc.STATUS_OK), body))
 
     # -- connections
-    async def accept(self, reader, writer, read_only: bool) -> None:
-        if len(self.connections) >= MAX_CONNECTIONS:
-            log.warning("refusing a connection: %d are open", MAX_CONNECTIONS)
-            writer.close()
-            return
-        conn = Connection(self, reader, writer, read_only)
-        self.connections.add(conn)
-        await conn.serve()
+    def forget(self, conn: Connection) -> None:
+        with self.lock:
+            self.connections.discard(conn)
 
-    async def start(self) -> None:
-        self.loop = asyncio.get_running_loop()
+    def _accept_loop(self, listener: socket.socket, read_only: bool) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                raise
+            sock.settimeout(None)
+            with self.lock:
+                if len(self.connections) >= MAX_CONNECTIONS:
+                    log.warning("refusing a connection: %d are open", MAX_CONNECTIONS)
+                    sock.close()
+                    continue
+                self._numbers += 1
+                conn = Connection(self, sock, read_only, self._numbers)
+                self.connections.add(conn)
+            threading.Thread(target=conn.serve, name=f"gateway-conn-{conn.number}", daemon=True).start()
+
+    def start(self) -> None:
+        threading.stack_size(CONNECTION_STACK_BYTES)
+        self.feed.start()
         for url, read_only, mode in (
             (self.config.libvirt_url, False, 0o600),
             (self.config.libvirt_readonly_url, True, 0o666),
         ):
             path = stream_path(url)
             _remove_stale(path)
-            server = await asyncio.start_unix_server(
-                lambda r, w, ro=read_only: self.accept(r, w, ro), path=path, limit=rpc.MAX_FRAME_BYTES
-            )
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(path)  # under umask 077
             # The read-write socket is owner-only; the read-only one is open to anyone who can
             # reach the state directory, as libvirtd's libvirt-sock-ro is.
             os.chmod(path, mode)
-            self.servers.append(server)
+            listener.listen(socket.SOMAXCONN)
+            listener.settimeout(0.5)
+            self.listeners.append(listener)
+            threading.Thread(target=self._accept_loop, args=(listener, read_only), name=f"gateway-accept-{path}",
+                             daemon=True).start()
             log.info("serving libvirt's remote protocol on %s (%s)", url, "read-only" if read_only else "read-write")
 
-    async def stop(self) -> None:
-        for server in self.servers:
-            server.close()
-        for conn in list(self.connections):
-            conn.close()
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """No new connections; calls under way get grace_s to finish; then every connection closes."""
+        self.stopping.set()
+        for listener in self.listeners:
+            listener.close()
         for url in (self.config.libvirt_url, self.config.libvirt_readonly_url):
             _remove_stale(stream_path(url))
-
-    def close(self) -> None:
+        waited = threading.Event()
+        deadline_steps = int(grace_s / 0.1)
+        for _ in range(deadline_steps):
+            with self.lock:
+                busy = any(c.in_flight for c in self.connections)
+            if not busy:
+                break
+            waited.wait(0.1)
+        with self.lock:
+            connections = list(self.connections)
+        for conn in connections:
+            conn.close()
         self.feed.stopping.set()
         for pool in self.pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         self.broker.close()
         self.facts.close()
+        self.context.destroy(linger=0)
 
 
 def _remove_stale(path: str) -> None:
@@ -266,32 +375,6 @@ def _remove_stale(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-async def _serve(gateway: Gateway) -> None:
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    signals = {"count": 0}
-
-    def on_signal() -> None:
-        signals["count"] += 1
-        if signals["count"] > 1:
-            log.warning("second signal: exiting at once")
-            os._exit(EXIT_OK)
-        stopping.set()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
-    gateway.feed.start()
-    await gateway.start()
-    await stopping.wait()
-    log.info("stopping: no new connections; calls under way get up to %g s", STOP_GRACE_S)
-    for server in gateway.servers:
-        server.close()
-    deadline = loop.time() + STOP_GRACE_S
-    while any(c.calls._value < MAX_CALLS_PER_CONNECTION for c in gateway.connections) and loop.time() < deadline:
-        await asyncio.sleep(0.1)
-    await gateway.stop()
 
 
 def run_gateway(config: Config) -> int:
@@ -305,9 +388,27 @@ def run_gateway(config: Config) -> int:
     lock = StateLock(os.path.join(config.state_dir, "libvirt-gateway.lock"), "a libvirt gateway")
     os.umask(0o077)
     gateway = Gateway(config)
+    stop = threading.Event()
+    signals = {"count": 0}
+
+    def on_signal(signum, frame) -> None:
+        signals["count"] += 1
+        if signals["count"] > 1:
+            log.warning("second signal: exiting at once")
+            os._exit(EXIT_OK)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
-        asyncio.run(_serve(gateway))
+        gateway.start()
+        while not stop.wait(1.0):
+            pass
+        log.info("stopping: no new connections; calls under way get up to %g s", STOP_GRACE_S)
+        gateway.stop()
     finally:
-        gateway.close()
         lock.release()
-    return EXIT_OK
+    # A call still waiting for its job after the grace period holds a pool thread, which the
+    # interpreter would wait for at exit: the job goes on in virtbroker, the gateway leaves now.
+    logging.shutdown()
+    os._exit(EXIT_OK)
