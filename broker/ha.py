@@ -85,8 +85,8 @@ class _EtcdWriter:
         self.backend = EtcdBackend(endpoints, prefix, timeout_s)
         self.fence = fence
 
-    def write(self, batches: list[Batch]) -> None:
-        self.backend.write_batches(batches, self.fence)
+    def write(self, batches: list[Batch]) -> int:
+        return self.backend.write_batches(batches, self.fence)
 
     def close(self) -> None:
         self.backend.close()

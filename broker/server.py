@@ -320,6 +320,7 @@ class Broker:
             "token": self.token,
             "leader": self.leader_info,
             "takeovers": self.takeovers,
+            "revision": self.writer.last_revision if self.writer is not None else None,
             "events_url": self.config.events_url,
             "domains": len(self.core.registry) if self.core is not None else None,
             "workers": len(self.core.workers) if self.core is not None else 0,

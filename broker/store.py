@@ -343,6 +343,7 @@ class StoreWriter:
         self.store = store
         self.path = store.path
         self.context = context
+        self.last_revision: int | None = None  # etcd: the revision of the last write
         # A broker that leads again after losing the lead makes a new writer in the same context.
         self.DONE_URL = f"inproc://store-writer-{next(self._instances)}"
         self.queue: queue.Queue = queue.Queue()
@@ -377,7 +378,7 @@ class StoreWriter:
                 if not items:
                     continue
                 try:
-                    writer.write([batch for _, batch in items])
+                    self.last_revision = writer.write([batch for _, batch in items])
                 except Exception as e:
                     code = getattr(e, "code", "store")
                     log.critical("cannot write the broker's state to %s (%s): %s", self.path, code, e)

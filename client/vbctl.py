@@ -191,6 +191,28 @@ def cmd_cancel(c: Client, args) -> int:
     return EXIT_OK
 
 
+def cmd_brokers(c: Client, args) -> int:
+    """Every broker of the --connect list (brokers sharing an etcd store): which one leads,
+    its fencing token, the store; one that does not answer is listed as unreachable."""
+    rows, out = [], []
+    for url in c.urls:
+        try:
+            with Client(url, timeout_s=2.0, server_key=c.server_key, secret_key=c.secret_key) as one:
+                status = one.ping()
+        except VirtbrokerError as e:
+            status = {"role": "unreachable", "error": str(e)}
+        status = {"url": url, **status}
+        out.append(status)
+        rows.append([url, status.get("role", "leader"), str(status.get("token") or "-"),
+                     status.get("store", "sqlite"), str(status.get("revision") or "-"),
+                     str(status.get("takeovers", "-"))])
+    if args.json:
+        _print_json(out)
+    else:
+        _table(["Broker", "Role", "Token", "Store", "Revision", "Takeovers"], rows)
+    return EXIT_OK if any(s.get("role") == "leader" for s in out) else EXIT_FAILED
+
+
 def cmd_workers(c: Client, args) -> int:
     workers = c.workers()
     if args.json:
@@ -338,6 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("workers", help="connected workers")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_workers)
+
+    p = sub.add_parser("brokers", help="the brokers of the --connect list: which one leads, its token, the store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_brokers)
     return parser
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid as uuidlib
@@ -114,6 +116,14 @@ def test_a_standby_answers_not_leader_and_names_the_leader(ha):
         assert c.url == leader.client_url
     with ha.client() as c:  # the list: follows the leader by itself
         assert c.define(minimal_domain_xml("ha-first"))["created"]
+    # vbctl brokers: one line a broker, the leader with its token and the store's revision.
+    done = subprocess.run([sys.executable, "-m", "virtbroker.client.vbctl", "--connect", ha.client_urls, "brokers"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:] if line.strip()}
+    assert lines[leader.client_url][1] == "leader" and lines[standby.client_url][1] == "standby"
+    assert int(lines[leader.client_url][2]) == ha.status(leader)["token"]
+    assert lines[leader.client_url][3] == ha.store and int(lines[leader.client_url][4]) > 0
 
 
 def test_kill9_of_the_leader_under_load_loses_nothing_acknowledged_and_runs_nothing_twice(ha):
