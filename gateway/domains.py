@@ -175,6 +175,8 @@ class Broker:
         if c is not None:
             self._local.client = None
             with self._lock:
+                if c not in self._clients:
+                    return  # closed already, by close()
                 self._clients.remove(c)
             c.close()
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from virtbroker.client.templates import minimal_domain_xml
+
 from bench import common as bench_common
 from bench import storm
 from tests.gateway.helpers import start_gateway, virsh
@@ -64,7 +66,8 @@ def storage_root():
 
 @pytest.fixture
 def kvm_gateway(cluster_factory, host_conn, guest_uid, storage_root):
-    extra = ["--security", "dac", "--guest-user", f"{GUEST_USER}:kvm", "--storage-root", str(storage_root)]
+    extra = ["--security", "dac", "--guest-user", f"{GUEST_USER}:kvm", "--storage-root", str(storage_root),
+             "--resync-interval", "1"]
     cluster = cluster_factory(uri=URI, lease_ttl_s=5.0, extra=extra)
     cluster.start_broker()
     cluster.start_security_worker("dac")
@@ -164,3 +167,43 @@ def test_virt_install_import(kvm_gateway, host_conn, guest_uid, storage_root):
     assert (os.stat(disk).st_uid, os.stat(disk).st_gid) == (ORIGINAL_UID, ORIGINAL_GID)
     assert virsh(gw.uri, "undefine", name, check=True).returncode == 0
     assert cluster.client().list(all=True) == []
+
+
+def test_outside_stop_is_an_event(kvm_gateway, host_conn):
+    """A guest destroyed behind virtbroker's back (virsh on libvirtd) shows as STOPPED to a
+    libvirt-python client of the gateway once a worker's resync reports it."""
+    import threading
+    import time
+
+    cluster, gw = kvm_gateway
+    libvirt.virEventRegisterDefaultImpl()
+    conn = libvirt.open(gw.uri)
+    seen: list[tuple[str, int]] = []
+    stop = threading.Event()
+
+    def run_loop():
+        while not stop.is_set():
+            libvirt.virEventRunDefaultImpl()
+
+    callback_id = conn.domainEventRegisterAny(
+        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lambda _c, dom, event, _d, _o: seen.append((dom.name(), event)), None)
+    thread = threading.Thread(target=run_loop, daemon=True)
+    thread.start()
+    name = f"{PREFIX}outside"
+    try:
+        dom = conn.defineXML(minimal_domain_xml(name, "kvm"))
+        dom.create()
+        host_conn.lookupByName(name).destroy()  # outside virtbroker
+        deadline = time.monotonic() + 30
+        while (name, libvirt.VIR_DOMAIN_EVENT_STOPPED) not in seen:
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.05)
+        assert seen[:2] == [(name, libvirt.VIR_DOMAIN_EVENT_DEFINED), (name, libvirt.VIR_DOMAIN_EVENT_STARTED)]
+        assert conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        conn.lookupByName(name).undefine()
+    finally:
+        conn.domainEventDeregisterAny(callback_id)
+        stop.set()
+        libvirt.virEventAddTimeout(0, lambda *a: None, None)
+        thread.join(timeout=10)
+        conn.close()

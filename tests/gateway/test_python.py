@@ -160,3 +160,17 @@ def test_slow_call_holds_nothing_else(cluster_factory):
     finally:
         c1.close()
         c2.close()
+
+
+def test_sigterm_stops_cleanly(test_gateway):
+    """First SIGTERM: no new connections, calls under way finish, exit 0, sockets removed."""
+    import os
+
+    cluster, gw = test_gateway
+    c = libvirt.open(gw.uri)
+    c.defineXML(minimal_domain_xml("gw-stop"))
+    assert gw.stop(timeout_s=40) == 0
+    assert not os.path.exists(gw.path) and not os.path.exists(gw.ro_path)
+    with pytest.raises(libvirt.libvirtError):
+        c.lookupByName("gw-stop")
+    c.close()
