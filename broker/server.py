@@ -24,7 +24,7 @@ from virtbroker import __version__
 from virtbroker.broker.client_handlers import ClientHandlers
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
 from virtbroker.broker.etcd_store import EtcdBackend
-from virtbroker.broker.ha import Campaign, EtcdStore
+from virtbroker.broker.ha import Campaign, EtcdStore, Follower
 from virtbroker.broker.metrics import BrokerMetrics
 from virtbroker.broker.local import LocalConnection, LocalEndpoint
 from virtbroker.broker.outbox import TO_WORKERS, Entry
@@ -77,6 +77,7 @@ class Broker:
             self._lead(Store(config.state_dir))
         else:
             self.campaign = Campaign(config, context)
+        self.follower: Follower | None = None  # a standby's copy of the store
         self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
         self.local: LocalEndpoint | None = None
         self.writer: StoreWriter | None = None
@@ -142,6 +143,7 @@ class Broker:
             poller.register(self.readonly_sock, zmq.POLLIN)
         self.local.start(poller)
         if self.campaign is not None:
+            self.follower = Follower(self.config)
             poller.register(self.campaign.loop_side, zmq.POLLIN)
             self.campaign.start()
         else:
@@ -204,8 +206,13 @@ class Broker:
         started = time.monotonic()
         backend = EtcdBackend(etcd_endpoints(self.config.store), self.config.etcd_prefix, self.config.store_timeout_s)
         fence = (backend.leader_key.decode(), token)
+        copy = None
+        if self.follower is not None:
+            copy = self.follower.copy_at(token, timeout_s=self.config.store_timeout_s)
+            self.follower.stop()
+            self.follower = None
         try:
-            self._lead(EtcdStore(backend, fence, self.config.store))
+            self._lead(EtcdStore(backend, fence, self.config.store, copy))
         except VirtbrokerError as e:
             # We hold the lead but cannot serve it: leave, so that the lease lapses and
             # another broker (or this one, restarted) takes over.
@@ -220,8 +227,10 @@ class Broker:
         for identity in self.standby_peers:
             self.core.to_connection(identity, p.Reregister())
         self.standby_peers.clear()
-        log.warning("leading (fencing token %d): %d domains, %d jobs loaded in %.2f s", token,
-                    len(self.core.registry), len(self.core.scheduler.jobs), time.monotonic() - started)
+        log.warning("leading (fencing token %d): %d domains, %d jobs %s in %.2f s", token,
+                    len(self.core.registry), len(self.core.scheduler.jobs),
+                    "built from the standby's copy" if copy is not None else "read from etcd",
+                    time.monotonic() - started)
 
     def _step_down(self, reason: str) -> None:
         """Stop acknowledging at once and stand by: nothing that waited for the store leaves
@@ -230,6 +239,7 @@ class Broker:
         core = self.core
         if core is None:
             return
+        self.campaign.resign()
         self.core = None
         self.token = None
         self.metrics.leader.set(0)
@@ -254,6 +264,7 @@ class Broker:
         self._send(core.outbox.take_now() + failed)
         self.store.close()
         self.store = None
+        self.follower = Follower(self.config)
 
     def _stand_by(self, ready: dict) -> None:
         """Answer what arrives while another broker leads (or none does)."""
@@ -475,6 +486,8 @@ class Broker:
             self.store.close()
         if self.campaign is not None:
             self.campaign.stop()  # resigns if it leads, so a standby takes over at once
+        if self.follower is not None:
+            self.follower.stop()
         for writer in self.abandoned_writers:
             writer.close(self.config.store_timeout_s * 2)
         for sock in (self.client_sock, self.worker_sock, self.pub_sock, self.readonly_sock):
