@@ -383,6 +383,10 @@ def undefine(call: Call, with_flags: bool) -> bytes:
         # libvirt keeps a running guest going as a transient one; so does the gateway, which
         # undefines it in virtbroker when it stops.
         gw.ids.mark_transient(summary["uuid"])
+        from virtbroker.gateway.events import Lifecycle
+
+        gw.publish(Lifecycle(rpc.EVENT_ID_LIFECYCLE, summary["uuid"], summary["name"], summary["state"],
+                             rpc.EV_UNDEFINED, rpc.DETAIL_UNDEFINED_REMOVED))
         return b""
     gw.broker.run_job(summary["uuid"], "undefine")
     return b""

@@ -76,12 +76,20 @@ def test_ids_lists_and_errors(conn):
     assert e.value.get_error_code() == libvirt.VIR_ERR_OPERATION_FAILED
     a.destroy()
     assert c.lookupByName("gw-a").ID() == -1
+    # Undefining a running guest leaves it running as a transient one, gone when it stops.
+    b.create()
+    b.undefine()
+    assert c.lookupByName("gw-b").isPersistent() == 0 and c.lookupByName("gw-b").isActive() == 1
+    c.lookupByName("gw-b").destroy()
+    deadline = time.monotonic() + 20
+    while "gw-b" in [d["name"] for d in cluster.client().list(all=True)]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     with pytest.raises(libvirt.libvirtError):
         c.lookupByID(first_id)
     # Host facts come from libvirtd (test:///default here: the worker's URI).
     assert c.getType() and c.getLibVersion() > 0 and "<capabilities>" in c.getCapabilities()
     a.undefine()
-    b.undefine()
 
 
 def test_events_through_python(conn):
