@@ -23,7 +23,6 @@ from bench.common import (
     guest_xml,
     median,
     open_libvirt,
-    percentile,
     say,
     summary_ms,
     vb_cluster,

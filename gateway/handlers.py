@@ -10,7 +10,7 @@ from typing import Callable
 from virtbroker.gateway import rpc
 from virtbroker.gateway.domains import ACTIVE_STATES, ensure_uuid, guest_facts, uuid_raw, uuid_text
 from virtbroker.gateway.rpc import RemoteError
-from virtbroker.gateway.xdr import Packer, Unpacker, XdrError
+from virtbroker.gateway.xdr import Packer, Unpacker
 
 log = logging.getLogger("virtbroker.gateway")
 

@@ -12,7 +12,6 @@ import os
 import queue
 import signal
 import socket
-import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
