@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from typing import Any
 
 from virtbroker import __version__
 from virtbroker.broker.core import BrokerCore, Waiter
@@ -44,7 +46,7 @@ class ClientHandlers:
         self.events_url = events_url
         self.broker = broker  # the loop, for its part in failover (ping)
         # Every request kind the client endpoints take, and its handler.
-        self.table = {
+        self.table: dict[str, Callable[[Any, bytes], Any]] = {
             "ping": self.handle_ping,
             "define": self.handle_define,
             "lookup": self.handle_lookup,

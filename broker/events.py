@@ -53,7 +53,7 @@ class Events:
             seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error,
         ))
 
-    def _add(self, topic: bytes, event: p.Message) -> None:
+    def _add(self, topic: bytes, event: p.DomainEvent | p.JobEvent) -> None:
         self.keep(event.seq, p.pack([event.KIND, event.body()]))
         if self.listening[topic]:
             self.pending.append(event)

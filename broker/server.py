@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 
 import zmq
 
@@ -78,7 +79,10 @@ class Broker:
         else:
             self.campaign = Campaign(config, context)
         self.follower: Follower | None = None  # a standby's copy of the store
-        self.client_sock = self.worker_sock = self.pub_sock = self.readonly_sock = None
+        self.client_sock: Any = None  # the sockets, bound in bind()
+        self.worker_sock: Any = None
+        self.pub_sock: Any = None
+        self.readonly_sock: Any = None
         self.local: LocalEndpoint | None = None
         self.writer: StoreWriter | None = None
         self.poller: zmq.Poller | None = None

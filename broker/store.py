@@ -10,6 +10,7 @@ import queue
 import sqlite3
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgpack
 import zmq
@@ -303,7 +304,7 @@ class Store:
         self.dirty_meta.clear()
         return batch
 
-    def open_writer(self) -> "SqliteWriter":
+    def open_writer(self) -> "StoreWriterConnection":
         """The writer's own connection (made in the writer's thread)."""
         return SqliteWriter(self.path)
 
@@ -317,12 +318,22 @@ class Store:
         self.db.close()
 
 
+class StoreWriterConnection(Protocol):
+    """What the store writer thread writes through: its own connection to the store."""
+
+    def write(self, batches: list[Batch]) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
 class SqliteWriter:
     def __init__(self, path: str):
         self.db = _connect(path)
 
-    def write(self, batches: list[Batch]) -> None:
+    def write(self, batches: list[Batch]) -> int | None:
+        """Write and commit; None: SQLite has no revision to report."""
         write_batches(self.db, batches)
+        return None
 
     def close(self) -> None:
         self.db.close()

@@ -8,6 +8,8 @@ message is checked against that before its handler runs (docs/PROTOCOL.md, Worke
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
 from virtbroker.broker.scheduler import WorkerInfo
@@ -22,7 +24,7 @@ class WorkerHandlers:
         self.core = core
         # Every message kind the worker endpoint takes, and its handler. A hello registers its
         # sender; the others are handled only for the peer that registered the worker they name.
-        self.table = {
+        self.table: dict[str, Callable[[Any, WorkerInfo], None]] = {
             "heartbeat": self.handle_heartbeat,
             "result": self.handle_result,
             "bye": self.handle_bye,
@@ -59,7 +61,7 @@ class WorkerHandlers:
                 log.exception("internal error handling a worker message")
         return len(messages)
 
-    def _sender(self, msg: p.Message, identity: bytes, peer: bytes) -> WorkerInfo | None:
+    def _sender(self, msg: Any, identity: bytes, peer: bytes) -> WorkerInfo | None:
         """The registered worker a message names, if it came from the peer that registered it.
 
         A message naming a worker this broker does not know (it restarted) gets a reregister

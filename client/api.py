@@ -6,7 +6,8 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import zmq
 
@@ -23,6 +24,7 @@ from virtbroker.common.errors import (
 )
 
 
+Records = list[dict]  # (named here: inside Client, `list` is the method)
 EVENTS_PAGE = 1000  # events replayed per request
 FAILOVER_PAUSE_S = 0.2  # between tries of the next broker while none answers or leads
 # With several brokers, how long one may take to answer before the next is tried (a leader
@@ -106,7 +108,7 @@ class Client:
         self.close()
 
     # -- transport
-    def call(self, msg_cls: type[p.Message], reply_timeout_s: float | None = None, **fields) -> Any:
+    def call(self, msg_cls: type[Any], reply_timeout_s: float | None = None, **fields) -> Any:
         """Send one request and return its result, or raise the typed error the broker sent.
 
         reply_timeout_s bounds the wait for the reply (default: the client's timeout_s);
@@ -116,7 +118,7 @@ class Client:
         timeout_s = reply_timeout_s if reply_timeout_s is not None else self.timeout_s
         return self._following(msg, time.monotonic() + timeout_s, lambda left_s: self._receive(msg.request_id, left_s))
 
-    def _following(self, msg: p.Message, deadline: float, receive, whole_wait: bool = False) -> Any:
+    def _following(self, msg: Any, deadline: float, receive, whole_wait: bool = False) -> Any:
         """Send msg and return what receive(seconds left) returns; follow the leader among
         brokers of an etcd store: on not-leader to the one named, and, with several URLs, on
         no answer or no leader to the next. A submit without an idempotency key is sent again
@@ -147,7 +149,7 @@ class Client:
                 raise _error(reply)
             return reply.result
 
-    def _replies(self, deadline: float) -> Iterator[p.Message]:
+    def _replies(self, deadline: float) -> Iterator[Any]:
         """Every reply that arrives, a batch's one by one, until the caller has what it
         waits for; UnavailableError once the monotonic deadline passes first."""
         while True:
@@ -156,7 +158,7 @@ class Client:
                 raise UnavailableError(f"no answer from the broker at {self.url} (is it running?)")
             yield from p.unbatch(p.decode(self.sock.recv_multipart(), p.CLIENT_VERSION, p.MAX_REPLY_BYTES))
 
-    def call_many(self, requests: list[p.Message], timeout_s: float | None = None) -> list[Any]:
+    def call_many(self, requests: Sequence[Any], timeout_s: float | None = None) -> list[Any]:
         """Send requests as batches (up to p.BATCH_MAX_ITEMS a round trip), each handled as if
         sent alone, in order; return each one's result, or in its place the typed error it got
         (an instance, not raised). Sets each request's request_id. A `wait` cannot be batched.
@@ -201,7 +203,7 @@ class Client:
     def lookup(self, domain: str) -> dict:
         return self.call(p.Lookup, domain=domain)
 
-    def list(self, all: bool = False, state: str | None = None) -> list[dict]:
+    def list(self, all: bool = False, state: str | None = None) -> Records:
         return self.call(p.ListDomains, all=all, state=state)
 
     def dumpxml(self, domain: str, inactive: bool = False) -> str:
@@ -221,7 +223,7 @@ class Client:
             p.Submit, domain=domain, op=op, timeout_s=timeout_s, idempotency_key=idempotency_key, deadline_s=deadline_s
         )
 
-    def submit_many(self, jobs: list[tuple[str, str]], timeout_s: float | None = None) -> list[dict | VirtbrokerError]:
+    def submit_many(self, jobs: Sequence[tuple[str, str]], timeout_s: float | None = None) -> Sequence[Any]:
         """Submit (domain, op) pairs in batches: each one's job, or the error it got, in order.
         timeout_s is every shutdown's, as in submit()."""
         return self.call_many([p.Submit(request_id=0, domain=d, op=op, timeout_s=timeout_s) for d, op in jobs])
@@ -229,10 +231,10 @@ class Client:
     def job(self, job_id: int) -> dict:
         return self.call(p.GetJob, job_id=job_id)
 
-    def jobs(self, domain: str | None = None, state: str | None = None, limit: int = 100) -> list[dict]:
+    def jobs(self, domain: str | None = None, state: str | None = None, limit: int = 100) -> Records:
         return self.call(p.ListJobs, domain=domain, state=state, limit=limit)
 
-    def wait(self, job_ids: list[int], timeout_s: float = 300.0) -> list[dict]:
+    def wait(self, job_ids: Sequence[int], timeout_s: float = 300.0) -> Records:
         """Block until every job is final; raise TimeoutError_ if some are not by timeout_s."""
         result = self.wait_status(job_ids, timeout_s)
         if result["timed_out"]:
@@ -240,7 +242,7 @@ class Client:
             raise TimeoutError_(f"jobs {pending} not finished after {timeout_s:g} s")
         return result["jobs"]
 
-    def wait_status(self, job_ids: list[int], timeout_s: float) -> dict:
+    def wait_status(self, job_ids: Sequence[int], timeout_s: float) -> dict:
         """{"jobs": [...], "timed_out": bool}: returns when all are final or at timeout_s."""
         # The broker answers at timeout_s at the latest; allow the transport a margin on top.
         started = time.monotonic()
@@ -256,7 +258,7 @@ class Client:
     def cancel(self, job_id: int) -> dict:
         return self.call(p.Cancel, job_id=job_id)
 
-    def workers(self) -> list[dict]:
+    def workers(self) -> Records:
         return self.call(p.ListWorkers)
 
     def run(self, domain: str, op: str, timeout_s: float = 300.0, **kw) -> dict:
@@ -264,7 +266,7 @@ class Client:
         job = self.submit(domain, op, **kw)
         return self.wait([job["job_id"]], timeout_s)[0]
 
-    def events(self, timeout_s: float | None = None, since: int | None = None) -> Iterator[p.Message]:
+    def events(self, timeout_s: float | None = None, since: int | None = None) -> Iterator[Any]:
         """Domain and job events from the broker's PUB socket, as they happen.
 
         With `since`, first every kept event with a higher seq (replayed from the broker's

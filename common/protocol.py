@@ -426,7 +426,7 @@ def _batch_frames(version: bytes, items: list[list]) -> list[bytes]:
     return [version, Batch.KIND.encode(), pack({"messages": items})]
 
 
-def unbatch(msg: Message) -> list[Message]:
+def unbatch(msg: Message) -> list[Any]:
     """The messages a decoded message stands for: a batch's (Batch or ClientBatch), in
     order, or itself.
 
@@ -502,7 +502,9 @@ def encode_event(msg: Message) -> list[bytes]:
     return [msg.KIND.encode(), msg.VERSION, pack(msg.body())]
 
 
-def decode(frames: list[bytes], version: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Message:
+# Decoding returns the dataclass of the kind received, whichever it is: typed Any, so that
+# callers read the fields of the kind they check for.
+def decode(frames: list[bytes], version: bytes, max_bytes: int = MAX_FRAME_BYTES) -> Any:
     """Decode [version, kind, body] into its dataclass, or raise ProtocolError."""
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 frames (version, kind, body), got {len(frames)}", frames[:4])
@@ -516,7 +518,7 @@ def decode(frames: list[bytes], version: bytes, max_bytes: int = MAX_FRAME_BYTES
     return _decode_body(version, kind, raw, max_bytes)
 
 
-def _decode_body(version: bytes, kind: str, raw: bytes, max_bytes: int) -> Message:
+def _decode_body(version: bytes, kind: str, raw: bytes, max_bytes: int) -> Any:
     if len(raw) > max_bytes:
         raise ProtocolError(f"body of {len(raw)} bytes is over the limit of {max_bytes}")
     cls = _KINDS.get((version, kind))
@@ -529,14 +531,14 @@ def _decode_body(version: bytes, kind: str, raw: bytes, max_bytes: int) -> Messa
     return from_body(cls, body)
 
 
-def decode_event(frames: list[bytes]) -> Message:
+def decode_event(frames: list[bytes]) -> Any:
     if len(frames) != 3:
         raise ProtocolError(f"expected 3 event frames, got {len(frames)}")
     topic, version, raw = frames
     return decode([version, topic, raw], EVENT_VERSION)
 
 
-def from_body(cls: type[Message], body: Any) -> Message:
+def from_body(cls: type[Message], body: Any) -> Any:
     if not isinstance(body, dict):
         raise ProtocolError(f"{cls.KIND}: body must be a map, got {type(body).__name__}", body)
     values = {}

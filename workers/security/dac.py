@@ -337,8 +337,8 @@ class DacDriver:
                 return parse_record(raw, path, "xattr"), "xattr"
         # Also consulted when xattrs work: the record may date from a force_store driver,
         # or have moved to the store when the inode had no room left for it.
-        raw = self.store.get_owner(path)
-        return (parse_record(raw, path, "store"), "store") if raw is not None else (None, None)
+        stored = self.store.get_owner(path)
+        return (parse_record(stored, path, "store"), "store") if stored is not None else (None, None)
 
     def _write_record(self, proc_path: str, path: str, record: dict, where: str | None) -> str:
         if where == "xattr" or (where is None and not self.force_store):

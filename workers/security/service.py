@@ -204,6 +204,7 @@ class SecurityWorker:
         self.static_apparmor = "<model>apparmor</model>" in capabilities
         if not config.storage_roots:
             raise ConfigError(f"the {driver} driver needs at least one storage root (--storage-root DIR)")
+        self.driver: DacDriver | AppArmorDriver
         if driver == "dac":
             self.uid, self.gid = guest_ids(config.guest_user)
             self.driver = DacDriver(
@@ -256,7 +257,7 @@ class SecurityWorker:
         resources = find_resources(request.xml, model=self.driver_name)
         # Both drivers need the chain: DAC chowns it, AppArmor lists it in the profile.
         resources = with_backing_files(resources, self.config.storage_roots)
-        if self.driver_name == "dac":
+        if isinstance(self.driver, DacDriver):
             labelled = self.driver.label(request.domain_uuid, resources)
             return {"uid": self.uid, "gid": self.gid, "labelled": labelled}
         profile = self.driver.label(request.domain_uuid, request.domain_name, resources, emulator_path(request.xml))
