@@ -166,7 +166,9 @@ class Restarts:
 
 def cmd_up(args) -> int:
     """The broker, N lifecycle workers and the security workers, in the foreground, one merged
-    log; a child that exits is started again (class Restarts)."""
+    log; a child that exits is started again (class Restarts). With --ha: a local 3-member etcd
+    cluster (STATE_DIR/etcd), two brokers on it (STATE_DIR/broker-a, -b; one leads, one stands
+    by) and workers that follow the leader."""
     import multiprocessing_logging
     from multiprocessing.connection import wait as wait_for_any
 
@@ -184,23 +186,37 @@ def cmd_up(args) -> int:
     multiprocessing_logging.install_mp_handler()
     ctx = multiprocessing.get_context("fork")
 
-    specs: list[tuple[str, object, tuple]] = [("broker", run_broker, ())]
+    # Each child: (name, target, its config, extra arguments); target None is an etcd member.
+    specs: list[tuple[str, object, Config, tuple]] = [("broker", run_broker, config, ())]
+    worker_config = config
+    etcd_layout = None
+    if getattr(args, "ha", False):
+        from virtbroker.launcher import etcd as local_etcd
+
+        etcd_layout, broker_configs, worker_config = _ha_plan(args, config)
+        specs = [(f"etcd-{m}", None, config, (i,)) for i, m in enumerate(etcd_layout.names)]
+        specs += [(name, run_broker, broker_config, ()) for name, broker_config in broker_configs]
     if config.security:
         from virtbroker.workers.security.service import run_security_worker
 
-        specs += [(f"security-{d}", run_security_worker, (d,)) for d in config.security]
-    specs += [(f"worker-{i + 1}", run_worker, ()) for i in range(config.workers)]
+        specs += [(f"security-{d}", run_security_worker, worker_config, (d,)) for d in config.security]
+    specs += [(f"worker-{i + 1}", run_worker, worker_config, ()) for i in range(config.workers)]
     # LIBVIRT GATEWAY: `virtbroker libvirt-gateway` joins up as one more spec here, e.g.
-    # ("libvirt-gateway", run_gateway, ()); it is restarted and stopped (before the broker) like the others.
-    by_name = {name: (target, extra) for name, target, extra in specs}
+    # ("libvirt-gateway", run_gateway, config, ()); it is restarted and stopped (before the broker) like the others.
+    by_name = {name: (target, child_config, extra) for name, target, child_config, extra in specs}
 
     children: dict[str, BaseProcess] = {}  # the live ones
     restarts = Restarts(config.startsecs_s, config.startretries)
 
     def spawn(name: str) -> BaseProcess:
-        target, extra = by_name[name]
-        proc = ctx.Process(target=_child, args=(target, config, os.getpid(), *extra), name=name, daemon=False)
-        proc.start()
+        target, child_config, extra = by_name[name]
+        if target is None:
+            # An etcd member: a process of its own (not a fork), with the same interface; it
+            # gets SIGTERM if `up` dies, as the forked children do.
+            proc = local_etcd.MemberProcess(etcd_layout, *extra, die_with_parent="TERM")
+        else:
+            proc = ctx.Process(target=_child, args=(target, child_config, os.getpid(), *extra), name=name, daemon=False)
+            proc.start()
         children[name] = proc
         restarts.started(name, time.monotonic())
         return proc
@@ -222,10 +238,33 @@ def cmd_up(args) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    for name, _, _ in specs:
-        spawn(name)
-    log.info("virtbroker up: clients connect at %s or, on this host, %s", config.client_url, config.local_url)
     fatal = ""
+    for name, target, _, _ in specs:
+        if stopping:
+            break
+        spawn(name)
+        if target is None and name == f"etcd-{etcd_layout.names[-1]}":
+            # The brokers start on a cluster with a quorum, so their first campaign succeeds.
+            try:
+                local_etcd.wait_healthy(etcd_layout, list(children.values()), ETCD_START_S, lambda: stopping)
+            except VirtbrokerError as e:
+                fatal = str(e)
+                up_log.error("%s", fatal)
+                break
+        if target is run_broker and etcd_layout is not None and name == broker_configs[-1][0]:
+            # Workers start once a broker leads, so none is sent back and forth between standbys.
+            try:
+                local_etcd.wait_leader(broker_configs, ETCD_START_S, lambda: stopping)
+            except VirtbrokerError as e:
+                fatal = str(e)
+                up_log.error("%s", fatal)
+                break
+    if etcd_layout is not None:
+        log.info("virtbroker up --ha: clients connect at %s or, on this host, %s (etcd at %s, data in %s)",
+                 local_etcd.client_urls(broker_configs), local_etcd.client_urls(broker_configs, "local_url"),
+                 etcd_layout.store_url, etcd_layout.base_dir)
+    else:
+        log.info("virtbroker up: clients connect at %s or, on this host, %s", config.client_url, config.local_url)
     while not stopping and not fatal:
         due_at = restarts.next_due()
         timeout_s = None if due_at is None else max(0.0, due_at - time.monotonic())
@@ -241,6 +280,7 @@ def cmd_up(args) -> int:
             if proc.exitcode is None:
                 continue
             del children[name]
+            proc.join(0)  # reaped; an etcd member's pidfd closed
             ran_s = now - restarts.started_at[name]
             restart_at = restarts.exited(name, now)
             how = _exit_status(proc.exitcode)
@@ -260,8 +300,11 @@ def cmd_up(args) -> int:
     up_log.info("stopping")
     workers = [n for n in children if n.startswith("worker")]
     security = [n for n in children if n.startswith("security")]
-    others = [n for n in children if n not in workers + security + ["broker"]]  # the libvirt gateway, say
-    groups = [workers, security, others, [n for n in children if n == "broker"]]
+    brokers = [n for n in children if n == "broker" or n.startswith("broker-")]
+    members = [n for n in children if n.startswith("etcd-")]
+    others = [n for n in children if n not in workers + security + brokers + members]  # the libvirt gateway, say
+    # etcd last: a broker that stops resigns its lead in etcd, and stops cleanly only while etcd answers.
+    groups = [workers, security, others, brokers, members]
     for group in groups:
         for name in group:
             if children[name].is_alive():
@@ -281,6 +324,26 @@ def cmd_up(args) -> int:
 # A worker finishes its running jobs for up to 30 s (workers/lifecycle.py STOP_GRACE_S), then
 # says goodbye: the same 40 s as supervisord's stopwaitsecs and systemd's TimeoutStopSec.
 STOP_WAIT_S = 40.0
+ETCD_START_S = 30.0  # `up --ha`: how long the local etcd members may take to be healthy
+
+
+def _ha_plan(args, config: Config):
+    """`up --ha`: the local etcd cluster's layout (kept in STATE_DIR/etcd), the brokers' configs
+    and the workers' (launcher/etcd.py)."""
+    from virtbroker.common.errors import ConfigError
+    from virtbroker.launcher import etcd as local_etcd
+
+    given = [key for key in local_etcd.HA_DERIVED_URLS if getattr(args, key, None)]
+    if given:
+        raise ConfigError(f"--ha gives each broker its endpoints in its own state dir; drop {', '.join(given)}")
+    if getattr(args, "store", None):
+        raise ConfigError("--ha runs its own etcd cluster (STATE_DIR/etcd) as the store; drop --store")
+    local_etcd.check_installed()
+    layout = local_etcd.LocalCluster.load_or_create(os.path.join(config.state_dir, "etcd"), 3, args.etcd_port)
+    broker_configs, worker_config = local_etcd.ha_configs(config, layout)
+    for _, broker_config in broker_configs:
+        os.makedirs(broker_config.state_dir, exist_ok=True)
+    return layout, broker_configs, worker_config
 
 
 def _exit_status(exitcode: int) -> str:
@@ -295,6 +358,10 @@ def _exit_status(exitcode: int) -> str:
 def cmd_demo(args) -> int:
     from virtbroker.launcher.demo import run_demo
 
+    if args.ha:
+        from virtbroker.launcher.demo import run_ha_demo
+
+        return run_ha_demo(guests=args.guests, workers=args.workers, uri=args.uri)
     return run_demo(guests=args.guests, workers=args.workers, uri=args.uri)
 
 
@@ -314,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the broker and workers in the foreground")
     _common_options(up, "up")
+    up.add_argument("--ha", action="store_true",
+                    help="failover: a local 3-member etcd cluster (STATE_DIR/etcd), two brokers on it "
+                         "(STATE_DIR/broker-a, -b) and workers following the leader")
+    up.add_argument("--etcd-port", type=int, default=0, metavar="PORT",
+                    help="with --ha: etcd client ports PORT..PORT+2, peer ports PORT+3..PORT+5 "
+                         "(default: free ports, chosen once and kept in STATE_DIR/etcd/cluster.json)")
     up.set_defaults(func=cmd_up)
 
     broker = sub.add_parser("broker", help="run the broker alone (for supervisord)")
@@ -350,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--guests", type=int, default=20)
     demo.add_argument("--workers", type=int, default=4)
     demo.add_argument("--uri", default="test:///default")
+    demo.add_argument("--ha", action="store_true",
+                      help="`up --ha` instead: kill -9 the leading broker and time the standby's takeover")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import subprocess
-import urllib.error
-import urllib.request
 import uuid
 
 from tests.waiting import wait_until
+from virtbroker.launcher.etcd import ETCD, LocalCluster
 
-ETCD = shutil.which("etcd") or "/usr/bin/etcd"
-# setpriv --pdeathsig KILL: a test run killed outright (SIGKILL, a timeout) leaves no etcd
-# behind. (A preexec_fn calling prctl would do the same, but is unsafe once threads run.)
-# The signal follows the thread that started the member: start members from the test's thread.
-DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now, all held open together so none repeats."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _get_json(url: str, timeout_s: float = 1.0, body: bytes | None = None) -> dict | None:
-    try:
-        with urllib.request.urlopen(url, data=body, timeout=timeout_s) as resp:
-            return json.loads(resp.read())
-    except (OSError, urllib.error.URLError, ValueError):
-        return None
 
 
 class EtcdCluster:
@@ -57,15 +27,15 @@ class EtcdCluster:
             raise RuntimeError("etcd is not installed (scripts/setup-host.sh installs etcd-server)")
         self.base_dir = os.path.join(str(base_dir), f"etcd-{uuid.uuid4().hex[:8]}")
         os.makedirs(self.base_dir)
-        ports = _free_ports(2 * members)
-        self.client_ports = ports[:members]
-        self.peer_ports = ports[members:]
-        self.names = [f"m{i}" for i in range(members)]
-        self.endpoints = [f"127.0.0.1:{p}" for p in self.client_ports]
-        self.token = f"vb-test-{uuid.uuid4().hex[:12]}"  # a cluster of its own, never joins another
-        self.initial_cluster = ",".join(
-            f"{name}=http://127.0.0.1:{port}" for name, port in zip(self.names, self.peer_ports, strict=True)
-        )
+        # The layout and command lines are the product's (launcher/etcd.py, `virtbroker up --ha`);
+        # the members are started here, each from the test's thread, killed with it.
+        self.layout = LocalCluster.new(self.base_dir, members, token=f"vb-test-{uuid.uuid4().hex[:12]}")
+        self.client_ports = list(self.layout.client_ports)
+        self.peer_ports = list(self.layout.peer_ports)
+        self.names = list(self.layout.names)
+        self.endpoints = self.layout.endpoints
+        self.token = self.layout.token
+        self.initial_cluster = self.layout.initial_cluster
         self.procs: list[subprocess.Popen | None] = [None] * members
         self.logs: list = [None] * members
         self.closed = False
@@ -80,32 +50,21 @@ class EtcdCluster:
 
     # ------------------------------------------------------------------ members
     def data_dir(self, i: int) -> str:
-        return os.path.join(self.base_dir, self.names[i])
+        return self.layout.data_dir(i)
 
     def _spawn(self, i: int) -> None:
-        client = f"http://127.0.0.1:{self.client_ports[i]}"
-        peer = f"http://127.0.0.1:{self.peer_ports[i]}"
-        args = [
-            *DIE_WITH_PARENT, ETCD, "--name", self.names[i], "--data-dir", self.data_dir(i),
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", self.initial_cluster, "--initial-cluster-token", self.token,
-            "--initial-cluster-state", "new",  # ignored on a restart: the data dir knows the cluster
-            "--heartbeat-interval", "100", "--election-timeout", "1000",
-            "--logger", "zap", "--log-outputs", "stderr",
-        ]
         if self.logs[i] is None:
             # Open for the member's whole life, across restarts; close() closes it.
-            self.logs[i] = open(os.path.join(self.base_dir, f"{self.names[i]}.log"), "ab")  # noqa: SIM115
-        self.procs[i] = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self.logs[i], stderr=self.logs[i])
+            self.logs[i] = open(self.layout.log_path(i), "ab")  # noqa: SIM115
+        self.procs[i] = subprocess.Popen(self.layout.argv(i, die_with_parent="KILL"), stdin=subprocess.DEVNULL,
+                                         stdout=self.logs[i], stderr=self.logs[i])
 
     def healthy(self, i: int) -> bool:
         """The member answers /health as healthy: it is up, has a leader and serves a quorum read."""
         proc = self.procs[i]
         if proc is None or proc.poll() is not None:
             return False
-        reply = _get_json(f"http://127.0.0.1:{self.client_ports[i]}/health")
-        return bool(reply) and reply.get("health") == "true"
+        return self.layout.healthy(i)
 
     def wait_healthy(self, i: int, timeout_s: float = START_TIMEOUT_S) -> None:
         def ready() -> bool:
@@ -117,13 +76,7 @@ class EtcdCluster:
         wait_until(ready, timeout_s=timeout_s, what=f"etcd member {self.names[i]} healthy")
 
     def log_tail(self, i: int, size_bytes: int = 2000) -> str:
-        path = os.path.join(self.base_dir, f"{self.names[i]}.log")
-        try:
-            with open(path, "rb") as f:
-                f.seek(max(0, os.path.getsize(path) - size_bytes))
-                return f.read().decode(errors="replace")
-        except OSError:
-            return ""
+        return self.layout.log_tail(i, size_bytes)
 
     def running(self, i: int) -> bool:
         proc = self.procs[i]
@@ -160,7 +113,7 @@ class EtcdCluster:
         """The member's /v3/maintenance/status reply, or None if it does not answer."""
         if not self.running(i):
             return None
-        return _get_json(f"http://127.0.0.1:{self.client_ports[i]}/v3/maintenance/status", body=b"{}")
+        return self.layout.status(i)
 
     def leader_index(self) -> int | None:
         """Which member is the raft leader, as the running members report it; None if none knows."""
