@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from virtbroker.launcher import cli
 from tests.procs import ROOT
+from virtbroker.launcher import cli
 
 UNITS_DIR = ROOT / "configs" / "systemd"
 CONFIG_PATH = "/etc/virtbroker/virtbroker.ini"
 # unit file -> an instance to verify it as, and the supervisord program that runs the same process
 UNITS = {
     "virtbroker-broker.service": ("virtbroker-broker.service", "broker"),
+    "virtbroker-broker-ha.service": ("virtbroker-broker-ha.service", "broker-ha"),
     "virtbroker-worker@.service": ("virtbroker-worker@vm-01.service", "worker"),
     "virtbroker-security@.service": ("virtbroker-security@dac.service", "security-dac"),
 }
@@ -30,6 +31,7 @@ KNOWN_KEYS = {
                 "TimeoutStopSec"},
     "Install": {"WantedBy"},
 }
+BROKERS = {"virtbroker-broker.service", "virtbroker-broker-ha.service"}
 REPEATABLE = {"After", "Before", "Wants", "Requires", "WantedBy"}
 RESTART_VALUES = {"no", "always", "on-success", "on-failure", "on-abnormal", "on-abort", "on-watchdog"}
 SPECIFIERS = {"%i", "%H", "%%"}
@@ -89,13 +91,13 @@ def test_a_unit_passes_the_strict_check(unit):
     assert one["KillSignal"] == "SIGTERM" and one["KillMode"] == "mixed"
     after = " ".join(sections["Unit"]["After"]).split()
     assert {"libvirtd.service", "virtlogd.service"} <= set(after)
-    if unit != "virtbroker-broker.service":
+    if unit not in BROKERS:
         assert "virtbroker-broker.service" in after  # so it is stopped before the broker
     # TimeoutStopSec covers the 30 s a worker finishes its jobs in, as supervisord's
     # stopwaitsecs for the same program and `up`'s wait do.
     timeout_s = seconds(one["TimeoutStopSec"])
     assert timeout_s == supervisord_stopwaitsecs()[UNITS[unit][1]]
-    if unit != "virtbroker-broker.service":
+    if unit not in BROKERS:
         assert timeout_s == cli.STOP_WAIT_S and timeout_s > 30
 
 
@@ -109,13 +111,28 @@ def test_a_units_command_is_a_valid_virtbroker_command_line(unit):
     assert argv[0] == "/usr/local/bin/virtbroker"
     assert argv[-2:] == ["-c", CONFIG_PATH]
     args = cli.build_parser().parse_args([*argv[1:-1], str(ROOT / "configs" / "virtbroker.ini")])
-    assert args.command == {"broker": "broker", "worker": "worker", "security-dac": "security-worker"}[UNITS[unit][1]]
+    assert args.command == {"broker": "broker", "broker-ha": "broker", "worker": "worker",
+                            "security-dac": "security-worker"}[UNITS[unit][1]]
     if args.command == "worker":
         assert args.worker_id == instance
     if args.command == "security-worker":
         assert args.driver == instance
     config = cli._config(args)
     assert config.uri == "qemu:///system"
+    if UNITS[unit][1] == "broker-ha":
+        # A second broker on the host: its own state dir (lock, sockets), the etcd store.
+        assert config.store.startswith("etcd://") and config.state_dir == "/var/lib/virtbroker/broker-ha"
+
+
+def test_the_standby_broker_of_systemd_and_supervisord_is_the_same_command():
+    """virtbroker-broker-ha.service and supervisord's broker-ha program run the same broker
+    (the same options before the config file), and supervisord does not start it by default."""
+    unit = parse_unit((UNITS_DIR / "virtbroker-broker-ha.service").read_text())["Service"]["ExecStart"][0]
+    parser = configparser.RawConfigParser()
+    parser.read(ROOT / "configs" / "supervisord.conf")
+    program = parser["program:broker-ha"]
+    assert program["autostart"] == "false"
+    assert shlex.split(unit)[1:-2] == shlex.split(program["command"])[1:-2]
 
 
 def test_the_strict_check_refuses_a_misspelt_unit():
