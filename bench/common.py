@@ -11,16 +11,16 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import libvirt
 
-from virtbroker.client.api import Client
-from virtbroker.client.templates import minimal_domain_xml
 from tests.guests import remove_guests
 from tests.procs import Cluster
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
 
 URI = "qemu:///system"
 # Every guest a benchmark makes is named with this prefix, so cleanup can find them all
@@ -73,7 +73,7 @@ class Settings:
     noop_reps: int = 3
 
     @classmethod
-    def make(cls, short: bool) -> "Settings":
+    def make(cls, short: bool) -> Settings:
         if short:
             # N=8 keeps the smoke run short on 2 cores (its duration is in the results'
             # meta); the targets are judged at N=20 by the full run (its verdicts are

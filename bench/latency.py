@@ -131,9 +131,11 @@ class Probe:
     def __init__(self, mode: str, target: str, names: list[str]):
         ctx = multiprocessing.get_context("spawn")
         self.go, self.stop, self.out = ctx.Event(), ctx.Event(), ctx.Queue()
-        self.proc = ctx.Process(target=probe_main, args=(mode, target, names, self.go, self.stop, self.out), daemon=True)
+        self.proc = ctx.Process(
+            target=probe_main, args=(mode, target, names, self.go, self.stop, self.out), daemon=True
+        )
 
-    def __enter__(self) -> "Probe":
+    def __enter__(self) -> Probe:
         self.proc.start()
         if self.out.get(timeout=PROBE_READY_TIMEOUT_S) != "ready":
             raise RuntimeError("probe did not start")
@@ -233,7 +235,9 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                 # The floors belong with virtbroker's row: the same storm, another run of it.
                 first = row_for(n, {"paired": PAIRED_LOCAL_WAY, "floors": VB_WAY}.get(way, way))
                 try:
-                    result = libvirt_run(conn, n) if way == "libvirt" else vb_run(conn, n, {VB_WAY: "single"}.get(way, way))
+                    result = (
+                        libvirt_run(conn, n) if way == "libvirt" else vb_run(conn, n, {VB_WAY: "single"}.get(way, way))
+                    )
                 except Exception as e:
                     say(f"  failed: {e}")
                     first["errors"].append(str(e)[:500])
@@ -243,13 +247,20 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                     measured = {"libvirt": result}
                 elif way == "floors":
                     floors = result["probes"]
-                    rep_row = {"fsync": summary_ms(floors["fsync"]["define_s"]), "echo": summary_ms(floors["echo"]["lookup_s"]),
-                               "stream_echo": summary_ms(floors["stream_echo"]["lookup_s"]), "storm_s": storm_s,
-                               "probe_errors": sum(f["error_count"] for f in floors.values()),
-                               "probe_error_samples": [e for f in floors.values() for e in f["errors"]][:3]}
+                    rep_row = {
+                        "fsync": summary_ms(floors["fsync"]["define_s"]),
+                        "echo": summary_ms(floors["echo"]["lookup_s"]),
+                        "stream_echo": summary_ms(floors["stream_echo"]["lookup_s"]),
+                        "storm_s": storm_s,
+                        "probe_errors": sum(f["error_count"] for f in floors.values()),
+                        "probe_error_samples": [e for f in floors.values() for e in f["errors"]][:3],
+                    }
                     first["floor_reps"].append(rep_row)
-                    say(f"  storm {storm_s:.2f} s; echo p99 {rep_row['echo']['p99_ms']:.2f} ms (ZeroMQ), "
-                        f"{rep_row['stream_echo']['p99_ms']:.2f} ms (stream), fsync p99 {rep_row['fsync']['p99_ms']:.2f} ms")
+                    say(
+                        f"  storm {storm_s:.2f} s; echo p99 {rep_row['echo']['p99_ms']:.2f} ms (ZeroMQ), "
+                        f"{rep_row['stream_echo']['p99_ms']:.2f} ms (stream), "
+                        f"fsync p99 {rep_row['fsync']['p99_ms']:.2f} ms"
+                    )
                     time.sleep(SETTLE_S)
                     continue
                 elif way == "paired":
@@ -265,7 +276,7 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                     )
                 time.sleep(SETTLE_S)
     out = []
-    for (n, way), row in rows.items():
+    for row in rows.values():
         for op in ("lookup", "define"):
             for stat in ("p50_ms", "p99_ms", "max_ms"):
                 row[f"{op}_{stat}"] = median([r[op][stat] for r in row["reps"] if r[op][stat] is not None])
@@ -279,7 +290,14 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
         base = rows.get((row["n"], "libvirt"), {})
         if row["way"] in (PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY):
             continue  # two probes in one storm: compare them with each other, not with libvirt's one
-        for key in ("lookup_p50_ms", "lookup_p99_ms", "lookup_max_ms", "define_p50_ms", "define_p99_ms", "define_max_ms"):
+        for key in (
+            "lookup_p50_ms",
+            "lookup_p99_ms",
+            "lookup_max_ms",
+            "define_p50_ms",
+            "define_p99_ms",
+            "define_max_ms",
+        ):
             row[key.replace("_ms", "_ratio")] = ratio(row.get(key), base.get(key))
     return {
         "status": "ok",
@@ -292,7 +310,8 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             "In the full run, two more virtbroker storms follow each. The 'paired' one carries two virtbroker "
             "probes side by side, one on the local endpoint and one on the ZeroMQ client endpoint: the two "
             "transports in the same storm (with two probes' load, so not comparable with the other rows). The "
-            "other carries raw probes instead: one appends 4 KiB and fsyncs every 5 ms on the state dir's file system (the "
+            "other carries raw probes instead: one appends 4 KiB and fsyncs every 5 ms on the state dir's "
+            "file system (the "
             "disk's own floor for a durable define), two send a lookup-sized message to an echo process and "
             "wait for it, over ZeroMQ and over a UNIX stream (the floor for any lookup over that transport "
             "during the storm). "

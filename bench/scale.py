@@ -10,8 +10,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import msgpack
 import zmq
@@ -29,11 +29,11 @@ from bench.common import (
     vb_cluster,
     wait_for_idle_cpu,
 )
+from tests.procs import Cluster
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import protocol as p
 from virtbroker.common.stream import is_stream_url, stream_path
-from tests.procs import Cluster
 
 WINDOW = 200  # requests in flight from one pipelining client
 LOOKUP_SAMPLES = 2000
@@ -285,8 +285,10 @@ def noop_throughput(
     client, from /proc: a figure the host's speed moves less than the rate.
     """
     idle = wait_for_idle_cpu()
-    rows = {batch: {"workers": workers, "slots": slots, "batch": batch, "jobs_per_s_reps": [], "cpu_us_per_job_reps": []}
-            for batch in batches}
+    rows = {
+        batch: {"workers": workers, "slots": slots, "batch": batch, "jobs_per_s_reps": [], "cpu_us_per_job_reps": []}
+        for batch in batches
+    }
     with vb_cluster(workers, slots, uri="test:///default") as cluster:
         context = zmq.Context()
         sock = _dealer(context, cluster.client_url)
@@ -297,7 +299,7 @@ def noop_throughput(
             _run_ops(sock, names, ["start"], request_ids, batches[0])
             pids = {"broker": [cluster.broker.pid], "workers": [w.pid for w in cluster.workers.values()],
                     "client": [os.getpid()]}
-            for rep in range(reps):
+            for _rep in range(reps):
                 for batch, row in rows.items():
                     before = {role: sum(map(cpu_s, group)) for role, group in pids.items()}
                     jobs, elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * NOOP_ROUNDS, request_ids, batch)
@@ -365,7 +367,9 @@ def run(settings: Settings) -> dict:
         # With the target's worker count the full run takes turns with one submit a
         # message, on the same cluster.
         both = workers == TARGET_WORKERS and not settings.short
-        say(f"scale: no-op jobs with {workers} workers" + (", batched and one submit a message in turn" if both else ""))
+        say(
+            f"scale: no-op jobs with {workers} workers" + (", batched and one submit a message in turn" if both else "")
+        )
         row, *rest = noop_throughput(workers, settings.noop_reps, batches=(NOOP_BATCH, 1) if both else (NOOP_BATCH,))
         noop_rows.append(row)
         if rest:

@@ -98,7 +98,10 @@ def libvirt_dac(conn: libvirt.virConnect, n: int) -> dict:
     images = Images(n)
     names = _names(n)
     seclabel = f"<seclabel type='static' model='dac' relabel='yes'><label>+{uid}:+{gid}</label></seclabel>"
-    xml = {name: guest_xml(name, disks=[str(o)]).replace("</domain>", seclabel + "</domain>") for name, o in zip(names, images.overlays)}
+    xml = {
+        name: guest_xml(name, disks=[str(o)]).replace("</domain>", seclabel + "</domain>")
+        for name, o in zip(names, images.overlays)
+    }
     try:
         with connections(n) as own:
             conn_of = dict(zip(names, own))
@@ -289,7 +292,9 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
     rows: dict[str, dict] = {}
     for rep in range(settings.security_reps):
         for way, drivers, serialization in configs(settings):
-            row = rows.setdefault(way, {"n": n, "way": way, "drivers": drivers, "serialization": serialization, "reps": [], "errors": []})
+            row = rows.setdefault(
+                way, {"n": n, "way": way, "drivers": drivers, "serialization": serialization, "reps": [], "errors": []}
+            )
             say(f"security rep {rep + 1}/{settings.security_reps}: N={n} {way}")
             try:
                 result = libvirt_dac(conn, n) if drivers is None else vb_security(conn, n, drivers, serialization)
@@ -319,9 +324,13 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
         out_rows.append(row)
     by_way = {r["way"]: r for r in out_rows}
     for row in out_rows:
-        row["start_ratio_libvirt"] = ratio(row.get("start_median_s"), by_way.get(BASELINE_LIBVIRT, {}).get("start_median_s"))
+        row["start_ratio_libvirt"] = ratio(
+            row.get("start_median_s"), by_way.get(BASELINE_LIBVIRT, {}).get("start_median_s")
+        )
         row["start_ratio_none"] = ratio(row.get("start_median_s"), by_way.get(BASELINE_NONE, {}).get("start_median_s"))
-        row["destroy_ratio_libvirt"] = ratio(row.get("destroy_median_s"), by_way.get(BASELINE_LIBVIRT, {}).get("destroy_median_s"))
+        row["destroy_ratio_libvirt"] = ratio(
+            row.get("destroy_median_s"), by_way.get(BASELINE_LIBVIRT, {}).get("destroy_median_s")
+        )
     per_resource, global_ = driver_rows
     return {
         "status": "ok",

@@ -112,7 +112,9 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             # cache) spreads over every way instead of landing on one.
             for way, workers in ways_for(settings, n):
                 names = _names(n, "s")
-                entry = raw.setdefault((n, way), {"n": n, "way": way, "workers": workers, "start_s": [], "destroy_s": [], "errors": []})
+                entry = raw.setdefault(
+                    (n, way), {"n": n, "way": way, "workers": workers, "start_s": [], "destroy_s": [], "errors": []}
+                )
                 say(f"storm rep {rep + 1}/{settings.reps}: N={n} {way}")
                 try:
                     if workers is None:

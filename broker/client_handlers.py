@@ -14,7 +14,8 @@ from typing import Any
 from virtbroker import __version__
 from virtbroker.broker.core import BrokerCore, Waiter
 from virtbroker.broker.events import Events
-from virtbroker.common import domxml, protocol as p
+from virtbroker.common import domxml
+from virtbroker.common import protocol as p
 from virtbroker.common.config import MAX_DEADLINE_S
 from virtbroker.common.errors import (
     ConflictError,

@@ -329,7 +329,9 @@ class BrokerCore:
             done = waiter.final_prefix == len(ids)
             if done or now >= waiter.deadline:
                 result = {"jobs": [jobs[j].summary() for j in ids], "timed_out": not done}
-                self.reply(waiter.dest, waiter.identity, p.Ok(request_id=waiter.request_id, result=result), durable=True)
+                self.reply(
+                    waiter.dest, waiter.identity, p.Ok(request_id=waiter.request_id, result=result), durable=True
+                )
                 for job_id in ids:
                     left = self.waited_for.pop(job_id) - 1
                     if left:

@@ -1,4 +1,4 @@
-"""The broker's state in etcd, for failover: fenced batch writes, a leader campaign, and snapshot plus watch for a standby."""
+"""The broker's state in etcd, for failover: fenced batch writes, a leader campaign, a standby's snapshot and watch."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import msgpack
 import requests
 from etcd3gw import exceptions as gw
 from etcd3gw.client import Etcd3Client
+
 from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import Job
 from virtbroker.broker.store import Batch, _job_fields, domain_record
@@ -221,7 +222,9 @@ class _TxnPlan:
             op = {"request_delete_range": {"key": _b64(k)}}
             size = len(k) + OP_OVERHEAD_BYTES
         if size > MAX_TXN_BYTES:
-            raise LimitError(f"{key} is {size} bytes, more than one etcd request takes ({MAX_TXN_BYTES}): nothing was written")
+            raise LimitError(
+                f"{key} is {size} bytes, more than one etcd request takes ({MAX_TXN_BYTES}): nothing was written"
+            )
         if any(start <= k < stop for start, stop, _ in self.ranges):
             self._flush()  # a put after a range delete that covers it: the next txn
         if k in self.ops:
@@ -315,7 +318,9 @@ class _Endpoints:
                 failures_in_round += 1
                 if failures_in_round >= len(self.clients):
                     failures_in_round = 0
-                    time.sleep(min(pause_s, max(0.0, deadline - time.monotonic())))  # a retry pause, not a synchronisation
+                    time.sleep(
+                        min(pause_s, max(0.0, deadline - time.monotonic()))
+                    )  # a retry pause, not a synchronisation
                     pause_s = min(pause_s * 2, 0.5)
             except gw.Etcd3Exception as e:
                 text = e.detail_text or str(e)
@@ -471,7 +476,9 @@ class Leadership:
     writer's may keep it alive.
     """
 
-    def __init__(self, endpoints: list[str], key: bytes, token: int, lease_id: int, ttl_s: int, request_timeout_s: float):
+    def __init__(
+        self, endpoints: list[str], key: bytes, token: int, lease_id: int, ttl_s: int, request_timeout_s: float
+    ):
         self.http = _Endpoints(endpoints, request_timeout_s)
         self.key = key.decode()
         self.token = token
@@ -528,7 +535,9 @@ class EtcdBackend:
         self.leader_key = (prefix + LEADER).encode()
 
     # -- reading
-    def _range(self, start: bytes, end: bytes, revision: int | None = None) -> tuple[list[tuple[bytes, bytes, dict]], int]:
+    def _range(
+        self, start: bytes, end: bytes, revision: int | None = None
+    ) -> tuple[list[tuple[bytes, bytes, dict]], int]:
         """Every key in [start, end) at one revision (the first page's, unless given), a page at a time."""
         items: list[tuple[bytes, bytes, dict]] = []
         key = start

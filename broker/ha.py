@@ -72,7 +72,7 @@ class EtcdStore(Store):
     def oldest_event(self) -> int | None:
         return self.backend.oldest_event()
 
-    def open_writer(self) -> "_EtcdWriter":  # a StoreWriterConnection
+    def open_writer(self) -> _EtcdWriter:  # a StoreWriterConnection
         return _EtcdWriter(self.backend.endpoints, self.backend.prefix, self.backend.request_timeout_s, self.fence)
 
     def commit(self) -> None:

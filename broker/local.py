@@ -20,7 +20,8 @@ from collections.abc import Callable
 import msgpack
 import zmq
 
-from virtbroker.common import protocol as p, stream
+from virtbroker.common import protocol as p
+from virtbroker.common import stream
 from virtbroker.common.errors import ProtocolError
 
 log = logging.getLogger("virtbroker.broker")
@@ -46,7 +47,7 @@ Handler = Callable[["LocalConnection", "list[bytes] | ProtocolError"], int]
 class LocalConnection:
     """One accepted client. The broker's outbox sends to it with send_message()."""
 
-    def __init__(self, sock: socket.socket, endpoint: "LocalEndpoint"):
+    def __init__(self, sock: socket.socket, endpoint: LocalEndpoint):
         self.sock = sock
         self.fd = sock.fileno()  # the poller's name for it
         self.endpoint = endpoint

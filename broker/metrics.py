@@ -27,7 +27,9 @@ class BrokerMetrics:
         self.queue_depth = Gauge("virtbroker_queue_depth", "Jobs waiting in the broker", registry=r)
         self.running = Gauge("virtbroker_jobs_running", "Jobs holding a lease", registry=r)
         self.lease_expiries = Counter("virtbroker_lease_expiries", "Leases that expired (job lost)", registry=r)
-        self.refused_results = Counter("virtbroker_refused_results", "Results refused for a stale lease or epoch", registry=r)
+        self.refused_results = Counter(
+            "virtbroker_refused_results", "Results refused for a stale lease or epoch", registry=r
+        )
         self.refused_worker_messages = Counter(
             "virtbroker_refused_worker_messages",
             "Worker messages refused: a peer naming another worker, a wrong role, a lease it does not hold",
@@ -98,11 +100,15 @@ class _LoopCollector:
 
     def collect(self):
         m = self.metrics
-        jobs = CounterMetricFamily("virtbroker_jobs", "Job transitions into each state, by operation", labels=["op", "state"])
+        jobs = CounterMetricFamily(
+            "virtbroker_jobs", "Job transitions into each state, by operation", labels=["op", "state"]
+        )
         for (op, state), count in list(m.job_counts.items()):
             jobs.add_metric([op, state], count)
         yield jobs
-        requests = CounterMetricFamily("virtbroker_requests", "Client requests, by kind and outcome", labels=["kind", "outcome"])
+        requests = CounterMetricFamily(
+            "virtbroker_requests", "Client requests, by kind and outcome", labels=["kind", "outcome"]
+        )
         for (kind, outcome), count in list(m.request_counts.items()):
             requests.add_metric([kind, outcome], count)
         yield requests

@@ -26,8 +26,8 @@ from virtbroker.broker.client_handlers import ClientHandlers
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
 from virtbroker.broker.etcd_store import EtcdBackend
 from virtbroker.broker.ha import Campaign, EtcdStore, Follower
-from virtbroker.broker.metrics import BrokerMetrics
 from virtbroker.broker.local import LocalConnection, LocalEndpoint
+from virtbroker.broker.metrics import BrokerMetrics
 from virtbroker.broker.outbox import TO_WORKERS, Entry
 from virtbroker.broker.placement import dispatch
 from virtbroker.broker.store import Store, StoreWriter

@@ -223,7 +223,9 @@ class Store:
 
     def events_since(self, since: int, limit: int) -> list[tuple[int, bytes]]:
         """Kept events with seq > since, oldest first (what is committed; later ones follow live)."""
-        return self.db.execute("SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)).fetchall()
+        return self.db.execute(
+            "SELECT seq, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (since, limit)
+        ).fetchall()
 
     def oldest_event(self) -> int | None:
         row = self.db.execute("SELECT MIN(seq) FROM events").fetchone()
@@ -304,7 +306,7 @@ class Store:
         self.dirty_meta.clear()
         return batch
 
-    def open_writer(self) -> "StoreWriterConnection":
+    def open_writer(self) -> StoreWriterConnection:
         """The writer's own connection (made in the writer's thread)."""
         return SqliteWriter(self.path)
 

@@ -13,7 +13,8 @@ from typing import Any
 
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
 from virtbroker.broker.scheduler import WorkerInfo
-from virtbroker.common import domxml, protocol as p
+from virtbroker.common import domxml
+from virtbroker.common import protocol as p
 from virtbroker.common.errors import InvalidError, ProtocolError
 
 log = logging.getLogger("virtbroker.broker")

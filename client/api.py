@@ -14,7 +14,6 @@ import zmq
 from virtbroker.common import protocol as p
 from virtbroker.common.config import default_client_url, url_list
 from virtbroker.common.curve import use_as_client
-from virtbroker.common.stream import StreamSocket, is_stream_url
 from virtbroker.common.errors import (
     NotLeaderError,
     TimeoutError_,
@@ -22,7 +21,7 @@ from virtbroker.common.errors import (
     VirtbrokerError,
     error_from_code,
 )
-
+from virtbroker.common.stream import StreamSocket, is_stream_url
 
 Records = list[dict]  # (named here: inside Client, `list` is the method)
 EVENTS_PAGE = 1000  # events replayed per request
@@ -81,7 +80,9 @@ class Client:
     def _move(self, leader: str | None) -> None:
         """To the leader a standby named, else to the next URL of the list."""
         if leader is None:
-            leader = self.urls[(self.urls.index(self.url) + 1) % len(self.urls)] if self.url in self.urls else self.urls[0]
+            leader = (
+                self.urls[(self.urls.index(self.url) + 1) % len(self.urls)] if self.url in self.urls else self.urls[0]
+            )
         self.sock.close(linger=0)
         self.url = leader
         self.sock = self._open(leader)
@@ -101,7 +102,7 @@ class Client:
         if self._own_context:
             self.context.destroy(linger=0)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -88,7 +88,10 @@ def cmd_lifecycle(c: Client, args) -> int:
         if job["state"] == "succeeded":
             print(f"Domain '{job['domain']}' {VERB_DONE[job['op']]}")
         else:
-            print(f"error: Failed to {job['op']} domain '{job['domain']}': {job['error'] or job['state']}", file=sys.stderr)
+            print(
+                f"error: Failed to {job['op']} domain '{job['domain']}': {job['error'] or job['state']}",
+                file=sys.stderr,
+            )
             status = EXIT_FAILED
     return status
 
@@ -123,7 +126,10 @@ def cmd_list(c: Client, args) -> int:
         for d in domains:
             print(d["name"])
         return EXIT_OK
-    _table(["Name", "State", "Host"], [[d["name"], STATE_LABELS.get(d["state"], d["state"]), d["host"] or "-"] for d in domains])
+    _table(
+        ["Name", "State", "Host"],
+        [[d["name"], STATE_LABELS.get(d["state"], d["state"]), d["host"] or "-"] for d in domains],
+    )
     return EXIT_OK
 
 
@@ -282,7 +288,9 @@ def cmd_top(c: Client, args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vbctl", description="virsh-like control of a virtbroker broker")
-    parser.add_argument("--connect", "-c", default=None, help=f"broker client URL (default $VIRTBROKER_URL or {default_client_url()})")
+    parser.add_argument(
+        "--connect", "-c", default=None, help=f"broker client URL (default $VIRTBROKER_URL or {default_client_url()})"
+    )
     parser.add_argument("--server-key", help="the broker's public CURVE key file (default $VIRTBROKER_SERVER_KEY)")
     parser.add_argument("--client-key", help="this client's secret CURVE key file (default $VIRTBROKER_CLIENT_KEY)")
     parser.add_argument("--timeout-connect", type=float, default=30.0, help=argparse.SUPPRESS)
@@ -299,8 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--no-wait", action="store_true", help="print the job id(s) and return")
         p.add_argument("--wait-timeout", type=float, default=600.0, help="seconds to wait for the job(s)")
         p.add_argument("--idempotency-key", help="resubmitting with the same key returns the same job")
-        p.add_argument("--deadline", type=float, metavar="S",
-                       help="seconds the job may run before it ends lost (default: the broker's deadline_s for the verb)")
+        p.add_argument(
+            "--deadline",
+            type=float,
+            metavar="S",
+            help="seconds the job may run before it ends lost (default: the broker's deadline_s for the verb)",
+        )
         if verb == "shutdown":
             p.add_argument("--timeout", type=float, help="seconds of ACPI shutdown before destroy")
         p.set_defaults(func=cmd_lifecycle)

@@ -6,8 +6,8 @@ import configparser
 import math
 import os
 import typing
-from dataclasses import MISSING, Field, dataclass, field, fields
 from collections.abc import Callable
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from virtbroker.common.errors import ConfigError
@@ -184,7 +184,9 @@ class Config:
     security: list[str] = option(default_factory=list, check=each_one_of(*SECURITY_DRIVERS), metavar="DRIVER[,DRIVER]",
                                  help="security drivers, comma-separated: dac,apparmor")
     guest_user: str = option("", metavar="USER[:GROUP]", help="USER[:GROUP] QEMU runs as when dac is on")
-    storage_roots: list[str] = option(default_factory=list, metavar="DIR", help="a directory guests' files may live in (repeatable)")
+    storage_roots: list[str] = option(
+        default_factory=list, metavar="DIR", help="a directory guests' files may live in (repeatable)"
+    )
     serialization: str = option("per-resource", check=one_of("per-resource", "global"),
                                 help="security driver locking: per-resource or global")
     security_slots: int = option(8, check=at_least(1), help="label requests one security worker serves at once")
@@ -219,7 +221,9 @@ class Config:
     log_level: str = option("INFO", check=one_of(*LOG_LEVELS, upper=True), help="DEBUG, INFO, WARNING, ERROR")
     # tcp:// endpoints carry every domain's definition and every job: without CURVE they are
     # refused unless the operator says so here.
-    allow_insecure_tcp: bool = option(False, help="accept tcp:// endpoints without CURVE (anyone who reaches them is a peer)")
+    allow_insecure_tcp: bool = option(
+        False, help="accept tcp:// endpoints without CURVE (anyone who reaches them is a peer)"
+    )
     # Limits on what one broker holds; a request past one is refused with code "limit".
     max_domains: int = option(200000, check=at_least(1), help="broker: domains it holds at most")
     max_queued_jobs: int = option(100000, check=at_least(1), help="broker: queued jobs at most, in all")
@@ -242,7 +246,7 @@ class Config:
     def __post_init__(self):
         self.finish()
 
-    def finish(self) -> "Config":
+    def finish(self) -> Config:
         """Fill derived defaults and check values; call again after changing fields."""
         self.state_dir = os.path.abspath(os.path.expanduser(self.state_dir))
         if not self.client_url:
@@ -268,7 +272,8 @@ class Config:
             self.heartbeat_interval_s = self.lease_ttl_s / 4
         if self.heartbeat_interval_s >= self.lease_ttl_s:
             raise ConfigError(
-                f"heartbeat_interval_s ({self.heartbeat_interval_s:g}) must be shorter than lease_ttl_s ({self.lease_ttl_s:g})"
+                f"heartbeat_interval_s ({self.heartbeat_interval_s:g}) must be shorter than "
+                f"lease_ttl_s ({self.lease_ttl_s:g})"
             )
         if self.security and self.uri.startswith("test:///"):
             raise ConfigError(
@@ -283,7 +288,7 @@ class Config:
         return self
 
     @classmethod
-    def load(cls, path: str | None = None, **overrides) -> "Config":
+    def load(cls, path: str | None = None, **overrides) -> Config:
         """Defaults, then the [virtbroker] section of PATH, then non-None overrides.
 
         Values may be strings (or, for lists and deadlines, lists of strings, one per
@@ -412,7 +417,8 @@ def _of_type(key: str, kind: Any, value: Any) -> Any:
         raise ConfigError(f"{key}: {value!r} is not a list of strings")
     if kind == dict[str, float]:
         if isinstance(value, dict) and all(
-                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()):
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) for k, v in value.items()
+        ):
             return {k: float(v) for k, v in value.items()}
         raise ConfigError(f"{key}: {value!r} is not a map of names to seconds")
     if not isinstance(value, kind):

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from virtbroker.client.api import Client
 from tests.waiting import wait_until
+from virtbroker.client.api import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ class Proc:
         self.log_path = log_dir / f"{name}.log"
         self.popen: subprocess.Popen | None = None
 
-    def start(self) -> "Proc":
+    def start(self) -> Proc:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
@@ -125,7 +125,7 @@ class Cluster:
                     return
                 except Exception:
                     if self.broker and not self.broker.alive():
-                        raise RuntimeError("broker exited:\n" + self.broker.log()[-3000:])
+                        raise RuntimeError("broker exited:\n" + self.broker.log()[-3000:]) from None
             raise RuntimeError("broker did not answer a ping:\n" + (self.broker.log()[-3000:] if self.broker else ""))
 
     def wait_workers(self, count: int, role: str = "lifecycle", timeout_s: float = 30.0) -> list[dict]:

@@ -21,12 +21,13 @@ import libvirt
 import msgpack
 import zmq
 
-from virtbroker.common import domxml, protocol as p
+from virtbroker.common import domxml
+from virtbroker.common import protocol as p
 from virtbroker.common.config import Config
+from virtbroker.common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 from virtbroker.common.guestuser import guest_ids
 from virtbroker.common.process import BrokerLink, run_until_signalled
 from virtbroker.common.wire import drain, send_frames
-from virtbroker.common.errors import DriverError, OperationInvalidError, SecurityError, VirtbrokerError
 
 log = logging.getLogger("virtbroker.worker")
 

@@ -1,9 +1,9 @@
 """Fixtures for the etcd backend's tests: a real three-member etcd cluster, always closed."""
 
 import pytest
-from virtbroker.broker.etcd_store import EtcdBackend
 
 from tests.etcd_cluster import EtcdCluster
+from virtbroker.broker.etcd_store import EtcdBackend
 
 
 @pytest.fixture

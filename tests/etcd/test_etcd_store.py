@@ -7,6 +7,8 @@ import threading
 import time
 
 import pytest
+
+from tests.waiting import wait_until
 from virtbroker.broker.etcd_store import (
     MAX_TXN_OPS,
     FencedError,
@@ -18,8 +20,6 @@ from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import Job
 from virtbroker.broker.store import Batch, Store, write_batches
 from virtbroker.common.errors import UnavailableError
-
-from tests.waiting import wait_until
 
 XML = "<domain type='kvm'><name>{name}</name><memory>131072</memory></domain>"
 

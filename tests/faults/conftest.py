@@ -21,11 +21,11 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.guests import DOMAIN_TYPE, quiet_libvirt_errors
 from virtbroker.broker.core import RESYNC_QUIET_S
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common.protocol import FINAL_JOB_STATES
-from tests.guests import DOMAIN_TYPE, quiet_libvirt_errors
 
 # Guests of this folder only: other suites (and benchmarks) share the host's libvirtd.
 FAULT_PREFIX = "vbt-flt-"

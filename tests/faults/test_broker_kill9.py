@@ -11,11 +11,11 @@ import threading
 import time
 import uuid as uuidlib
 
+from tests.faults.conftest import settle
+from tests.waiting import wait_until
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common.errors import UnavailableError
-from tests.faults.conftest import settle
-from tests.waiting import wait_until
 
 DEFINES = 1000
 STARTS = 100

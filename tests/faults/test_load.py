@@ -22,9 +22,6 @@ import time
 
 import pytest
 
-from virtbroker.client.api import Client
-from virtbroker.client.templates import minimal_domain_xml
-from virtbroker.common.protocol import FINAL_JOB_STATES
 from tests.faults.conftest import (
     FAULT_PREFIX,
     active_guests,
@@ -33,6 +30,9 @@ from tests.faults.conftest import (
     settle,
 )
 from tests.kvm.conftest import URI
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common.protocol import FINAL_JOB_STATES
 
 CLIENTS = 8
 JOBS = 1000

@@ -25,8 +25,8 @@ from tests.faults.conftest import (
     fault_guest_xml,
 )
 from tests.kvm.conftest import URI
-from tests.waiting import wait_until
 from tests.kvm.test_security_kvm import GUEST_USER, ORIGINAL, make_image, owner
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]
 

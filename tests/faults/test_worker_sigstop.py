@@ -14,9 +14,9 @@ import re
 import signal
 import time
 
-from virtbroker.client.templates import minimal_domain_xml
 from tests.faults.conftest import RESYNC_ARGS, converge, settle
 from tests.waiting import wait_until
+from virtbroker.client.templates import minimal_domain_xml
 
 DOMAINS = 8
 ROUNDS = 3

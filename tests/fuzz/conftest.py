@@ -16,9 +16,9 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, settings
 
+from tests.procs import Cluster
 from virtbroker.client.api import Client
 from virtbroker.common import protocol as p
-from tests.procs import Cluster
 
 FUZZ = settings(
     max_examples=200,

@@ -15,8 +15,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtbroker.client.templates import minimal_domain_xml
-from virtbroker.common import protocol as p, stream
 from tests.fuzz.conftest import FUZZ, PROBE_DEADLINE_S, REPLY_DEADLINE_S
 from tests.fuzz.strategies import (
     NAME_POOL,
@@ -28,6 +26,9 @@ from tests.fuzz.strategies import (
     texts,
     values,
 )
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
+from virtbroker.common import stream
 
 CLIENT_KINDS = sorted(kind for (version, kind) in p.kinds() if version == p.CLIENT_VERSION)
 REQUEST_CLASSES = [cls for (version, kind), cls in sorted(p.kinds().items())

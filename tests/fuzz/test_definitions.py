@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fuzz.conftest import FUZZ
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import protocol as p
 from virtbroker.common.domxml import MAX_NAME_CHARS, MAX_XML_BYTES
 from virtbroker.common.errors import ConflictError, InvalidError
-from tests.fuzz.conftest import FUZZ
 
 BILLION_LAUGHS = (
     '<?xml version="1.0"?><!DOCTYPE domain ['

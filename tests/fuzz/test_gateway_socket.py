@@ -12,15 +12,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.fuzz.conftest import FUZZ
+from tests.gateway.helpers import start_gateway
+from tests.gateway.rawclient import RawClient
+from tests.procs import Cluster
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.gateway import rpc
 from virtbroker.gateway.handlers import DISPATCH
 from virtbroker.gateway.rpc import Header
 from virtbroker.gateway.xdr import Packer
-from tests.fuzz.conftest import FUZZ
-from tests.gateway.helpers import start_gateway
-from tests.gateway.rawclient import RawClient
-from tests.procs import Cluster
 
 PROCS = sorted(DISPATCH)
 # Procedures whose empty body is a valid call that would end the connection or its open state.
@@ -63,7 +63,7 @@ def _frames_until_closed(c: RawClient, replies_wanted: int) -> list[tuple[Header
     while len(got) < replies_wanted:
         try:
             frame = c.recv()
-        except (socket.timeout, ConnectionResetError):
+        except (TimeoutError, ConnectionResetError):
             break
         if frame is None:
             break

@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virtbroker.client.templates import minimal_domain_xml
-from virtbroker.common import protocol as p
 from tests.fuzz.conftest import FUZZ
 from tests.fuzz.strategies import body_for, frames_for, ints, packed, texts, values
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
 
 WORKER_KINDS = sorted(kind for (version, kind) in p.kinds() if version == p.WORKER_VERSION)
 WORKER_IDS = ["fw-1", "fw-2", "", "broker", "w" * 300]

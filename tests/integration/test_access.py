@@ -12,11 +12,11 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from tests.procs import ROOT
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import protocol as p
 from virtbroker.common.errors import PermissionError_, UnavailableError
-from tests.procs import ROOT
 
 
 def free_port() -> int:

@@ -14,12 +14,12 @@ import msgpack
 import pytest
 import zmq
 
+from tests.procs import ROOT, Proc
+from tests.waiting import wait_until
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import protocol as p
 from virtbroker.common.errors import ConflictError, InvalidError, NotFoundError, OperationInvalidError
-from tests.procs import ROOT, Proc
-from tests.waiting import wait_until
 
 
 def test_embedded_up_runs_50_guests(tmp_path):

@@ -9,10 +9,10 @@ import uuid as uuidlib
 
 import pytest
 
-from virtbroker.client.templates import minimal_domain_xml
-from virtbroker.common.errors import InvalidError, LimitError
 from tests.integration.test_access import free_port
 from tests.procs import ROOT
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common.errors import InvalidError, LimitError
 
 
 def run_launcher(*args: str, timeout_s: float = 30) -> subprocess.CompletedProcess:

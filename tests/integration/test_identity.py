@@ -15,12 +15,12 @@ import uuid as uuidlib
 import pytest
 import zmq
 
-from virtbroker.client.templates import minimal_domain_xml
-from virtbroker.common import protocol as p
 from tests.fakeworker import FakeWorker
 from tests.integration.test_access import free_port
 from tests.procs import ROOT
 from tests.waiting import wait_until
+from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
 
 HOST_A, HOST_B = "host-a", "host-b"
 

@@ -9,7 +9,8 @@ import pytest
 
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
-from virtbroker.common import protocol as p, stream
+from virtbroker.common import protocol as p
+from virtbroker.common import stream
 from virtbroker.common.errors import NotFoundError, UnavailableError
 
 REPLY_TIMEOUT_S = 5.0

@@ -3,9 +3,10 @@
 import socket
 import urllib.request
 
-from virtbroker.client.templates import minimal_domain_xml
 from prometheus_client.parser import text_string_to_metric_families
+
 from tests.waiting import wait_until
+from virtbroker.client.templates import minimal_domain_xml
 
 
 def free_port() -> int:

@@ -10,10 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from virtbroker.client.api import Client
-from virtbroker.client.templates import minimal_domain_xml
 from tests.procs import ROOT
 from tests.waiting import wait_until
+from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
 
 
 def test_supervisord_runs_broker_and_workers_and_stops_them(tmp_path):

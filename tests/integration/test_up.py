@@ -10,10 +10,10 @@ import subprocess
 import sys
 import time
 
+from tests.procs import ROOT, Proc
 from virtbroker.client.api import Client
 from virtbroker.common.statelock import StateLock
 from virtbroker.launcher.cli import EXIT_ERROR, Restarts
-from tests.procs import ROOT, Proc
 
 STARTSECS_S = 1.0  # the default, as supervisord's
 STARTRETRIES = 3

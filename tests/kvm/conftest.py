@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import libvirt
 
-from virtbroker.client.templates import minimal_domain_xml
 from tests.guests import DOMAIN_TYPE, PREFIX, URI
+from virtbroker.client.templates import minimal_domain_xml
 
 __all__ = ["DOMAIN_TYPE", "PREFIX", "URI", "guest_xml", "running_on_host"]
 

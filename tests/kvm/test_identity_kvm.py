@@ -14,10 +14,10 @@ import libvirt
 import pytest
 import zmq
 
-from virtbroker.common import protocol as p
 from tests.fakeworker import FakeWorker
 from tests.kvm.conftest import PREFIX, URI, guest_xml
 from tests.procs import ROOT
+from virtbroker.common import protocol as p
 from virtbroker.workers.lifecycle import host_id_for
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from virtbroker.client.api import Client
 from tests.kvm.conftest import PREFIX, URI, guest_xml, running_on_host
 from tests.waiting import wait_until
+from virtbroker.client.api import Client
 
 pytestmark = pytest.mark.kvm
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtbroker.common import domxml
 from tests.kvm.conftest import PREFIX, URI, guest_xml
 from tests.waiting import wait_until
+from virtbroker.common import domxml
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
 from virtbroker.common.errors import ConfigError, SecurityError
 from virtbroker.common.resources import Resource
 from virtbroker.workers.security.apparmor import AppArmorDriver
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.security
 

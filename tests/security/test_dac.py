@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.security.conftest import ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
+from tests.waiting import wait_until
 from virtbroker.common.errors import SecurityError
 from virtbroker.common.resources import Resource
 from virtbroker.workers.security.dac import XATTR_NAME
 from virtbroker.workers.security.locks import PathLocks
-from tests.security.conftest import ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.security
 

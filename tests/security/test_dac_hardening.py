@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.security.conftest import GUEST_USER, ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
 from virtbroker.common.errors import ConfigError, SecurityError
 from virtbroker.common.resources import Resource
-from virtbroker.workers.security.dac import XATTR_NAME, DacDriver
 from virtbroker.common.statelock import StateLock
-from tests.security.conftest import GUEST_USER, ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
+from virtbroker.workers.security.dac import XATTR_NAME, DacDriver
 
 pytestmark = pytest.mark.security
 

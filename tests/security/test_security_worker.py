@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import zmq
 
+from tests.procs import ROOT
+from tests.security.conftest import GUEST_USER, ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import protocol as p
 from virtbroker.common.config import Config
 from virtbroker.common.errors import ConfigError
-from tests.procs import ROOT
-from tests.security.conftest import GUEST_USER, ORIGINAL_GID, ORIGINAL_UID, owner_and_mode
 from virtbroker.workers.security.service import SecurityWorker
 
 pytestmark = pytest.mark.security

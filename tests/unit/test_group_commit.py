@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from virtbroker.workers.security.store import PHASE_PENDING, SecurityStore
 from tests.waiting import wait_until
+from virtbroker.workers.security.store import PHASE_PENDING, SecurityStore
 
 
 def _queued(store: SecurityStore, count: int, timeout_s: float = 10.0) -> None:

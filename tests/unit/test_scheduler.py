@@ -1,7 +1,8 @@
 """Per-domain queues and leases, driven by an explicit clock (no sleeping)."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from virtbroker.broker.scheduler import Scheduler, WorkerInfo
 from virtbroker.common.errors import OperationInvalidError

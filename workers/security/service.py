@@ -23,15 +23,15 @@ from lxml import etree
 
 from virtbroker.common import protocol as p
 from virtbroker.common.config import Config
-from virtbroker.common.process import BrokerLink, run_until_signalled
 from virtbroker.common.errors import ConfigError, SecurityError, VirtbrokerError
 from virtbroker.common.guestuser import guest_ids
+from virtbroker.common.process import BrokerLink, run_until_signalled
 from virtbroker.common.resources import Resource, emulator_path, find_resources
+from virtbroker.common.statelock import StateLock
 from virtbroker.common.wire import drain
 from virtbroker.workers.lifecycle import host_id_for
 from virtbroker.workers.security.apparmor import AppArmorDriver
 from virtbroker.workers.security.dac import DacDriver
-from virtbroker.common.statelock import StateLock
 
 log = logging.getLogger("virtbroker.security")
 
