@@ -12,7 +12,7 @@ from pathlib import Path
 from bench import report
 from bench.common import ROOT, Settings, cleanup_guests, open_libvirt, say
 
-SECTIONS = ("storm", "latency", "security", "scale", "gateway")
+SECTIONS = ("storm", "latency", "security", "scale", "gateway", "ha")
 DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
 
 
@@ -39,6 +39,10 @@ def run_section(name: str, settings: Settings, conn) -> dict:
         from bench import gateway
 
         result = gateway.run(settings, conn)
+    elif name == "ha":
+        from bench import ha
+
+        result = ha.run(settings)
     else:
         from bench import scale
 
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {"sections": {}}
     if args.only and args.out.exists():
         results = json.loads(args.out.read_text())  # keep the sections not run this time
-    results["meta"] = {
+    this_run = {
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "short": settings.short,
         "reps": settings.reps,
@@ -78,6 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         "sections_run": sections,
         "machine": report.machine(),
     }
+    if args.only and "meta" in results:
+        # Merged into an earlier run: its meta (when, how long, short or full) still describes
+        # the other sections; this run is listed beside it (each section has its own duration).
+        results["meta"].setdefault("merged", []).append(this_run)
+    else:
+        results["meta"] = this_run
     started = time.monotonic()
     conn = open_libvirt()
     left = cleanup_guests(conn)
@@ -99,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cleanup_guests(conn)
         conn.close()
-    results["meta"]["duration_s"] = time.monotonic() - started
+    this_run["duration_s"] = time.monotonic() - started
     results["targets"] = report.evaluate(results) + results["sections"].get("gateway", {}).get("targets", [])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     doc = report.write(results)
-    say(f"wrote {args.out} and {doc} in {results['meta']['duration_s']:.0f} s")
+    say(f"wrote {args.out} and {doc} in {this_run['duration_s']:.0f} s")
     for target in results["targets"]:
         say(f"  {report._verdict(target['met']):>14}  {target['target']}: {target['measured']} (limit {target['limit']})")
     return 0

@@ -208,7 +208,60 @@ def evaluate(results: dict) -> list[dict]:
                                noop["jobs_per_s"] >= 10000))
     else:
         out.append(_target("Broker scale and no-op jobs", None, "", None, "not measured"))
+    out += ha_targets(results)
     return out
+
+
+def ha_targets(results: dict) -> list[dict]:
+    """Failover on etcd (bench/ha.py): takeover time and lost writes, the etcd store's rates."""
+    ha = _section(results, "ha")
+    if not ha:
+        status = results.get("sections", {}).get("ha", {}).get("status", "not run")
+        return [_target("Failover on etcd", None, "", None, status)]
+    t = ha["takeover"]
+    reps = len(t["reps"])
+    client = (f"through a Client given both URLs: median {t['client_median_s']:.2f} s, max {t['client_max_s']:.2f} s"
+              if t.get("client_median_s") is not None else "")
+    note = f"{reps} kills, leader lease {t['leader_ttl_s']:g} s; {client}"
+    if t["failed"]:
+        note += f"; {t['failed']} takeover(s) not seen within 30 s"
+    out = [
+        _target("Takeover: kill -9 of the leader to the first define acknowledged by the new one, median",
+                _f(t["median_s"], "{:.2f} s"), "<= 2 s", t["median_s"] <= 2.0 if t["median_s"] is not None else None,
+                note),
+        _target("Takeover: the same, max", _f(t["max_s"], "{:.2f} s"), "<= 4 s",
+                (t["max_s"] <= 4.0 and not t["failed"]) if t["max_s"] is not None else None),
+        _target("Takeover: acknowledged defines lost", f"{t['lost']} of {t['acked']}", "0", t["lost"] == 0),
+    ]
+    etcd, sqlite, raw = ha["stores"]["etcd"], ha["stores"]["sqlite"], ha["raw_etcd"]
+    out.append(_target("etcd store: durable defines pipelined (Client.call_many)", f"{etcd['define_per_s']:,.0f} /s",
+                       ">= 2,000 /s", etcd["define_per_s"] >= 2000,
+                       f"SQLite in the same run: {sqlite['define_per_s']:,.0f} /s; raw etcd 100-put transaction "
+                       f"p50 {raw['txn100_p50_ms']:.2f} ms ({raw['txn100_puts_per_s']:,.0f} puts/s one at a time)"))
+    out.append(_target(f"etcd store: no-op jobs with {TARGET_WORKERS} workers", f"{etcd['noop_jobs_per_s']:,.0f} /s",
+                       ">= 5,000 /s", etcd["noop_jobs_per_s"] >= 5000,
+                       f"SQLite in the same run: {sqlite['noop_jobs_per_s']:,.0f} /s"))
+    return out
+
+
+def ha_markdown(section: dict) -> str:
+    t, raw = section["takeover"], section["raw_etcd"]
+    takeover = _table(
+        ["kill", "to the first define the new leader acknowledges (s)", "through a Client with both URLs (s)",
+         "acknowledged before the kill", "lost"],
+        [[i + 1, _f(r["takeover_s"]), _f(r["client_s"]), r["acked"], r["lost"]] for i, r in enumerate(t["reps"])],
+    )
+    stores = _table(
+        ["store", "durable defines /s (call_many)", "lookup p50 / p99 (ms)", f"no-op jobs /s ({TARGET_WORKERS} workers)"],
+        [[name, f"{row['define_per_s']:,.0f}", f"{row['lookup_p50_ms']:.3f} / {row['lookup_p99_ms']:.3f}",
+          f"{row['noop_jobs_per_s']:,.0f}"] for name, row in section["stores"].items()],
+    )
+    floor = _table(
+        ["raw etcd, through the broker's etcd client", "p50 (ms)", "p99 (ms)"],
+        [["one put", _f(raw["put_p50_ms"]), _f(raw["put_p99_ms"])],
+         ["one transaction of 100 puts", _f(raw["txn100_p50_ms"]), _f(raw["txn100_p99_ms"])]],
+    )
+    return takeover + "\n\n" + stores + "\n\n" + floor
 
 
 # ---------------------------------------------------------------------------- Markdown
@@ -484,9 +537,11 @@ def render(results: dict) -> str:
         "latency": "3. Control-plane latency during the start storm",
         "security": "4. Security labelling",
         "scale": "5. Broker scale and no-op jobs",
+        "ha": "6. Failover on etcd",
     }
-    renderers = {"storm": storm_markdown, "latency": latency_markdown, "security": security_markdown, "scale": scale_markdown}
-    images = {"storm": "storm.png", "latency": "latency.png", "security": "security.png", "scale": "scale.png"}
+    renderers = {"storm": storm_markdown, "latency": latency_markdown, "security": security_markdown, "scale": scale_markdown,
+                 "ha": ha_markdown}
+    images = {"storm": "storm.png", "latency": "latency.png", "security": "security.png", "scale": "scale.png", "ha": "ha.png"}
     for name, title in titles.items():
         parts.append(f"\n## {title}\n")
         section = sections.get(name)

@@ -1,4 +1,4 @@
-"""The demos: `virtbroker up` on the embedded test hypervisor, 20 guests defined, started, listed, destroyed; `--ha`: a takeover timed."""
+"""The demos: `virtbroker up` on the test hypervisor, 20 guests defined, started, destroyed; --ha: a takeover timed."""
 
 from __future__ import annotations
 

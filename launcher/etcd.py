@@ -56,7 +56,7 @@ def get_json(url: str, timeout_s: float = 1.0, body: bytes | None = None) -> dic
 
 def check_installed() -> None:
     if not os.path.exists(ETCD):
-        raise ConfigError(f"etcd is not installed ({ETCD}; Debian package etcd-server, scripts/setup-host.sh installs it)")
+        raise ConfigError(f"etcd is not installed ({ETCD}; Debian's etcd-server, scripts/setup-host.sh installs it)")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class LocalCluster:
     token: str  # --initial-cluster-token: a cluster of its own, never joins another
 
     @classmethod
-    def new(cls, base_dir: str, members: int = 3, base_port: int = 0, token: str = "") -> "LocalCluster":
+    def new(cls, base_dir: str, members: int = 3, base_port: int = 0, token: str = "") -> LocalCluster:
         """base_port 0: free ports; else clients on base_port.. and peers right after them."""
         if base_port:
             ports = list(range(base_port, base_port + 2 * members))
@@ -91,7 +91,7 @@ class LocalCluster:
         )
 
     @classmethod
-    def load_or_create(cls, base_dir: str, members: int = 3, base_port: int = 0) -> "LocalCluster":
+    def load_or_create(cls, base_dir: str, members: int = 3, base_port: int = 0) -> LocalCluster:
         """The layout kept in base_dir/cluster.json, or a new one written there. A kept
         layout is used as it is (its members' data dirs know their peers by these ports);
         a base_port that disagrees with it is a configuration error."""
@@ -135,7 +135,8 @@ class LocalCluster:
 
     @property
     def initial_cluster(self) -> str:
-        return ",".join(f"{name}=http://127.0.0.1:{port}" for name, port in zip(self.names, self.peer_ports, strict=True))
+        pairs = zip(self.names, self.peer_ports, strict=True)
+        return ",".join(f"{name}=http://127.0.0.1:{port}" for name, port in pairs)
 
     def data_dir(self, i: int) -> str:
         return os.path.join(self.base_dir, self.names[i])
@@ -245,7 +246,8 @@ def wait_healthy(layout: LocalCluster, members: list[MemberProcess], timeout_s: 
                 waiting.discard(i)
         if waiting and time.monotonic() > deadline:
             names = ", ".join(layout.names[i] for i in sorted(waiting))
-            raise VirtbrokerError(f"etcd member(s) {names} not healthy within {timeout_s:g} s (logs in {layout.base_dir})")
+            raise VirtbrokerError(f"etcd member(s) {names} not healthy within {timeout_s:g} s "
+                                  f"(logs in {layout.base_dir})")
         if waiting:
             time.sleep(0.1)  # a poll interval: the members have no readiness notification
 
