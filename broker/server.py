@@ -200,6 +200,10 @@ class Broker:
                 self._take_over(int(news[1]), json.loads(news[2]))
             elif news[0] == b"follower":
                 self.leader_info = json.loads(news[1]) if news[1] else None
+                if self.leader_info is not None and self.leader_info.get("worker_url") == self.config.worker_url:
+                    # The lease of this broker's previous run (killed, restarted at the same
+                    # URLs) has not run out yet: it leads nowhere; wait for a real leader.
+                    self.leader_info = None
                 if self.core is not None:
                     self._step_down("another broker leads now")
             elif news[0] == b"lost":
