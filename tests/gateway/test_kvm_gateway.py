@@ -202,8 +202,13 @@ def test_outside_stop_is_an_event(kvm_gateway, host_conn):
         assert conn.lookupByName(name).state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
         conn.lookupByName(name).undefine()
     finally:
+        # A domain object holds its connection: freed after the event loop stopped, its last
+        # reference would close the connection without the loop, and wait for ever.
+        dom = None
+        # Close while the event loop still runs (libvirt's client needs it for the close),
+        # then stop the loop: a one-shot timer wakes it to see the stop.
         conn.domainEventDeregisterAny(callback_id)
-        stop.set()
-        libvirt.virEventAddTimeout(0, lambda *a: None, None)
-        thread.join(timeout=10)
         conn.close()
+        stop.set()
+        libvirt.virEventAddTimeout(0, lambda timer_id, _o: libvirt.virEventRemoveTimeout(timer_id), None)
+        thread.join(timeout=10)

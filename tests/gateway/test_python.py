@@ -124,12 +124,13 @@ def test_events_through_python(conn):
             time.sleep(0.02)
         assert seen == expected
     finally:
+        # Close while the event loop still runs (libvirt's client needs it for the close),
+        # then stop the loop: a one-shot timer wakes it to see the stop.
         ec.domainEventDeregisterAny(callback_id)
-        loop_stop.set()
-        # One more timer tick wakes the loop thread so it can see the stop.
-        libvirt.virEventAddTimeout(0, lambda *a: None, None)
-        thread.join(timeout=10)
         ec.close()
+        loop_stop.set()
+        libvirt.virEventAddTimeout(0, lambda timer_id, _o: libvirt.virEventRemoveTimeout(timer_id), None)
+        thread.join(timeout=10)
 
 
 def test_slow_call_holds_nothing_else(cluster_factory):
