@@ -398,7 +398,8 @@ def run_gateway(config: Config) -> int:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # `up`'s children leave Ctrl-C to `up`
+        signal.signal(signal.SIGINT, on_signal)
     try:
         gateway.start()
         while not stop.wait(1.0):
