@@ -289,6 +289,13 @@ def cmd_up(args) -> int:
                          f"{config.startsecs_s:g} s; last it {how}); giving up")
                 up_log.error("%s", fatal)
                 break
+            if etcd_layout is not None and name in by_name and by_name[name][0] is run_broker:
+                # A broker started again while its dead self's leader lease still stands reads
+                # that lease as another leader at its own URLs, and sends workers back to the
+                # URL they just left (where the broker's ROUTER may drop them): wait until the
+                # lease has lapsed (etcd notices up to 0.5 s late) and the standby has taken over.
+                restart_at = max(restart_at, now + 2 * config.leader_ttl_s + 1.0)
+                restarts.restart_at[name] = restart_at
             when = "now" if restart_at <= now else f"in {restart_at - now:.0f} s"
             up_log.warning("%s (pid %d) %s after %.1f s; starting it again %s", name, proc.pid, how, ran_s, when)
         if fatal:
