@@ -46,14 +46,22 @@ def test_supervisord_runs_broker_and_workers_and_stops_them(tmp_path):
             c.define(minimal_domain_xml("supervised"))
             assert c.run("supervised", "start", 30)["state"] == "succeeded"
             assert c.run("supervised", "destroy", 30)["state"] == "succeeded"
+        # The libvirt gateway program serves virsh on the same registry.
+        sock = tmp_path / "state" / "libvirt-sock"
+        listed = wait_until(lambda: subprocess.run(
+            ["virsh", "-c", f"qemu+unix:///system?socket={sock}", "list", "--all", "--name"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout.split(), 30, interval_s=0.2, what="virsh through the gateway")
+        assert "supervised" in listed
         children = subprocess.run(["pgrep", "-P", str(sup.pid)], capture_output=True, text=True).stdout.split()
-        assert len(children) == 5  # broker + 4 workers
+        assert len(children) == 6  # broker, libvirt gateway, 4 workers
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=60) == 0
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
         text = (tmp_path / "supervisord.log").read_text()
         assert "stopped: broker (exit status 0)" in text
+        assert "stopped: libvirt-gateway (exit status 0)" in text
         assert text.count("stopped: worker-") == 4 and "(terminated by SIGKILL" not in text
     finally:
         if sup.poll() is None:

@@ -24,6 +24,7 @@ UNITS = {
     "virtbroker-broker-ha.service": ("virtbroker-broker-ha.service", "broker-ha"),
     "virtbroker-worker@.service": ("virtbroker-worker@vm-01.service", "worker"),
     "virtbroker-security@.service": ("virtbroker-security@dac.service", "security-dac"),
+    "virtbroker-libvirt-gateway.service": ("virtbroker-libvirt-gateway.service", "libvirt-gateway"),
 }
 KNOWN_KEYS = {
     "Unit": {"Description", "After", "Before", "Wants", "Requires", "PartOf", "Documentation"},
@@ -112,7 +113,7 @@ def test_a_units_command_is_a_valid_virtbroker_command_line(unit):
     assert argv[-2:] == ["-c", CONFIG_PATH]
     args = cli.build_parser().parse_args([*argv[1:-1], str(ROOT / "configs" / "virtbroker.ini")])
     assert args.command == {"broker": "broker", "broker-ha": "broker", "worker": "worker",
-                            "security-dac": "security-worker"}[UNITS[unit][1]]
+                            "security-dac": "security-worker", "libvirt-gateway": "libvirt-gateway"}[UNITS[unit][1]]
     if args.command == "worker":
         assert args.worker_id == instance
     if args.command == "security-worker":
