@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--short", action="store_true", help="the reduced suite (a few minutes)")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable); "
                         "its results replace that section in --out")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT.relative_to(ROOT)})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT.relative_to(ROOT)})"
+    )
     parser.add_argument("--report", action="store_true", help="only render docs/BENCHMARKS.md from --out")
     args = parser.parse_args(argv)
 
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = report.write(results)
     say(f"wrote {args.out} and {doc} in {this_run['duration_s']:.0f} s")
     for target in results["targets"]:
-        say(f"  {report._verdict(target['met']):>14}  {target['target']}: {target['measured']} (limit {target['limit']})")
+        verdict = report._verdict(target["met"])
+        say(f"  {verdict:>14}  {target['target']}: {target['measured']} (limit {target['limit']})")
     return 0
 
 

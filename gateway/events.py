@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import zmq
 
@@ -73,7 +73,7 @@ class LifecycleTranslator:
         """After a gap in the event sequence: the differences between what was known and now."""
         out: list[Lifecycle] = []
         now = {d["uuid"]: (d["name"], d["state"]) for d in listing}
-        for uuid, (name, state) in self.domains.items():
+        for uuid, (name, _state) in self.domains.items():
             if uuid not in now and not self.is_transient(uuid):
                 out.append(self._lc(uuid, name, "shutoff", rpc.EV_UNDEFINED, rpc.DETAIL_UNDEFINED_REMOVED))
         for uuid, (name, state) in now.items():
@@ -90,7 +90,9 @@ class LifecycleTranslator:
         if after == "shutoff":
             # A stop by a destroy job is DESTROYED; a shutdown job's, or one seen from outside
             # (the guest powered off), is SHUTDOWN.
-            detail = rpc.DETAIL_STOPPED_DESTROYED if self.last_op.get(uuid) == "destroy" else rpc.DETAIL_STOPPED_SHUTDOWN
+            detail = (
+                rpc.DETAIL_STOPPED_DESTROYED if self.last_op.get(uuid) == "destroy" else rpc.DETAIL_STOPPED_SHUTDOWN
+            )
             return [self._lc(uuid, name, after, rpc.EV_STOPPED, detail)]
         out = []
         if before == "shutoff":

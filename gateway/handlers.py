@@ -4,8 +4,8 @@ all (libvirt's remote_dispatch table is the model): procedure number -> Procedur
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from virtbroker.gateway import rpc
 from virtbroker.gateway.domains import ACTIVE_STATES, ensure_uuid, guest_facts, uuid_raw, uuid_text

@@ -148,12 +148,12 @@ class Header:
         return struct.pack(">IIiiIi", self.prog, self.vers, self.proc, self.type, self.serial, self.status)
 
     @classmethod
-    def unpack(cls, data: bytes) -> "Header":
+    def unpack(cls, data: bytes) -> Header:
         if len(data) < HEADER_BYTES:
             raise XdrError(f"header of {len(data)} bytes, wanted {HEADER_BYTES}")
         return cls(*struct.unpack(">IIiiIi", data[:HEADER_BYTES]))
 
-    def reply(self, status: int = STATUS_OK) -> "Header":
+    def reply(self, status: int = STATUS_OK) -> Header:
         """The header of the answer to this call: prog, vers, proc and serial echoed."""
         return Header(self.prog, self.vers, self.proc, TYPE_REPLY, self.serial, status)
 

@@ -50,7 +50,7 @@ class Connection:
     changed only by that thread; the event thread reads the callbacks as a snapshot (the dict
     is replaced, never changed in place)."""
 
-    def __init__(self, gateway: "Gateway", sock: socket.socket, read_only_socket: bool, number: int):
+    def __init__(self, gateway: Gateway, sock: socket.socket, read_only_socket: bool, number: int):
         self.gw = gateway
         self.sock = sock
         self.read_only = read_only_socket
@@ -121,7 +121,11 @@ class Connection:
         header = Header.unpack(data)
         body = data[rpc.HEADER_BYTES:]
         if header.prog == rpc.KEEPALIVE_PROGRAM:
-            if header.vers == rpc.KEEPALIVE_VERSION and header.proc == rpc.KEEPALIVE_PING and header.type == rpc.TYPE_MESSAGE:
+            if (
+                header.vers == rpc.KEEPALIVE_VERSION
+                and header.proc == rpc.KEEPALIVE_PING
+                and header.type == rpc.TYPE_MESSAGE
+            ):
                 self.send(rpc.frame(Header(rpc.KEEPALIVE_PROGRAM, rpc.KEEPALIVE_VERSION, rpc.KEEPALIVE_PONG,
                                            rpc.TYPE_MESSAGE, 0, rpc.STATUS_OK)))
             return
@@ -134,7 +138,9 @@ class Connection:
                 rpc.ERR_RPC, f"Cannot find program {header.prog} version {header.vers}", rpc.FROM_RPC))
             return
         if header.status != rpc.STATUS_OK:
-            self.reply_error(header, RemoteError(rpc.ERR_RPC, f"Unexpected message status {header.status}", rpc.FROM_RPC))
+            self.reply_error(
+                header, RemoteError(rpc.ERR_RPC, f"Unexpected message status {header.status}", rpc.FROM_RPC)
+            )
             return
         proc = DISPATCH.get(header.proc)
         if proc is None:
@@ -142,11 +148,19 @@ class Connection:
             self.reply_error(header, rpc.no_support(header.proc))
             return
         if not self.opened and not proc.before_open:
-            self.reply_error(header, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: connection not open", rpc.FROM_RPC))
+            self.reply_error(
+                header, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: connection not open", rpc.FROM_RPC)
+            )
             return
         if proc.writes and self.read_only:
-            self.reply_error(header, RemoteError(
-                rpc.ERR_OPERATION_DENIED, f"operation forbidden: read only access prevents {proc.api}", rpc.FROM_REMOTE))
+            self.reply_error(
+                header,
+                RemoteError(
+                    rpc.ERR_OPERATION_DENIED,
+                    f"operation forbidden: read only access prevents {proc.api}",
+                    rpc.FROM_REMOTE,
+                ),
+            )
             return
         call = Call(Unpacker(body), self.gw, self)
         if proc.pool in (LOOP, READ):
@@ -160,7 +174,9 @@ class Connection:
             self.gw.pools[proc.pool].submit(self._pooled, proc.handler, call, header)
         except RuntimeError:  # the pools are shut down: the gateway is stopping
             self._done_pooled()
-            self.reply_error(header, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: the gateway is stopping", rpc.FROM_RPC))
+            self.reply_error(
+                header, RemoteError(rpc.ERR_INTERNAL_ERROR, "internal error: the gateway is stopping", rpc.FROM_RPC)
+            )
 
     def _pooled(self, handler, call: Call, header: Header) -> None:
         try:
@@ -254,12 +270,16 @@ class Gateway:
         self.broker = Broker(config.local_url, context=self.context)
         self.ids = DomainIds()
         self.facts = HostFacts(config.uri)
-        self.pools = {name: ThreadPoolExecutor(n, thread_name_prefix=f"gateway-{name}") for name, n in POOL_THREADS.items()}
+        self.pools = {
+            name: ThreadPoolExecutor(n, thread_name_prefix=f"gateway-{name}") for name, n in POOL_THREADS.items()
+        }
         self.lock = threading.Lock()  # guards self.connections, changed by connection threads
         self.connections: set[Connection] = set()
         self.listeners: list[socket.socket] = []
         self.stopping = threading.Event()
-        self.feed = EventFeed(config.local_url, LifecycleTranslator(self.ids.is_transient), self.publish, self.on_stopped)
+        self.feed = EventFeed(
+            config.local_url, LifecycleTranslator(self.ids.is_transient), self.publish, self.on_stopped
+        )
         self._numbers = 0
 
     # -- events: called from the feed's thread
@@ -304,7 +324,7 @@ class Gateway:
         while not self.stopping.is_set():
             try:
                 sock, _ = listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 if self.stopping.is_set():

@@ -24,40 +24,40 @@ class Packer:
     def __bytes__(self) -> bytes:
         return b"".join(self._parts)
 
-    def int(self, value: int) -> "Packer":
+    def int(self, value: int) -> Packer:
         self._parts.append(struct.pack(">i", value))
         return self
 
-    def uint(self, value: int) -> "Packer":
+    def uint(self, value: int) -> Packer:
         self._parts.append(struct.pack(">I", value))
         return self
 
-    def hyper(self, value: int) -> "Packer":
+    def hyper(self, value: int) -> Packer:
         self._parts.append(struct.pack(">q", value))
         return self
 
-    def uhyper(self, value: int) -> "Packer":
+    def uhyper(self, value: int) -> Packer:
         self._parts.append(struct.pack(">Q", value))
         return self
 
-    def opaque_fixed(self, data: bytes) -> "Packer":
+    def opaque_fixed(self, data: bytes) -> Packer:
         self._parts.append(data + b"\0" * (-len(data) % 4))
         return self
 
-    def opaque(self, data: bytes) -> "Packer":
+    def opaque(self, data: bytes) -> Packer:
         self.uint(len(data))
         return self.opaque_fixed(data)
 
-    def string(self, text: str) -> "Packer":
+    def string(self, text: str) -> Packer:
         return self.opaque(text.encode())
 
-    def optional_string(self, text: str | None) -> "Packer":
+    def optional_string(self, text: str | None) -> Packer:
         """remote_string: a pointer, 0 for NULL, else 1 and the string."""
         if text is None:
             return self.uint(0)
         return self.uint(1).string(text)
 
-    def char_array(self, text: str, fixed: int | None = None) -> "Packer":
+    def char_array(self, text: str, fixed: int | None = None) -> Packer:
         """`char x[N]` / `char x<N>`: rpcgen encodes each char as a whole word."""
         data = text.encode()
         if fixed is None:

@@ -20,7 +20,7 @@ class GatewayProc(Proc):
         self.uri = f"qemu+unix:///system?socket={self.path}"
         self.ro_uri = f"qemu+unix:///system?socket={self.ro_path}"
 
-    def start(self) -> "GatewayProc":
+    def start(self) -> GatewayProc:
         super().start()
         wait_for_gateway(self.path, self.alive)
         return self

@@ -59,7 +59,7 @@ class RawClient:
         assert got is not None, f"connection closed instead of answering procedure {proc}"
         return got
 
-    def open(self, read_only: bool = False) -> "RawClient":
+    def open(self, read_only: bool = False) -> RawClient:
         header, _ = self.call(rpc.PROC_AUTH_LIST)
         assert header.status == rpc.STATUS_OK
         header, body = self.call(rpc.PROC_CONNECT_OPEN, bytes(Packer().optional_string("qemu:///system").uint(int(read_only))))

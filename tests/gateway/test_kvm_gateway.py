@@ -18,13 +18,12 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from virtbroker.client.templates import minimal_domain_xml
-
 from bench import common as bench_common
 from bench import storm
 from tests.gateway.helpers import start_gateway, virsh
 from tests.guests import quiet_libvirt_errors, remove_guests
 from tests.kvm.conftest import PREFIX, URI
+from virtbroker.client.templates import minimal_domain_xml
 
 pytestmark = [pytest.mark.kvm, pytest.mark.security]
 

@@ -10,9 +10,9 @@ import time
 import libvirt
 import pytest
 
-from virtbroker.client.templates import minimal_domain_xml
 from tests.gateway.helpers import start_gateway
 from tests.guests import quiet_libvirt_errors
+from virtbroker.client.templates import minimal_domain_xml
 
 
 @pytest.fixture

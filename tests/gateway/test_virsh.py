@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from virtbroker.client.templates import minimal_domain_xml
 from tests.gateway.helpers import virsh
+from virtbroker.client.templates import minimal_domain_xml
 
 
 @pytest.fixture
