@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from virtbroker.gateway import rpc
 from virtbroker.gateway.domains import ACTIVE_STATES, ensure_uuid, guest_facts, uuid_raw, uuid_text
@@ -43,8 +44,8 @@ class Call:
     """One call being served: its arguments, the gateway, and (for LOOP handlers) the connection."""
 
     args: Unpacker
-    gw: object  # server.Gateway
-    conn: object  # server.Connection
+    gw: Any  # server.Gateway
+    conn: Any  # server.Connection
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ import struct
 
 from virtbroker.common.errors import ProtocolError
 
+# The classes below have methods named int(): annotations inside them name the type by this.
+Int = int
+
 # libvirt's REMOTE_STRING_MAX: no string on the wire may be longer.
 STRING_MAX_BYTES = 4 * 1024 * 1024
 UUID_BYTES = 16
@@ -24,19 +27,19 @@ class Packer:
     def __bytes__(self) -> bytes:
         return b"".join(self._parts)
 
-    def int(self, value: int) -> Packer:
+    def int(self, value: Int) -> Packer:
         self._parts.append(struct.pack(">i", value))
         return self
 
-    def uint(self, value: int) -> Packer:
+    def uint(self, value: Int) -> Packer:
         self._parts.append(struct.pack(">I", value))
         return self
 
-    def hyper(self, value: int) -> Packer:
+    def hyper(self, value: Int) -> Packer:
         self._parts.append(struct.pack(">q", value))
         return self
 
-    def uhyper(self, value: int) -> Packer:
+    def uhyper(self, value: Int) -> Packer:
         self._parts.append(struct.pack(">Q", value))
         return self
 
@@ -57,7 +60,7 @@ class Packer:
             return self.uint(0)
         return self.uint(1).string(text)
 
-    def char_array(self, text: str, fixed: int | None = None) -> Packer:
+    def char_array(self, text: str, fixed: Int | None = None) -> Packer:
         """`char x[N]` / `char x<N>`: rpcgen encodes each char as a whole word."""
         data = text.encode()
         if fixed is None:
@@ -76,7 +79,7 @@ class Unpacker:
         self._data = memoryview(data)
         self._pos = 0
 
-    def _take(self, n: int) -> bytes:
+    def _take(self, n: Int) -> bytes:
         end = self._pos + n
         if n < 0 or end > len(self._data):
             raise XdrError(f"body ends early: wanted {n} bytes at offset {self._pos} of {len(self._data)}")
@@ -84,16 +87,16 @@ class Unpacker:
         self._pos = end
         return out
 
-    def int(self) -> int:
+    def int(self) -> Int:
         return struct.unpack(">i", self._take(4))[0]
 
-    def uint(self) -> int:
+    def uint(self) -> Int:
         return struct.unpack(">I", self._take(4))[0]
 
-    def hyper(self) -> int:
+    def hyper(self) -> Int:
         return struct.unpack(">q", self._take(8))[0]
 
-    def uhyper(self) -> int:
+    def uhyper(self) -> Int:
         return struct.unpack(">Q", self._take(8))[0]
 
     def bool(self) -> bool:
@@ -102,20 +105,20 @@ class Unpacker:
             raise XdrError(f"boolean word {value} is neither 0 nor 1")
         return bool(value)
 
-    def opaque_fixed(self, n: int) -> bytes:
+    def opaque_fixed(self, n: Int) -> bytes:
         data = self._take(n)
         pad = self._take(-n % 4)
         if pad.strip(b"\0"):
             raise XdrError("non-zero padding")
         return data
 
-    def opaque(self, max_bytes: int = STRING_MAX_BYTES) -> bytes:
+    def opaque(self, max_bytes: Int = STRING_MAX_BYTES) -> bytes:
         n = self.uint()
         if n > max_bytes:
             raise XdrError(f"length {n} is over the limit of {max_bytes}")
         return self.opaque_fixed(n)
 
-    def string(self, max_bytes: int = STRING_MAX_BYTES) -> str:
+    def string(self, max_bytes: Int = STRING_MAX_BYTES) -> str:
         data = self.opaque(max_bytes)
         try:
             return data.decode()
@@ -125,7 +128,7 @@ class Unpacker:
     def optional_string(self) -> str | None:
         return self.string() if self.bool() else None
 
-    def array_length(self, max_items: int) -> int:
+    def array_length(self, max_items: Int) -> Int:
         n = self.uint()
         if n > max_items:
             raise XdrError(f"array of {n} items is over the limit of {max_items}")
