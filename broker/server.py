@@ -124,6 +124,12 @@ class Broker:
         sock.setsockopt(zmq.LINGER, 0)
         if self.curve is not None:
             self.curve.secure(sock, zap_domain)
+        if sock is not None and zap_domain == "workers":
+            # A worker that moves away and back (brokers on etcd) reconnects under the same
+            # routing id before this socket has dropped its old connection: hand the id over
+            # to the new connection instead of dropping its messages for good. Who may speak
+            # for a worker is still its key (CURVE), or its routing id on an owner-only socket.
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if kind == zmq.ROUTER:
             # The socket refuses oversize messages before they reach the decoder.
             sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)

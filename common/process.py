@@ -38,7 +38,9 @@ def run_until_signalled(service, context: zmq.Context) -> int:
     return EXIT_OK
 
 
-def connect_worker_socket(context: zmq.Context, config: Config, worker_id: str, url: str | None = None) -> zmq.Socket:
+def connect_worker_socket(
+    context: zmq.Context, config: Config, worker_id: str, url: str | None = None, before_connect=None
+) -> zmq.Socket:
     """A worker's DEALER to the broker: its id as routing identity, the frame limit, CURVE if configured."""
     url = url or url_list(config.worker_url)[0]
     check_tcp_security(
@@ -51,6 +53,8 @@ def connect_worker_socket(context: zmq.Context, config: Config, worker_id: str, 
     sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES + 4096)
     if config.curve_secret_key:
         use_as_client(sock, config.curve_server_key, config.curve_secret_key)
+    if before_connect is not None:
+        before_connect(sock)  # e.g. a monitor, which must be there before the connection is
     sock.connect(url)
     return sock
 
@@ -80,11 +84,13 @@ class BrokerLink:
         self.sock = self._open(self.url)
 
     def _open(self, url: str) -> zmq.Socket:
-        sock = connect_worker_socket(self.context, self.config, self.worker_id, url)
-        if len(self.urls) > 1:
+        def watch(sock: zmq.Socket) -> None:
             self.monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             self.down_since = time.monotonic()  # until connected
-        return sock
+
+        return connect_worker_socket(
+            self.context, self.config, self.worker_id, url, before_connect=watch if len(self.urls) > 1 else None
+        )
 
     def sockets(self) -> list[zmq.Socket]:
         return [self.sock] + ([self.monitor] if self.monitor is not None else [])
