@@ -10,7 +10,8 @@ import subprocess
 from pathlib import Path
 
 from bench.common import ROOT, TARGET_WORKERS
-from bench.latency import PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY, VB_WAY as VB_LATENCY_WAY
+from bench.latency import PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY
+from bench.latency import VB_WAY as VB_LATENCY_WAY
 
 DOC_PATH = ROOT / "docs" / "BENCHMARKS.md"
 PLOT_DIR = ROOT / "docs" / "benchmarks"

@@ -9,9 +9,8 @@ import os
 import signal
 import sys
 import time
-from multiprocessing.process import BaseProcess
-
 from dataclasses import MISSING
+from typing import Any
 
 from virtbroker.common.config import Config, config_fields, field_type, option_flags
 from virtbroker.common.errors import VirtbrokerError
@@ -38,7 +37,9 @@ def _common_options(parser: argparse.ArgumentParser, command: str | None = None)
         flags = option_flags(f)
         if kind is bool:
             # --allow-insecure-tcp / --no-allow-insecure-tcp; None: not given, the ini decides.
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                *flags, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif kind in (list[str], dict[str, float]):
             # Repeatable, and each value may hold several, comma-separated (--security dac,apparmor).
             parser.add_argument(*flags, dest=f.name, action="append", metavar=metavar, help=help_text)
@@ -169,8 +170,9 @@ def cmd_up(args) -> int:
     log; a child that exits is started again (class Restarts). With --ha: a local 3-member etcd
     cluster (STATE_DIR/etcd), two brokers on it (STATE_DIR/broker-a, -b; one leads, one stands
     by) and workers that follow the leader."""
-    import multiprocessing_logging
     from multiprocessing.connection import wait as wait_for_any
+
+    import multiprocessing_logging
 
     from virtbroker.broker.server import run_broker
     from virtbroker.workers.lifecycle import run_worker
@@ -201,19 +203,25 @@ def cmd_up(args) -> int:
 
         specs += [(f"security-{d}", run_security_worker, worker_config, (d,)) for d in config.security]
     specs += [(f"worker-{i + 1}", run_worker, worker_config, ()) for i in range(config.workers)]
-    # LIBVIRT GATEWAY: `virtbroker libvirt-gateway` joins up as one more spec here, e.g.
-    # ("libvirt-gateway", run_gateway, config, ()); it is restarted and stopped (before the broker) like the others.
+    if etcd_layout is None:
+        # The libvirt-compatible endpoint on STATE_DIR/libvirt-sock: restarted like the others,
+        # and stopped before the broker. (Under --ha it is not started: it talks to one broker.)
+        from virtbroker.gateway.server import run_gateway
+
+        specs.append(("libvirt-gateway", run_gateway, config, ()))
     by_name = {name: (target, child_config, extra) for name, target, child_config, extra in specs}
 
-    children: dict[str, BaseProcess] = {}  # the live ones
+    children: dict[str, Any] = {}  # the live ones: forked children (BaseProcess) and etcd members
     restarts = Restarts(config.startsecs_s, config.startretries)
 
-    def spawn(name: str) -> BaseProcess:
+    def spawn(name: str) -> Any:
         target, child_config, extra = by_name[name]
+        proc: Any
         if target is None:
             # An etcd member: a process of its own (not a fork), with the same interface; it
             # gets SIGTERM if `up` dies, as the forked children do.
-            proc = local_etcd.MemberProcess(etcd_layout, *extra, die_with_parent="TERM")
+            (member,) = extra  # its index in the layout
+            proc = local_etcd.MemberProcess(etcd_layout, member, die_with_parent="TERM")
         else:
             proc = ctx.Process(target=_child, args=(target, child_config, os.getpid(), *extra), name=name, daemon=False)
             proc.start()
@@ -411,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     sec.add_argument("--worker-id", help="stable id for this worker (default: random)")
     sec.set_defaults(func=cmd_security_worker)
 
-    gateway = sub.add_parser("libvirt-gateway", help="serve libvirt's remote protocol (virsh, libvirt-python) on UNIX sockets")
+    gateway = sub.add_parser(
+        "libvirt-gateway", help="serve libvirt's remote protocol (virsh, libvirt-python) on UNIX sockets"
+    )
     _common_options(gateway, "libvirt-gateway")
     gateway.set_defaults(func=cmd_libvirt_gateway)
 

@@ -40,7 +40,8 @@ def run_demo(guests: int = 20, workers: int = 4, uri: str = "test:///default") -
     state_dir = tempfile.mkdtemp(prefix="virtbroker-demo-")
     log_path = os.path.join(state_dir, "virtbroker.log")
     up = subprocess.Popen(
-        [sys.executable, "-m", "virtbroker.launcher", "up", "--state-dir", state_dir, "--workers", str(workers), "--uri", uri],
+        [sys.executable, "-m", "virtbroker.launcher", "up", "--state-dir", state_dir, "--workers", str(workers),
+         "--uri", uri],
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
     )

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 import uuid
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from virtbroker.common.config import Config
 from virtbroker.common.errors import ConfigError, VirtbrokerError
@@ -264,12 +265,14 @@ def ha_configs(config: Config, layout: LocalCluster) -> tuple[list[tuple[str, Co
     -b, its endpoints there, the store on the local cluster) and the workers' (every
     broker's worker endpoint, so they follow the leader). A metrics port given is broker-a's;
     broker-b takes the next one."""
+    # Each broker derives its own endpoints from its own state dir.
+    blank_urls: dict[str, Any] = {key: "" for key in (*HA_DERIVED_URLS, "libvirt_url", "libvirt_readonly_url")}
     brokers = []
     for n, name in enumerate(HA_BROKERS):
         brokers.append((name, replace(
             config, state_dir=os.path.join(config.state_dir, name), store=layout.store_url,
             metrics_port=config.metrics_port + n if config.metrics_port else 0,
-            **{key: "" for key in (*HA_DERIVED_URLS, "libvirt_url", "libvirt_readonly_url")},
+            **blank_urls,
         )))
     workers = replace(config, store=layout.store_url,
                       worker_url=",".join(broker.worker_url for _, broker in brokers))
