@@ -65,5 +65,13 @@ def test_supervisord_runs_broker_and_workers_and_stops_them(tmp_path):
         assert text.count("stopped: worker-") == 4 and "(terminated by SIGKILL" not in text
     finally:
         if sup.poll() is None:
+            # A failed test: its programs must not outlive it (SIGKILL of supervisord alone
+            # would leave them running).
+            left = subprocess.run(["pgrep", "-P", str(sup.pid)], capture_output=True, text=True).stdout.split()
             sup.kill()
             sup.wait()
+            for pid in left:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
