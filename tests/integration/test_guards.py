@@ -117,3 +117,20 @@ def test_jobs_newest_first_from_the_index(cluster_factory):
     cluster.broker.kill9()
     cluster.start_broker()  # the index is rebuilt from the store in the same order
     assert [j["job_id"] for j in c.jobs(domain="ix-a")] == ids[0::2]
+
+
+def test_forty_sequential_starts_on_four_test_hosts_land_ten_on_each(cluster_factory):
+    """Each test:/// worker is a host of its own; a start goes to the host with fewest guests."""
+    cluster = cluster_factory()
+    cluster.start_broker()
+    for i in range(4):
+        cluster.start_worker(f"sp{i}", slots=2)
+    cluster.wait_workers(4)
+    c = cluster.client()
+    per_host: dict[str, int] = {}
+    for n in range(40):
+        c.define(minimal_domain_xml(f"spread-{n}"))
+        job = c.wait([c.submit(f"spread-{n}", "start")["job_id"]], 30)[0]
+        assert job["state"] == "succeeded", job
+        per_host[job["host"]] = per_host.get(job["host"], 0) + 1
+    assert sorted(per_host.values()) == [10, 10, 10, 10], per_host
