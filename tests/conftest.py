@@ -94,3 +94,12 @@ def pytest_unconfigure(config):
 
 def _leftover_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+
+
+@pytest.fixture(scope="session")
+def guest_user() -> tuple[int, int]:
+    """(uid, gid) of the unprivileged guest user (tests/guests.py's ensure_guest_user)."""
+    from tests.guests import ensure_guest_user
+
+    pw = ensure_guest_user()
+    return pw.pw_uid, pw.pw_gid

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import subprocess
 import threading
 
 import libvirt
@@ -61,3 +63,18 @@ def destroy_through_broker(cluster, prefix: str) -> None:
                 c.wait([c.submit(n, "destroy")["job_id"] for n in running], 60)
     except Exception:  # best effort: the hypervisor cleanup follows
         pass
+
+
+GUEST_USER = "vbguest"
+
+
+def ensure_guest_user() -> pwd.struct_passwd:
+    """The unprivileged user guests run as in the security and fault tests (made if absent),
+    in group kvm so that its QEMU may open /dev/kvm."""
+    try:
+        pw = pwd.getpwnam(GUEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "-r", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", "kvm", GUEST_USER], check=True)
+        pw = pwd.getpwnam(GUEST_USER)
+    subprocess.run(["usermod", "-aG", "kvm", GUEST_USER], check=True)
+    return pw

@@ -21,6 +21,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests import guests
 from tests.guests import DOMAIN_TYPE, quiet_libvirt_errors
 from virtbroker.broker.core import RESYNC_QUIET_S
 from virtbroker.client.api import Client
@@ -122,12 +123,7 @@ GUEST_USER = "vbguest"
 
 def ensure_guest_user() -> str:
     """The unprivileged user the private libvirtd runs as (the security tests' guest user)."""
-    try:
-        pwd.getpwnam(GUEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-r", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", "kvm", GUEST_USER], check=True)
-    subprocess.run(["usermod", "-aG", "kvm", GUEST_USER], check=True)
-    return GUEST_USER
+    return guests.ensure_guest_user().pw_name
 
 
 class PrivateLibvirtd:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -31,15 +30,6 @@ GUEST_USER = "vbguest"
 ORIGINAL_UID, ORIGINAL_GID = 4321, 4322
 
 
-@pytest.fixture(scope="module")
-def guest_uid():
-    try:
-        pw = pwd.getpwnam(GUEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-r", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", "kvm", GUEST_USER], check=True)
-        pw = pwd.getpwnam(GUEST_USER)
-    subprocess.run(["usermod", "-aG", "kvm", GUEST_USER], check=True)
-    return pw.pw_uid
 
 
 @pytest.fixture
@@ -64,7 +54,7 @@ def storage_root():
 
 
 @pytest.fixture
-def kvm_gateway(cluster_factory, host_conn, guest_uid, storage_root):
+def kvm_gateway(cluster_factory, host_conn, guest_user, storage_root):
     extra = ["--security", "dac", "--guest-user", f"{GUEST_USER}:kvm", "--storage-root", str(storage_root),
              "--resync-interval", "1"]
     cluster = cluster_factory(uri=URI, lease_ttl_s=5.0, extra=extra)
@@ -96,7 +86,7 @@ def qemu_uid(name: str) -> int:
     raise AssertionError("no Uid line")
 
 
-def test_benchmark_baseline_20_guests(kvm_gateway, host_conn, guest_uid, monkeypatch):
+def test_benchmark_baseline_20_guests(kvm_gateway, host_conn, guest_user, monkeypatch):
     """bench/storm.py's libvirt-python storm (one thread and connection per guest), pointed at
     the gateway: 20 guests defined, started, looked up, listed and destroyed."""
     cluster, gw = kvm_gateway
@@ -123,7 +113,7 @@ def test_benchmark_baseline_20_guests(kvm_gateway, host_conn, guest_uid, monkeyp
     assert sorted(seen["running"]) == names
     assert len(set(seen["running"].values())) == 20 and all(i > 0 for i in seen["running"].values())
     assert seen["lookups"] == seen["running"]  # ids are stable while the guests run
-    assert set(seen["uids"].values()) == {guest_uid}  # QEMU ran as the guest user
+    assert set(seen["uids"].values()) == {guest_user[0]}  # QEMU ran as the guest user
     assert seen["virtbroker"] == {name: "running" for name in names}
     # The storm's own cleanup destroyed and undefined everything through the gateway.
     assert cluster.client().list(all=True) == []
@@ -133,7 +123,7 @@ def test_benchmark_baseline_20_guests(kvm_gateway, host_conn, guest_uid, monkeyp
     assert all(j["state"] == "succeeded" for j in jobs), [j for j in jobs if j["state"] != "succeeded"]
 
 
-def test_virt_install_import(kvm_gateway, host_conn, guest_uid, storage_root):
+def test_virt_install_import(kvm_gateway, host_conn, guest_user, storage_root):
     """virt-install --import --noautoconsole with a qcow2 disk under the storage roots: the guest
     is defined and running in virtbroker, its disk labelled for the guest user, restored after."""
     cluster, gw = kvm_gateway
@@ -160,8 +150,8 @@ def test_virt_install_import(kvm_gateway, host_conn, guest_uid, storage_root):
     assert re.search(rf"{name}\s+running", vbctl), vbctl
     info = virsh(gw.uri, "dominfo", name, check=True).stdout
     assert re.search(r"Persistent:\s+yes", info)  # createXML, then defineXML of the same uuid
-    assert qemu_uid(name) == guest_uid
-    assert os.stat(disk).st_uid == guest_uid
+    assert qemu_uid(name) == guest_user[0]
+    assert os.stat(disk).st_uid == guest_user[0]
     assert virsh(gw.uri, "destroy", name, check=True).returncode == 0
     assert (os.stat(disk).st_uid, os.stat(disk).st_gid) == (ORIGINAL_UID, ORIGINAL_GID)
     assert virsh(gw.uri, "undefine", name, check=True).returncode == 0

@@ -6,7 +6,6 @@ same peer answering the host's real guest user lets the next guest start as that
 from __future__ import annotations
 
 import grp
-import pwd
 import subprocess
 import sys
 
@@ -25,15 +24,6 @@ pytestmark = [pytest.mark.kvm, pytest.mark.security]
 GUEST_USER = "vbguest"
 
 
-@pytest.fixture(scope="module")
-def guest_uid_gid():
-    try:
-        pw = pwd.getpwnam(GUEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-r", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", "kvm", GUEST_USER], check=True)
-        pw = pwd.getpwnam(GUEST_USER)
-    subprocess.run(["usermod", "-aG", "kvm", GUEST_USER], check=True)
-    return pw.pw_uid, pw.pw_gid
 
 
 def keygen(curve_dir, *args) -> None:
@@ -48,7 +38,7 @@ def qemu_uids(uuid: str) -> list[int]:
     return [int(line.split(None, 1)[0]) for line in out.splitlines() if "qemu-system" in line and uuid in line]
 
 
-def test_a_label_reply_cannot_make_qemu_run_as_root(cluster_factory, kvm_guests, guest_uid_gid, tmp_path, monkeypatch):
+def test_a_label_reply_cannot_make_qemu_run_as_root(cluster_factory, kvm_guests, guest_user, tmp_path, monkeypatch):
     host = host_id_for(kvm_guests, URI)
     curve = tmp_path / "curve"
     keygen(curve)
@@ -96,7 +86,7 @@ def test_a_label_reply_cannot_make_qemu_run_as_root(cluster_factory, kvm_guests,
             kvm_guests.lookupByUUIDString(uuid)
 
         # The same peer, answering with the host's guest user: the guest runs, as that user.
-        uid = guest_uid_gid[0]
+        uid = guest_user[0]
         job, uuid = start_answering("as-guest", uid, grp.getgrnam("kvm").gr_gid)
         started = c.wait([job["job_id"]], 60)[0]
         assert started["state"] == "succeeded", started

@@ -4,7 +4,6 @@ because virtbroker labelled its files; labels come off after stop, also after a 
 from __future__ import annotations
 
 import os
-import pwd
 import shutil
 import subprocess
 import tempfile
@@ -23,15 +22,6 @@ GUEST_USER = "vbguest"
 ORIGINAL_UID, ORIGINAL_GID, ORIGINAL_MODE = 4321, 4322, 0o640
 
 
-@pytest.fixture(scope="module")
-def guest_user():
-    try:
-        pw = pwd.getpwnam(GUEST_USER)
-    except KeyError:
-        subprocess.run(["useradd", "-r", "-M", "-U", "-s", "/usr/sbin/nologin", "-G", "kvm", GUEST_USER], check=True)
-        pw = pwd.getpwnam(GUEST_USER)
-    subprocess.run(["usermod", "-aG", "kvm", GUEST_USER], check=True)
-    return pw.pw_uid, pw.pw_gid
 
 
 @pytest.fixture
