@@ -111,6 +111,15 @@ class BrokerLink:
                     self.down_since = now
         return self.down_since is not None and now - self.down_since > FAILOVER_AFTER_S
 
+    def move_polled(self, poller: zmq.Poller, leader_url: str | None) -> None:
+        """move(), and swap the old sockets for the new ones in the caller's poller."""
+        old = self.sockets()
+        self.move(leader_url)
+        for sock in old:
+            poller.unregister(sock)
+        for sock in self.sockets():
+            poller.register(sock, zmq.POLLIN)
+
     def move(self, leader_url: str | None) -> None:
         """To leader_url, or the next URL of the list (after a short pause: while no broker
         leads, every one answers not-leader at once)."""

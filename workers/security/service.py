@@ -336,12 +336,7 @@ class SecurityWorker:
 
     def _rejoin(self, why: str, leader_url: str | None = None) -> None:
         """After a move to another broker (BrokerLink): watch its socket and register there."""
-        old = self.link.sockets()
-        self.link.move(leader_url)
-        for sock in old:
-            self.poller.unregister(sock)
-        for sock in self.link.sockets():
-            self.poller.register(sock, zmq.POLLIN)
+        self.link.move_polled(self.poller, leader_url)
         log.info("%s: now talking to %s", why, self.link.url)
         self.hello()
 
