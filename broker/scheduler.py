@@ -186,10 +186,6 @@ class Scheduler:
     def queued_for(self, uuid: str) -> int:
         return len(self.queues.get(uuid, ()))
 
-    def jobs_of(self, uuid: str) -> list[int]:
-        """The domain's job ids, oldest first."""
-        return list(self.by_domain.get(uuid, ()))
-
     def _dequeued(self, job: Job) -> None:
         self.queued_count -= 1
         if job.op in PRIORITY_OPS:

@@ -13,6 +13,7 @@ Layout of the broker's curve_dir (made by `virtbroker keygen`):
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -22,6 +23,8 @@ import zmq
 import zmq.auth
 
 from virtbroker.common.errors import ConfigError
+
+log = logging.getLogger("virtbroker.curve")
 
 ROLES = ("client", "worker", "readonly")
 WORKER_ROLES = ("lifecycle", "security")
@@ -48,9 +51,7 @@ def check_tcp_security(urls: list[str], curve: bool, allow_insecure_tcp: bool, h
             raise ConfigError(
                 f"{plain[0]} is a tcp:// endpoint without CURVE: give {how}, or set allow_insecure_tcp = true"
             )
-        import logging
-
-        logging.getLogger("virtbroker.curve").warning(
+        log.warning(
             "insecure: %s without CURVE (allow_insecure_tcp = true): anyone who reaches it is a peer",
             ", ".join(plain),
         )

@@ -159,8 +159,12 @@ _MEMORY_UNITS_KIB = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def memory_mib(xml: str) -> int:
-    """The guest's memory in MiB, as libvirt reads `<memory unit=...>` (default KiB); 0 if absent."""
+    """The guest's memory in MiB, as libvirt reads `<memory unit=...>` (default KiB); 0 if absent.
+
+    Cached by definition text: placement asks again each turn a start waits for a slot.
+    """
     el = parse(xml).find("memory")
     if el is None or not (el.text or "").strip():
         return 0

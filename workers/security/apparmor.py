@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from virtbroker.common.domxml import check_name, normalize_uuid
 from virtbroker.common.errors import ConfigError, SecurityError
 from virtbroker.common.resources import Resource
+from virtbroker.workers.security.dac import check_storage_root
 from virtbroker.workers.security.locks import PathLocks
 from virtbroker.workers.security.store import PHASE_ROLLED_BACK, Profile, SecurityStore
 
@@ -54,18 +55,6 @@ def check_rule_path(path: str, what: str) -> str:
             f"refusing {what} path {path!r}: it contains {shown}, which AppArmor would not read literally"
         )
     return path
-
-
-def _check_root(root: str) -> str:
-    # The same checks as DacDriver._check_root: both drivers must agree on what a root is.
-    if not os.path.isabs(root):
-        raise ConfigError(f"storage root {root!r} is not an absolute path")
-    real = os.path.realpath(root)
-    if real == "/":
-        raise ConfigError("'/' cannot be a storage root: it would allow a profile to grant any file")
-    if not os.path.isdir(real):
-        raise ConfigError(f"storage root {root!r} is not a directory")
-    return real
 
 
 def _check_allowed_emulator(path: str) -> str:
@@ -133,7 +122,7 @@ class AppArmorDriver:
         *,
         pause_after_write_s: float = 0.0,
     ):
-        self.roots = [_check_root(r) for r in storage_roots]
+        self.roots = [check_storage_root(r) for r in storage_roots]
         if not self.roots:
             raise ConfigError("the AppArmor driver needs at least one storage root")
         # Resolved once, like the roots. Empty: no <emulator> is accepted (a domain that

@@ -77,6 +77,19 @@ def parse_record(raw: bytes | str, path: str, where: str) -> dict:
     return record
 
 
+def check_storage_root(root: str) -> str:
+    """A storage root as both drivers take it: absolute, an existing directory, not '/';
+    returned resolved (no symlink in it)."""
+    if not os.path.isabs(root):
+        raise ConfigError(f"storage root {root!r} is not an absolute path")
+    real = os.path.realpath(root)
+    if real == "/":
+        raise ConfigError("'/' cannot be a storage root: it would give guests any file of the host")
+    if not os.path.isdir(real):
+        raise ConfigError(f"storage root {root!r} is not a directory")
+    return real
+
+
 class DacDriver:
     """Labels host files for one guest uid:gid, with a journal so a crash is undone by recover().
 
@@ -109,7 +122,7 @@ class DacDriver:
     ):
         self.uid = uid
         self.gid = gid
-        self.roots = [self._check_root(r) for r in storage_roots]
+        self.roots = [check_storage_root(r) for r in storage_roots]
         if not self.roots:
             raise ConfigError("the DAC driver needs at least one storage root")
         self.store = SecurityStore(state_dir)
@@ -120,17 +133,6 @@ class DacDriver:
         # Test hook for crash tests: sleep after each file labelled, so that a test can
         # kill the process in the middle of a transaction.
         self.pause_after_each_s = pause_after_each_s
-
-    @staticmethod
-    def _check_root(root: str) -> str:
-        if not os.path.isabs(root):
-            raise ConfigError(f"storage root {root!r} is not an absolute path")
-        real = os.path.realpath(root)
-        if real == "/":
-            raise ConfigError("'/' cannot be a storage root: it would allow labelling any file")
-        if not os.path.isdir(real):
-            raise ConfigError(f"storage root {root!r} is not a directory")
-        return real
 
     # -- public API --
 
