@@ -10,7 +10,7 @@ from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import Job
 from virtbroker.common import protocol as p
 
-TOPICS = (b"domain", b"job")
+TOPICS = (b"domain", b"job", b"host")
 
 
 class Events:
@@ -41,11 +41,16 @@ class Events:
             topic: any(topic.startswith(prefix) for prefix in self.subscriptions) for topic in self.listening
         }
 
-    def domain(self, record: DomainRecord, event: str) -> None:
+    def domain(self, record: DomainRecord, event: str, reason: str | None = None) -> None:
         self.seq += 1
         self._add(b"domain", p.DomainEvent(
             seq=self.seq, uuid=record.uuid, name=record.name, event=event, state=record.state, host_id=record.host_id,
+            reason=reason,
         ))
+
+    def host(self, host_id: str, state: str, reason: str | None = None) -> None:
+        self.seq += 1
+        self._add(b"host", p.HostEvent(seq=self.seq, host_id=host_id, state=state, reason=reason))
 
     def job(self, job: Job) -> None:
         self.seq += 1
@@ -53,7 +58,7 @@ class Events:
             seq=self.seq, job_id=job.job_id, uuid=job.uuid, op=job.op, state=job.state, error=job.error,
         ))
 
-    def _add(self, topic: bytes, event: p.DomainEvent | p.JobEvent) -> None:
+    def _add(self, topic: bytes, event: p.DomainEvent | p.JobEvent | p.HostEvent) -> None:
         self.keep(event.seq, p.pack([event.KIND, event.body()]))
         if self.listening[topic]:
             self.pending.append(event)

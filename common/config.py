@@ -177,8 +177,36 @@ class Config:
     lease_ttl_s: float = option(10.0, check=duration(), help="lease TTL in seconds")
     heartbeat_interval_s: float = option(0.0, check=duration(zero="lease_ttl_s / 4"),
                                          help="seconds between worker heartbeats (default lease TTL / 4)")
-    resync_interval_s: float = option(15.0, check=duration(),
-                                      help="seconds between lifecycle workers' reports of their host's guests")
+    # Lifecycle workers follow libvirt's domain events; the full list of the host's guests
+    # is a backstop for an event lost while reconnecting, so it can be slow.
+    resync_interval_s: float = option(120.0, check=duration(),
+                                      help="seconds between lifecycle workers' full reports of their host's guests")
+    # Hosts that fail (docs/RELIABILITY.md, "Hosts that fail"). A host is alive while any of
+    # its lifecycle workers renews its host lease (each heartbeat, acknowledged by the broker).
+    host_dead_s: float = option(30.0, check=duration(),
+                                help="broker: seconds without a renewal before a host is unreachable")
+    self_fence_s: float = option(20.0, check=duration(zero="never self-fence"),
+                                 help="seconds without a renewal before a lifecycle worker destroys its host's "
+                                      "guests (only while the host holds HA guests; less than host_dead_s)")
+    partition_fraction: float = option(0.5, check=lambda f: None if 0 < f <= 1 else "must be in (0, 1]",
+                                       help="broker: fence nobody when more than this share of hosts is lost at once")
+    fence_quiet_s: float = option(60.0, check=duration(zero="fence at once"),
+                                  help="broker: seconds after it starts or takes over in which it fences no host")
+    fence_margin_s: float = option(10.0, check=duration(zero="none"),
+                                   help="broker: seconds past host_dead_s after which a host with a watchdog "
+                                        "counts as fenced by its own reset")
+    fence_command: str = option("", metavar="PROGRAM",
+                                help="broker: program run with a host id to power it off (exit 0: it is off)")
+    fence_retry_s: float = option(10.0, check=duration(), help="broker: seconds between tries of fence_command")
+    queue_timeout_s: float = option(60.0, check=duration(),
+                                    help="broker: seconds a job may wait for a host that can run it before it fails")
+    shared_storage_roots: list[str] = option(
+        default_factory=list, metavar="DIR",
+        help="lifecycle worker: a directory every host that lists it shares (HA guests restart where their disks are)",
+    )
+    watchdog_device: str = option("", metavar="PATH",
+                                  help="lifecycle worker: a watchdog petted after each renewal of the host lease "
+                                       "while self-fencing is armed (e.g. /dev/watchdog; off by default)")
     shutdown_timeout_s: float = option(60.0, check=duration(zero="destroy at once"),
                                        help="seconds of ACPI shutdown before destroy, when the job names none")
     security: list[str] = option(default_factory=list, check=each_one_of(*SECURITY_DRIVERS), metavar="DRIVER[,DRIVER]",
@@ -284,6 +312,12 @@ class Config:
             raise ConfigError("the dac security driver needs guest_user (USER[:GROUP])")
         if "apparmor" in self.security and not self.storage_roots:
             raise ConfigError("the apparmor security driver needs at least one storage root (--storage-root DIR)")
+        if self.self_fence_s and self.self_fence_s >= self.host_dead_s:
+            raise ConfigError(
+                f"self_fence_s ({self.self_fence_s:g}) must be shorter than host_dead_s ({self.host_dead_s:g}): "
+                "a host must destroy its guests before the broker may count them dead"
+            )
+        self.shared_storage_roots = [os.path.abspath(r) for r in self.shared_storage_roots]
         self.deadline_s = {**DEFAULT_DEADLINES_S, **self.deadline_s}
         return self
 

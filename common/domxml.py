@@ -173,3 +173,63 @@ def memory_mib(xml: str) -> int:
     except (ValueError, KeyError):
         return 0
     return int(kib // 1024)
+
+
+# virtbroker's own element in a domain's <metadata> (libvirt keeps one element per namespace
+# and never looks inside). `ha="yes"` marks a domain HA; the lifecycle worker puts the element
+# into every guest it starts, so a host can tell the guests virtbroker placed from any other
+# (self-fencing destroys those alone).
+METADATA_NS = "urn:virtbroker:domain:1"
+METADATA_TAG = f"{{{METADATA_NS}}}domain"
+
+
+def _metadata_element(root: etree._Element, create: bool) -> etree._Element | None:
+    metadata = root.find("metadata")
+    if metadata is None:
+        if not create:
+            return None
+        metadata = etree.SubElement(root, "metadata")
+    el = metadata.find(METADATA_TAG)
+    if el is None and create:
+        el = etree.SubElement(metadata, METADATA_TAG, nsmap={"vb": METADATA_NS})
+    return el
+
+
+@functools.lru_cache(maxsize=4096)
+def is_ha(xml: str) -> bool:
+    """Does the definition mark the domain HA (restart elsewhere once its host is fenced)?"""
+    el = _metadata_element(parse(xml), create=False)
+    return el is not None and el.get("ha") == "yes"
+
+
+def with_ha(xml: str, ha: bool) -> str:
+    """The definition with its HA mark set or cleared; the same text if nothing changes."""
+    if is_ha(xml) == ha:
+        return xml
+    root = parse(xml)
+    el = _metadata_element(root, create=True)
+    if ha:
+        el.set("ha", "yes")
+    else:
+        el.attrib.pop("ha", None)
+    return etree.tostring(root, encoding="unicode")
+
+
+def with_placed_mark(xml: str) -> str:
+    """The definition a lifecycle worker starts: with virtbroker's metadata element."""
+    root = parse(xml)
+    if _metadata_element(root, create=False) is not None:
+        return xml
+    _metadata_element(root, create=True)
+    return etree.tostring(root, encoding="unicode")
+
+
+@functools.lru_cache(maxsize=4096)
+def disk_sources(xml: str) -> tuple[str, ...]:
+    """The files and block devices of the domain's disks (their <source file|dev>), in order."""
+    out = []
+    for source in parse(xml).iterfind("devices/disk/source"):
+        path = source.get("file") or source.get("dev")
+        if path:
+            out.append(path)
+    return tuple(out)

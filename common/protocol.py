@@ -42,7 +42,10 @@ JOB_OPS = ("start", "shutdown", "destroy", "reboot", "suspend", "resume", "undef
 INTERNAL_OPS = ("reconcile",)
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "lost")
 FINAL_JOB_STATES = ("succeeded", "failed", "cancelled", "lost")
-DOMAIN_STATES = ("shutoff", "running", "paused")
+DOMAIN_STATES = ("shutoff", "running", "paused")  # what a worker may report
+# The registry's states: a domain of an unreachable host is `unknown` (the broker cannot tell).
+REGISTRY_STATES = (*DOMAIN_STATES, "unknown")
+HOST_ACTIONS = ("fence", "evacuate", "drain", "undrain")
 
 _KINDS: dict[tuple[bytes, str], type[Message]] = {}
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # per message class, filled on first encode
@@ -89,6 +92,9 @@ class Define(Message):
     VERSION = CLIENT_VERSION
     request_id: int
     xml: str
+    # True: mark the domain HA (restarted on another host once its host is fenced); False:
+    # unmark it; nil: as the definition's <metadata> says (a redefine keeps the mark).
+    ha: bool | None = None
 
 
 @dataclass
@@ -180,6 +186,40 @@ class ListWorkers(Message):
 
 
 @dataclass
+class SetHa(Message):
+    """Mark a domain HA or not (`vbctl ha DOMAIN on|off`); the reply is its record."""
+
+    KIND = "ha"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    domain: str
+    ha: bool
+
+
+@dataclass
+class ListHosts(Message):
+    """Every host the broker knows, with its state (`vbctl hosts`)."""
+
+    KIND = "hosts"
+    VERSION = CLIENT_VERSION
+    request_id: int
+
+
+@dataclass
+class HostAction(Message):
+    """An operator's word on a host: fence (it is off: `vbctl host-fence HOST --yes-it-is-off`),
+    evacuate (restart its domains elsewhere; the host must be fenced), drain, undrain."""
+
+    KIND = "host"
+    VERSION = CLIENT_VERSION
+    request_id: int
+    host: str
+    action: str
+    # fence only: the operator confirms the host is powered off. Without it nothing changes.
+    confirm_off: bool = False
+
+
+@dataclass
 class EventsSince(Message):
     """Replay stored events with seq > since, oldest first, at most `limit` (a page)."""
 
@@ -235,6 +275,12 @@ class Hello(Message):
     priority_slots: int = 0
     memory_mib: int = 0
     cpus: int = 0
+    # Lifecycle workers: directories this host shares with others (HA restarts go where
+    # every disk of the domain is under one), whether it pets a watchdog while armed, and
+    # the guests it destroyed by self-fencing while it could not renew its host lease.
+    shared_storage_roots: list[str] = field(default_factory=list)
+    watchdog: bool = False
+    self_fenced: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -243,9 +289,34 @@ class Heartbeat(Message):
     VERSION = WORKER_VERSION
     worker_id: str
     lease_ids: list[str]
-    # Every resync_interval_s a lifecycle worker also sends the guests running on its host
-    # ([{uuid, name, state}]), so guests that stopped by themselves are noticed.
+    # Every resync_interval_s, and after each reconnect to libvirtd, a lifecycle worker also
+    # sends the guests running on its host ([{uuid, name, state}]): a backstop for events.
     guests: list[dict] | None = None
+    seq: int = 0  # echoed in the broker's `renewed`: the host lease was renewed at this beat
+
+
+@dataclass
+class GuestEvent(Message):
+    """A lifecycle worker passes on a libvirt lifecycle event of a guest on its host."""
+
+    KIND = "guest-event"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    uuid: str
+    state: str  # running, paused or shutoff: the state the event leaves the guest in
+    event: str  # libvirt's event name, lowercase: started, stopped, crashed, suspended, resumed, ...
+    reason: str = ""
+
+
+@dataclass
+class StraysDone(Message):
+    """The answer to `strays`: these guests were destroyed (or could not be)."""
+
+    KIND = "strays-done"
+    VERSION = WORKER_VERSION
+    worker_id: str
+    destroyed: list[str]
+    failed: list[dict] = field(default_factory=list)  # [{uuid, error}]
 
 
 @dataclass
@@ -314,6 +385,30 @@ class Welcome(Message):
     VERSION = WORKER_VERSION
     heartbeat_interval_s: float
     lease_ttl_s: float
+
+
+@dataclass
+class Renewed(Message):
+    """The answer to a lifecycle worker's heartbeat: its host lease is renewed.
+
+    armed: the host runs HA guests, so the worker self-fences after self_fence_s without a
+    renewal (and pets its watchdog after each renewal while armed)."""
+
+    KIND = "renewed"
+    VERSION = WORKER_VERSION
+    seq: int
+    armed: bool = False
+    self_fence_s: float = 0.0
+
+
+@dataclass
+class Strays(Message):
+    """To a returning host: destroy these guests before taking any job. Their domains were
+    fenced (their epoch raised, maybe restarted elsewhere) while the host was away."""
+
+    KIND = "strays"
+    VERSION = WORKER_VERSION
+    uuids: list[str]
 
 
 @dataclass
@@ -460,6 +555,21 @@ class DomainEvent(Message):
     event: str  # defined, undefined, state
     state: str
     host_id: str | None = None
+    # Why the state changed when no job of the domain changed it: "libvirt: stopped" (an
+    # event from the host), "host unreachable", "fenced", "self-fenced", "stray destroyed", ...
+    reason: str | None = None
+
+
+@dataclass
+class HostEvent(Message):
+    """A host changed state: up, unreachable, fencing, fenced, rejoining (topic b"host")."""
+
+    KIND = "host"
+    VERSION = EVENT_VERSION
+    seq: int
+    host_id: str
+    state: str
+    reason: str | None = None
 
 
 @dataclass
