@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from virtbroker import __version__
+from virtbroker.broker import hosts
 from virtbroker.broker.core import BrokerCore, Waiter
 from virtbroker.broker.events import Events
 from virtbroker.common import domxml
@@ -32,11 +33,11 @@ log = logging.getLogger("virtbroker.broker")
 MAX_WAIT_S = 3600.0
 MAX_SHUTDOWN_TIMEOUT_S = 3600.0
 # What the read-only endpoint answers; everything else there is refused.
-READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers", "events"})
+READONLY_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "wait", "workers", "events", "hosts"})
 # Requests whose replies change nothing, so they need not wait for the disk. A read may show a
 # change whose own acknowledgement is still waiting for its commit: if the broker dies first,
 # that change is gone, and it was never acknowledged.
-READ_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "workers", "events"})
+READ_KINDS = frozenset({"ping", "lookup", "list", "dumpxml", "job", "jobs", "workers", "events", "hosts"})
 MAX_EVENTS_PAGE = 10000
 _DEFERRED = object()  # a handler's "no reply yet" (wait)
 
@@ -60,6 +61,9 @@ class ClientHandlers:
             "cancel": self.handle_cancel,
             "workers": self.handle_workers,
             "events": self.handle_events,
+            "ha": self.handle_ha,
+            "hosts": self.handle_hosts,
+            "host": self.handle_host,
         }
 
     def on_message(self, frames: list[bytes], dest, readonly: bool = False) -> int:
@@ -138,6 +142,8 @@ class ClientHandlers:
     def handle_define(self, msg: p.Define, identity: bytes):
         core = self.core
         definition = domxml.load_definition(msg.xml)
+        if msg.ha is not None:
+            definition = domxml.load_definition(domxml.with_ha(definition.xml, msg.ha))
         is_new = definition.uuid not in core.registry.by_uuid and definition.name not in core.registry.by_name
         if is_new and len(core.registry) >= core.config.max_domains:
             raise LimitError(f"cannot define '{definition.name}': the broker holds max_domains = "
@@ -248,6 +254,41 @@ class ClientHandlers:
 
     def handle_workers(self, msg: p.ListWorkers, identity: bytes):
         return [w.summary() for w in self.core.workers.values()]
+
+    def handle_ha(self, msg: p.SetHa, identity: bytes):
+        """Mark a domain HA or not: a redefine of its metadata (the running guest is untouched)."""
+        core = self.core
+        record = core.registry.resolve(msg.domain)
+        xml = domxml.with_ha(record.xml, msg.ha)
+        if xml != record.xml:
+            record, _ = core.registry.define(domxml.load_definition(xml))
+            core.store.put_domain(record)
+            core.events.domain(record, "defined", reason=f"ha {'on' if msg.ha else 'off'}")
+        return {**record.summary(), "ha": msg.ha}
+
+    def handle_hosts(self, msg: p.ListHosts, identity: bytes):
+        core = self.core
+        now = core.clock.monotonic()
+        return [hosts.describe(core, h, now) for h in sorted(core.hosts.values(), key=lambda h: h.host_id)]
+
+    def handle_host(self, msg: p.HostAction, identity: bytes):
+        core = self.core
+        if msg.action not in p.HOST_ACTIONS:
+            raise InvalidError(f"unknown host action '{msg.action}' ({', '.join(p.HOST_ACTIONS)})")
+        host = hosts.find(core, msg.host)
+        jobs: list[int] = []
+        if msg.action == "fence":
+            if not msg.confirm_off:
+                raise InvalidError(f"fencing {host.host_id} needs the operator's word that it is off "
+                                   "(vbctl host-fence HOST --yes-it-is-off)")
+            jobs = hosts.operator_fence(core, host)
+        elif msg.action == "evacuate":
+            jobs = hosts.evacuate(core, host)
+        else:
+            host.draining = msg.action == "drain"
+            core.save_hosts()
+            log.warning("host %s %s", host.host_id, "drained: it takes no new start" if host.draining else "undrained")
+        return {**hosts.describe(core, host, core.clock.monotonic()), "jobs": jobs}
 
     def handle_events(self, msg: p.EventsSince, identity: bytes):
         """Kept events after `since` (committed ones; later ones come live on the events endpoint)."""

@@ -9,7 +9,9 @@ a fake clock (tests/unit/broker_stub.py).
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -30,6 +32,8 @@ log = logging.getLogger("virtbroker.broker")
 # changed this recently: the report may have been taken just before another worker's job
 # changed it.
 RESYNC_QUIET_S = 5.0
+# The store's meta key of the host table (what of each host outlives a restart: see save_hosts).
+HOSTS_META = "hosts"
 # Label ids the broker remembers to refuse a reused one (a replayed request); the oldest are
 # forgotten first. Each is a random 128-bit id, so a reuse is never an accident.
 LABEL_IDS_KEPT = 100000
@@ -56,13 +60,27 @@ class Waiter:
 
 @dataclass
 class Host:
-    """A hypervisor host as its lifecycle workers describe it (memory and CPUs from libvirt)."""
+    """A hypervisor host as its lifecycle workers describe it (memory and CPUs from libvirt),
+    and its liveness (broker/hosts.py has the states and what moves between them)."""
 
     host_id: str
     memory_mib: int = 0  # 0: not reported (placement then counts guests only)
     cpus: int = 0
     draining: bool = False
     placed: dict[str, int] = field(default_factory=dict)  # domain uuid -> MiB it was placed with
+    embedded: bool = False  # test:///: the hypervisor lives inside its worker
+    state: str = "up"  # up, unreachable, fencing, fenced, rejoining
+    renewed_at: float = 0.0  # monotonic: the last renewal of its host lease
+    renewed_wall: float = 0.0
+    shared_storage_roots: tuple[str, ...] = ()
+    watchdog: bool = False  # its workers pet a watchdog while armed
+    armed_when_lost: bool = False  # it ran HA guests when it fell silent (so its watchdog was armed)
+    lost_at: float = 0.0
+    fence_proc: subprocess.Popen | None = None
+    fence_started: float = 0.0
+    fence_next_try: float = 0.0
+    fenced_domains: set[str] = field(default_factory=set)  # domains shut off when it was fenced
+    strays: set[str] = field(default_factory=set)  # guests it was asked to destroy on return
 
     @property
     def used_mib(self) -> int:
@@ -100,6 +118,13 @@ class BrokerCore:
         oldest = store.oldest_event()
         self.oldest_event = oldest if oldest is not None else self.events.seq + 1
         self.saved_next_job_id = 1
+        # Hosts that fail (broker/hosts.py): no host is fenced before fence_allowed_at (the quiet
+        # period after a start or takeover).
+        self.fence_allowed_at = 0.0
+        self.hosts_checked_at = 0.0
+        self.stuck_checked_at = 0.0
+        self.partition_logged = False
+        self.saved_hosts = ""
 
     # ------------------------------------------------------------------ startup
     def load(self) -> None:
@@ -119,6 +144,7 @@ class BrokerCore:
                 self.scheduler.restore_job(job)
         self.scheduler.next_job_id = max(self.scheduler.next_job_id, int(self.store.meta("next_job_id", "1")))
         self.saved_next_job_id = self.scheduler.next_job_id
+        self.load_hosts(now)
         # Oldest final first, so that pruning forgets the same jobs it would have before the restart.
         jobs = self.scheduler.jobs
         self.scheduler.finished = deque(sorted(self.scheduler.finished, key=lambda j: (jobs[j].finished_at or 0.0, j)))
@@ -126,6 +152,37 @@ class BrokerCore:
             "loaded %d domains, %d jobs (%d running leases restored) from %s",
             len(self.registry), len(self.scheduler.jobs), restored, self.store.path,
         )
+
+    def load_hosts(self, now: float) -> None:
+        """The hosts of the store, each given host_dead_s from now to renew its lease."""
+        self.saved_hosts = self.store.meta(HOSTS_META, "") or ""
+        try:
+            saved = json.loads(self.saved_hosts or "{}")
+        except ValueError:
+            log.error("the stored host table is not JSON; starting without it")
+            saved = {}
+        for host_id, fields in saved.items():
+            host = self.host(host_id)
+            host.embedded = bool(fields.get("embedded"))
+            host.draining = bool(fields.get("draining"))
+            host.fenced_domains = set(fields.get("fenced", ()))
+            if fields.get("state") == "fenced":
+                host.state = "fenced"
+        for host in self.hosts.values():
+            host.renewed_at = now
+        self.fence_allowed_at = now + self.config.fence_quiet_s
+
+    def save_hosts(self) -> None:
+        """Store what a restarted broker must know of each host: embedded, draining, fenced."""
+        table = {
+            h.host_id: {"embedded": h.embedded, "draining": h.draining,
+                        "state": "fenced" if h.state == "fenced" else "", "fenced": sorted(h.fenced_domains)}
+            for h in self.hosts.values()
+        }
+        text = json.dumps(table, sort_keys=True)
+        if text != self.saved_hosts:
+            self.saved_hosts = text
+            self.store.set_meta(HOSTS_META, text)
 
     # ------------------------------------------------------------------ job transitions
     # Every change of a job's state goes through these: they change it, write it, emit it.
@@ -190,7 +247,7 @@ class BrokerCore:
         log.info("queued reconcile job %d for %s: %s", job.job_id, record.name, why)
 
     # ------------------------------------------------------------------ domains
-    def set_state(self, record: DomainRecord, state: str, host_id: str | None) -> None:
+    def set_state(self, record: DomainRecord, state: str, host_id: str | None, reason: str | None = None) -> None:
         changed = record.state != state or record.host_id != host_id
         record.changed_at = self.clock.monotonic()
         self.registry.set_state(record, state)
@@ -202,7 +259,7 @@ class BrokerCore:
             self.place(record, host_id)
         self.store.put_domain_state(record)
         if changed:
-            self.events.domain(record, "state")
+            self.events.domain(record, "state", reason)
 
     def place(self, record: DomainRecord, host_id: str) -> None:
         """Count the domain's memory on host_id (where it runs, or where a start sends it)."""
@@ -216,7 +273,7 @@ class BrokerCore:
     def host(self, host_id: str) -> Host:
         host = self.hosts.get(host_id)
         if host is None:
-            host = self.hosts[host_id] = Host(host_id)
+            host = self.hosts[host_id] = Host(host_id, renewed_at=self.clock.monotonic())
         return host
 
     def undefine(self, record: DomainRecord, job: Job) -> None:
@@ -313,8 +370,9 @@ class BrokerCore:
                 if job.op == "reconcile":
                     self.finish_job(job, "succeeded")
             log.info("%s: its embedded host %s is gone with its worker; now shut off", record.name, worker.host_id)
-            self.set_state(record, "shutoff", None)
+            self.set_state(record, "shutoff", None, reason=f"embedded host {worker.host_id} is gone with its workers")
         self.hosts.pop(worker.host_id, None)
+        self.save_hosts()
 
     def answer_waiters(self, now: float) -> None:
         if not self.waiters:

@@ -41,6 +41,12 @@ class BrokerMetrics:
         self.fenced = Counter("virtbroker_fenced_writes",
                               "Times this broker stopped leading: a write refused by the fence, or its lease lost",
                               registry=r)
+        self.host_transitions = Counter("virtbroker_host_transitions", "Hosts that entered a state "
+                                        "(up, unreachable, fencing, fenced, rejoining)", ["state"], registry=r)
+        self.fenced_hosts = Counter("virtbroker_fenced_hosts", "Hosts fenced (by watchdog, fence_command or "
+                                    "operator)", registry=r)
+        self.fence_failures = Counter("virtbroker_fence_command_failures", "Runs of fence_command that failed",
+                                      registry=r)
         self.workers = Gauge("virtbroker_workers", "Workers connected, by role", ["role"], registry=r)
         self.hosts = Gauge("virtbroker_hosts", "Hosts with at least one lifecycle worker", registry=r)
         self.domains = Gauge("virtbroker_domains", "Defined domains, by state", ["state"], registry=r)

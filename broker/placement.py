@@ -6,10 +6,11 @@ called once per loop turn. libvirt's state checks are made here, when a job's tu
 
 from __future__ import annotations
 
+from virtbroker.broker import hosts
 from virtbroker.broker.core import BrokerCore, Host
 from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import PRIORITY_OPS, Job, WorkerInfo
-from virtbroker.common.domxml import memory_mib
+from virtbroker.common.domxml import disk_sources, is_ha, memory_mib
 
 
 def dispatch(core: BrokerCore, now: float) -> None:
@@ -17,7 +18,8 @@ def dispatch(core: BrokerCore, now: float) -> None:
     scheduler = core.scheduler
     if not scheduler.ready:
         return
-    lifecycle = [w for w in core.workers.values() if w.role == "lifecycle"]
+    # Only hosts that are up take jobs: not one rejoining (it destroys its strays first).
+    lifecycle = [w for w in core.workers.values() if w.role == "lifecycle" and _up(core, w.host_id)]
     free = sum(max(0, w.free_slots) for w in lifecycle)
     free_priority = sum(max(0, w.free_priority_slots) for w in lifecycle)
     capacity = any(w.slots > 0 for w in lifecycle)
@@ -61,11 +63,19 @@ def dispatch(core: BrokerCore, now: float) -> None:
         core.run_job(job, worker, record, now)
 
 
+def _up(core: BrokerCore, host_id: str) -> bool:
+    host = core.hosts.get(host_id)
+    return host is None or host.state == "up"
+
+
 def refusal_of(job: Job, record: DomainRecord | None) -> tuple[str, str] | None:
     """libvirt's operation-invalid checks, made when the job's turn comes."""
     if record is None:
         return "not-found", f"domain {job.domain_name} was undefined before job {job.job_id} ran"
     state, op = record.state, job.op
+    if op == "start" and state == "unknown":
+        return "operation-invalid", (f"Requested operation is not valid: domain '{record.name}' is on host "
+                                     f"{record.host_id}, which is unreachable; its state is unknown")
     if op == "start" and state != "shutoff":
         return "operation-invalid", f"Requested operation is not valid: domain '{record.name}' is already active"
     if op in ("shutdown", "destroy", "reboot", "suspend") and state == "shutoff":
@@ -95,7 +105,8 @@ def pick_host_for_start(
     against the host's, less what the broker placed there), ties to the host with fewest
     guests, then to its worker with the most free slots. A host whose workers report no
     memory counts as fitting. Hosts being drained, or lacking a configured security driver,
-    take no starts.
+    take no starts. An HA domain starts only where every disk is under one of the host's
+    shared_storage_roots, so that it can start again on any such host if this one fails.
     """
     needed_mib = memory_mib(record.xml)
     by_host: dict[str, list[WorkerInfo]] = {}
@@ -108,6 +119,11 @@ def pick_host_for_start(
             eligible.append(host)
     if not eligible:
         return None, None  # no host at all yet: wait for one
+    if is_ha(record.xml):
+        eligible = [h for h in eligible if hosts.storage_fits(h, record.xml)]
+        if not eligible:
+            return None, (f"'{record.name}' is HA, and no host's shared_storage_roots hold all its disks "
+                          f"({', '.join(disk_sources(record.xml))})")
     fitting = [h for h in eligible if h.memory_mib == 0 or h.free_mib >= needed_mib]
     if not fitting:
         best = max(eligible, key=lambda h: h.free_mib)

@@ -13,7 +13,7 @@ class DomainRecord:
     uuid: str
     name: str
     xml: str  # the persistent definition: what the next start uses
-    state: str = "shutoff"  # shutoff, running, paused
+    state: str = "shutoff"  # shutoff, running, paused; unknown while its host is unreachable
     host_id: str | None = None  # where it runs (or last ran under a lease)
     epoch: int = 0  # grows with every lease granted for this domain
     generation: int = 1  # grows with every redefine
@@ -95,14 +95,14 @@ class Registry:
         return record
 
     def list(self, include_inactive: bool = False, state: str | None = None) -> list[DomainRecord]:
-        if state is not None and state not in ("running", "paused", "shutoff", "active", "inactive"):
-            raise InvalidError(f"unknown state filter '{state}' (running, paused, shutoff, active, inactive)")
+        if state is not None and state not in ("running", "paused", "shutoff", "unknown", "active", "inactive"):
+            raise InvalidError(f"unknown state filter '{state}' (running, paused, shutoff, unknown, active, inactive)")
         out = []
         for record in self.by_uuid.values():
             active = record.state != "shutoff"
             if state == "active" and not active or state == "inactive" and active:
                 continue
-            if state in ("running", "paused", "shutoff") and record.state != state:
+            if state in ("running", "paused", "shutoff", "unknown") and record.state != state:
                 continue
             if state is None and not include_inactive and not active:
                 continue

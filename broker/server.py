@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from virtbroker import __version__
+from virtbroker.broker import hosts
 from virtbroker.broker.client_handlers import ClientHandlers
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
 from virtbroker.broker.etcd_store import EtcdBackend
@@ -184,6 +185,7 @@ class Broker:
             if handled:
                 self.metrics.batch_messages.observe(handled)
             core.tick(now)
+            hosts.check(core, now)
             dispatch(core, now)
             self.refresh_gauges(now)
             core.answer_waiters(now)

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from virtbroker.broker import hosts
 from virtbroker.broker.core import RESYNC_QUIET_S, BrokerCore
 from virtbroker.broker.scheduler import WorkerInfo
 from virtbroker.common import domxml
@@ -31,6 +32,8 @@ class WorkerHandlers:
             "bye": self.handle_bye,
             "label": self.handle_label,
             "label-reply": self.handle_label_reply,
+            "guest-event": self.handle_guest_event,
+            "strays-done": self.handle_strays_done,
         }
 
     def on_message(self, frames: list[bytes], peer: bytes | None = None) -> int:
@@ -134,9 +137,14 @@ class WorkerHandlers:
         core.workers[msg.worker_id] = worker
         core.worker_peers[msg.worker_id] = peer
         core.identities[msg.worker_id] = identity
-        if msg.role == "lifecycle" and msg.memory_mib > 0:
+        if msg.role == "lifecycle":
             host = core.host(host_id)
-            host.memory_mib, host.cpus = msg.memory_mib, msg.cpus
+            if msg.memory_mib > 0:
+                host.memory_mib, host.cpus = msg.memory_mib, msg.cpus
+            host.embedded = msg.uri.startswith("test:///")
+            host.shared_storage_roots = tuple(str(r) for r in msg.shared_storage_roots)
+            host.watchdog = bool(msg.watchdog)
+            core.save_hosts()
         for held in msg.leases:
             lease = core.scheduler.leases.get(str(held.get("lease_id")))
             if lease is None or lease.job_id != held.get("job_id"):
@@ -159,7 +167,25 @@ class WorkerHandlers:
             durable=False,
         )
         if msg.role == "lifecycle":
-            self.reconcile_host(host_id, msg.guests)
+            strays = hosts.returned(core, worker, msg.guests)
+            self.reconcile_host(host_id, [g for g in msg.guests if _uuid_of(g) not in strays])
+            self.self_fenced(worker, msg.self_fenced)
+            hosts.renewed(core, worker, now, 0)
+
+    def self_fenced(self, worker: WorkerInfo, uuids: list[str]) -> None:
+        """The worker destroyed these guests while it could not renew its host lease. Those
+        still recorded on its host are shut off; HA ones are started again (anywhere)."""
+        core = self.core
+        for text in uuids:
+            record = core.registry.by_uuid.get(_uuid_of({"uuid": text}) or "")
+            if record is None:
+                continue
+            log.warning("host %s self-fenced %s while it was cut off", worker.host_id, record.name)
+            if record.host_id != worker.host_id or record.uuid in core.scheduler.active:
+                continue
+            core.set_state(record, "shutoff", None, reason=f"self-fenced: host {worker.host_id} lost its host lease")
+            if domxml.is_ha(record.xml) and not core.scheduler.pending_for(record.uuid):
+                core.new_job(record, "start", deadline_s=core.config.deadline_s["start"])
 
     def reconcile_host(self, host_id: str, guests: list[dict]) -> None:
         """Make the registry agree with what a worker sees running on its host.
@@ -179,22 +205,70 @@ class WorkerHandlers:
                 continue
         for record in core.registry.by_uuid.values():
             busy = record.uuid in core.scheduler.active or record.uuid in core.scheduler.queues
-            if busy or record.changed_at > quiet_since:
+            # `unknown` is no recent news: the host was silent, and this is its word again.
+            if busy or (record.changed_at > quiet_since and record.state != "unknown"):
                 continue
             state = seen.get(record.uuid)
             if state in ("running", "paused"):
+                if record.host_id not in (None, host_id) and record.state != "shutoff":
+                    continue  # recorded on another host: strays_of decides which copy goes
                 if record.state != state or record.host_id != host_id:
-                    core.set_state(record, state, host_id)
+                    core.set_state(record, state, host_id, reason=f"reported by host {host_id}")
             elif record.host_id == host_id and record.state != "shutoff":
-                core.set_state(record, "shutoff", None)
+                core.set_state(record, "shutoff", None, reason=f"not running on host {host_id}")
 
     # ------------------------------------------------------------------ the rest
     def handle_heartbeat(self, msg: p.Heartbeat, worker: WorkerInfo) -> None:
-        unknown = self.core.scheduler.renew(worker.worker_id, msg.lease_ids, worker.last_seen)
-        if msg.guests is not None and worker.role == "lifecycle":
-            self.reconcile_host(worker.host_id, msg.guests)
+        core = self.core
+        unknown = core.scheduler.renew(worker.worker_id, msg.lease_ids, worker.last_seen)
+        if worker.role == "lifecycle":
+            hosts.renewed(core, worker, worker.last_seen, msg.seq)
+            if msg.self_fenced:
+                self.self_fenced(worker, msg.self_fenced)
+            if msg.guests is not None:
+                host = core.host(worker.host_id)
+                strays = hosts.strays_of(core, worker.host_id, msg.guests)
+                if strays and host.state != "rejoining":
+                    hosts.send_strays(core, worker, host, strays)
+                skip = set(strays) | host.strays
+                self.reconcile_host(worker.host_id, [g for g in msg.guests if _uuid_of(g) not in skip])
         if unknown:
             log.debug("worker %s renews leases it does not hold: %s", worker.worker_id, unknown)
+
+    def handle_guest_event(self, msg: p.GuestEvent, worker: WorkerInfo) -> None:
+        """A libvirt lifecycle event from a worker's host: the registry follows it at once,
+        unless a job of that domain is running (its result settles the state)."""
+        core = self.core
+        if worker.role != "lifecycle" or msg.state not in p.DOMAIN_STATES:
+            self._refuse(msg, "invalid", f"guest-event from {worker.role} worker {worker.worker_id}: {msg.state!r}")
+            return
+        uuid = _uuid_of({"uuid": msg.uuid})
+        record = core.registry.by_uuid.get(uuid or "")
+        if record is None or record.uuid in core.scheduler.active:
+            return
+        host = core.host(worker.host_id)
+        if record.uuid in host.strays:
+            return
+        reason = f"libvirt: {msg.event}" + (f" ({msg.reason})" if msg.reason else "")
+        if msg.state == "shutoff":
+            if record.host_id == worker.host_id and record.state != "shutoff":
+                core.set_state(record, "shutoff", None, reason=reason)
+                if core.config.security:
+                    # Its files keep their labels until a reconcile restores them.
+                    core.queue_reconcile(record, f"stopped outside virtbroker ({msg.event})")
+            return
+        if record.host_id not in (None, worker.host_id) and record.state != "shutoff":
+            strays = hosts.strays_of(core, worker.host_id, [{"uuid": record.uuid, "state": msg.state}])
+            if strays:
+                hosts.send_strays(core, worker, host, strays)
+            return
+        core.set_state(record, msg.state, worker.host_id, reason=reason)
+
+    def handle_strays_done(self, msg: p.StraysDone, worker: WorkerInfo) -> None:
+        if worker.role != "lifecycle":
+            self._refuse(msg, "wrong-role", f"{worker.role} worker {worker.worker_id} sent strays-done")
+            return
+        hosts.strays_done(self.core, worker, msg)
 
     def handle_bye(self, msg: p.Bye, worker: WorkerInfo) -> None:
         core = self.core
@@ -321,3 +395,10 @@ class WorkerHandlers:
         del core.label_routes[msg.label_id]
         worker.jobs.discard(msg.label_id)
         core.to_worker(requester, msg, durable=False)
+
+
+def _uuid_of(guest: dict) -> str | None:
+    try:
+        return domxml.normalize_uuid(str(guest.get("uuid")))
+    except InvalidError:
+        return None

@@ -198,8 +198,21 @@ class Client:
     def ping(self, timeout_s: float | None = None) -> dict:
         return self.call(p.Ping, reply_timeout_s=timeout_s)
 
-    def define(self, xml: str) -> dict:
-        return self.call(p.Define, xml=xml)
+    def define(self, xml: str, ha: bool | None = None) -> dict:
+        """Define or redefine a domain; ha True/False sets or clears its HA mark (None: as the XML says)."""
+        return self.call(p.Define, xml=xml, ha=ha)
+
+    def set_ha(self, domain: str, on: bool) -> dict:
+        """Mark a domain HA (restarted on another host once its host is fenced) or not."""
+        return self.call(p.SetHa, domain=domain, ha=on)
+
+    def hosts(self) -> Records:
+        """Every host the broker knows, with its state (up, unreachable, fencing, fenced, rejoining)."""
+        return self.call(p.ListHosts)
+
+    def host_action(self, host: str, action: str, confirm_off: bool = False) -> dict:
+        """fence (with confirm_off: the operator says it is off), evacuate, drain or undrain a host."""
+        return self.call(p.HostAction, host=host, action=action, confirm_off=confirm_off)
 
     def lookup(self, domain: str) -> dict:
         return self.call(p.Lookup, domain=domain)

@@ -50,11 +50,53 @@ def cmd_define(c: Client, args) -> int:
             xml = f.read()
     except OSError as e:
         raise VirtbrokerError(f"cannot read {args.file}: {e.strerror}") from None
-    record = c.define(xml)
+    record = c.define(xml, ha=True if args.ha else None)
     if args.json:
         _print_json(record)
     else:
-        print(f"Domain '{record['name']}' defined from {args.file}")
+        print(f"Domain '{record['name']}' defined from {args.file}{' (HA)' if args.ha else ''}")
+    return EXIT_OK
+
+
+def cmd_ha(c: Client, args) -> int:
+    record = c.set_ha(args.domain, args.mode == "on")
+    if args.json:
+        _print_json(record)
+    else:
+        print(f"Domain '{record['name']}' HA {args.mode}")
+    return EXIT_OK
+
+
+def cmd_hosts(c: Client, args) -> int:
+    hosts = c.hosts()
+    if args.json:
+        _print_json(hosts)
+    else:
+        _table(
+            ["Host", "State", "Guests", "Free MiB", "Workers", "Renewed", "Notes"],
+            [[h["host"], h["state"], str(h["guests"]), "-" if h["free_mib"] is None else str(h["free_mib"]),
+              str(len(h["workers"])),
+              f"{h['renewed_s_ago']:.1f} s ago",
+              ", ".join(n for n, on in (("draining", h["draining"]), ("embedded", h["embedded"]),
+                                        ("HA guests", h["armed"]), ("watchdog", h["watchdog"])) if on)]
+             for h in hosts],
+        )
+    return EXIT_OK
+
+
+def cmd_host_action(c: Client, args) -> int:
+    action = {"host-fence": "fence", "host-evacuate": "evacuate", "host-drain": "drain"}[args.verb]
+    if action == "drain" and args.undo:
+        action = "undrain"
+    if action == "fence" and not args.yes_it_is_off:
+        raise VirtbrokerError(f"host-fence needs --yes-it-is-off: say that {args.host} is powered off; "
+                              "if it is not, its guests may run twice")
+    out = c.host_action(args.host, action, confirm_off=action == "fence")
+    if args.json:
+        _print_json(out)
+    else:
+        jobs = f"; start job(s) {', '.join(map(str, out['jobs']))}" if out["jobs"] else ""
+        print(f"Host {out['host']}: {out['state']}{', draining' if out['draining'] else ''}{jobs}")
     return EXIT_OK
 
 
@@ -239,7 +281,11 @@ def cmd_events(c: Client, args) -> int:
         if args.json:
             print(json.dumps(body, sort_keys=True), flush=True)
         elif event.KIND == "domain":
-            print(f"{event.seq} domain {event.name} {event.event} {event.state}", flush=True)
+            why = f" ({event.reason})" if event.reason else ""
+            print(f"{event.seq} domain {event.name} {event.event} {event.state}{why}", flush=True)
+        elif event.KIND == "host":
+            print(f"{event.seq} host {event.host_id} {event.state}{' (' + event.reason + ')' if event.reason else ''}",
+                  flush=True)
         else:
             print(f"{event.seq} job {event.job_id} {event.op} {event.state}{': ' + event.error if event.error else ''}",
                   flush=True)
@@ -298,8 +344,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("define", help="define a domain from an XML file")
     p.add_argument("file")
+    p.add_argument("--ha", action="store_true", help="restart it on another host once its host is fenced")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_define)
+
+    p = sub.add_parser("ha", help="mark a domain HA (restarted elsewhere once its host is fenced) or not")
+    p.add_argument("domain")
+    p.add_argument("mode", choices=("on", "off"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_ha)
+
+    p = sub.add_parser("hosts", help="hosts with their state, capacity, guests and last renewal")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_hosts)
+
+    p = sub.add_parser("host-fence", help="say a lost host is powered off: its domains stop, HA ones restart elsewhere")
+    p.add_argument("host")
+    p.add_argument("--yes-it-is-off", action="store_true", help="required: the host is off (else guests run twice)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_host_action)
+
+    p = sub.add_parser("host-evacuate", help="start every domain of a fenced host on other hosts")
+    p.add_argument("host")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_host_action)
+
+    p = sub.add_parser("host-drain", help="place no new start on a host (--undo: place again)")
+    p.add_argument("host")
+    p.add_argument("--undo", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_host_action)
 
     for verb in LIFECYCLE_VERBS:
         p = sub.add_parser(verb, help=f"{verb} one or more domains (by name or UUID)")
@@ -319,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list domains (running ones, or --all)")
     p.add_argument("--all", action="store_true")
-    p.add_argument("--state", choices=("running", "paused", "shutoff", "active", "inactive"))
+    p.add_argument("--state", choices=("running", "paused", "shutoff", "unknown", "active", "inactive"))
     p.add_argument("--name", action="store_true", help="names only")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)

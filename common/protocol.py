@@ -293,6 +293,8 @@ class Heartbeat(Message):
     # sends the guests running on its host ([{uuid, name, state}]): a backstop for events.
     guests: list[dict] | None = None
     seq: int = 0  # echoed in the broker's `renewed`: the host lease was renewed at this beat
+    # Guests this worker destroyed by self-fencing; sent with every beat until one is renewed.
+    self_fenced: list[str] = field(default_factory=list)
 
 
 @dataclass

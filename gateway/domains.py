@@ -24,7 +24,8 @@ from virtbroker.gateway.rpc import RemoteError
 
 log = logging.getLogger("virtbroker.gateway")
 
-ACTIVE_STATES = ("running", "paused")
+# `unknown`: on an unreachable host, last known active (it keeps its id).
+ACTIVE_STATES = ("running", "paused", "unknown")
 # A job call waits for its job to end; each wait is one broker round trip of at most this long.
 WAIT_SLICE_S = 600.0
 

@@ -167,8 +167,9 @@ class EventFeed(threading.Thread):
                 last_seq = ev.seq
                 if isinstance(ev, p.JobEvent):
                     self._emit(self.translator.on_job(ev))
-                else:
+                elif isinstance(ev, p.DomainEvent):
                     self._emit(self.translator.on_domain(ev))
+                # host events have no libvirt counterpart
         finally:
             sub.close(linger=0)
 

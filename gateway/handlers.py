@@ -22,7 +22,9 @@ LOOP, READ, JOB, FACTS = "loop", "read", "job", "facts"
 
 DOMAIN_LIST_MAX = 16384
 CPU_BASELINE_MAX = 256
-DOMAIN_EVENT_STATE = {"running": rpc.STATE_RUNNING, "paused": rpc.STATE_PAUSED, "shutoff": rpc.STATE_SHUTOFF}
+# virtbroker's `unknown` (its host is unreachable) is libvirt's "no state".
+DOMAIN_EVENT_STATE = {"running": rpc.STATE_RUNNING, "paused": rpc.STATE_PAUSED, "shutoff": rpc.STATE_SHUTOFF,
+                      "unknown": rpc.STATE_NOSTATE}
 
 # virConnectListAllDomainsFlags.
 LIST_ACTIVE, LIST_INACTIVE = 1, 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from virtbroker.broker import hosts
 from virtbroker.broker.client_handlers import ClientHandlers
 from virtbroker.broker.core import BrokerCore
 from virtbroker.broker.outbox import TO_WORKERS
@@ -60,6 +61,7 @@ class StubBroker:
         """One loop turn: expiry, dispatch, waits, then this turn's batch written and sent."""
         now = self.clock.monotonic()
         self.core.tick(now)
+        hosts.check(self.core, now)
         dispatch(self.core, now)
         self.core.answer_waiters(now)
         batch = self.core.take_batch()
