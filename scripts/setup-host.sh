@@ -14,6 +14,8 @@ packages=(
   qemu-system-x86 qemu-utils apparmor attr gcc python3-dev python3-venv procps etcd-server etcd-client
   systemd  # systemd-analyze, for the test of configs/systemd (works without systemd as PID 1)
   virtinst  # virt-install, for the tests of the libvirt gateway
+  acl  # setfacl: scripts/test-hosts.sh lets the test hosts' users reach the project's interpreter
+  iproute2  # ip netns, veth pairs and the bridge of scripts/test-hosts.sh
 )
 missing=()
 for p in "${packages[@]}"; do
