@@ -383,9 +383,9 @@ class FakeWorker:
         while time.monotonic() < deadline:
             self.beat()
             if self.sock.poll(100):
-                msg = p.decode(self.sock.recv_multipart(), p.WORKER_VERSION)
-                if isinstance(msg, kind):
-                    return msg
+                for msg in p.unbatch(p.decode(self.sock.recv_multipart(), p.WORKER_VERSION)):
+                    if isinstance(msg, kind):
+                        return msg
         raise AssertionError(f"no {kind.KIND} within {timeout_s} s")
 
     def close(self):
