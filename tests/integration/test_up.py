@@ -11,7 +11,9 @@ import sys
 import time
 
 from tests.procs import ROOT, Proc
+from tests.waiting import wait_until
 from virtbroker.client.api import Client
+from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common.statelock import StateLock
 from virtbroker.launcher.cli import EXIT_ERROR, Restarts
 
@@ -126,3 +128,81 @@ def test_restarts_follow_supervisords_rules():
     assert r.exited("w", now=2.5) == 2.5
     r.started("w", now=2.5)
     assert r.exited("w", now=2.6) == 3.6
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, from /proc (children of children too)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_up_killed_with_its_embedded_guests_then_up_again_shuts_them_off(tmp_path):
+    """kill -9 of `virtbroker up` and every process under it, with 10 test:/// guests running
+    (their hypervisors die with their workers), then `up` again on the same state dir: within
+    host_dead_s the guests are shutoff, no call waits past queue_timeout_s, and they start
+    again on the new workers."""
+    host_dead_s, queue_timeout_s = 5.0, 8.0
+    argv = up_argv(tmp_path, "--workers", "2", "--host-dead-s", str(host_dead_s), "--self-fence-s", "3",
+                   "--queue-timeout-s", str(queue_timeout_s))
+    names = [f"emb{i}" for i in range(10)]
+    up = Proc("up", argv, tmp_path).start()
+    again = None
+    try:
+        with Client(f"ipc://{tmp_path}/client.sock", timeout_s=10) as c:
+            first_ping(c, 30, up)
+            for name in names:
+                c.define(minimal_domain_xml(name))
+            finals = c.wait([c.submit(n, "start")["job_id"] for n in names], 60)
+            assert {j["state"] for j in finals} == {"succeeded"}
+            old_hosts = {d["host"] for d in c.list()}
+            assert len(old_hosts) == 2
+        victims = [up.pid, *descendants(up.pid)]
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        up.popen.wait(timeout=10)
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and process_state(pid) != "Z" for pid in victims),
+                   timeout_s=10, what="every killed process gone")
+        again = Proc("up-again", argv, tmp_path).start()
+        with Client(f"ipc://{tmp_path}/client.sock", timeout_s=10) as c:
+            first_ping(c, 30, again)
+            restarted_at = time.monotonic()
+            # Still recorded as running: the broker gives the vanished hosts host_dead_s.
+            assert {d["state"] for d in c.list(all=True)} == {"running"}
+            destroy = c.submit(names[0], "destroy")
+            wait_until(lambda: {d["state"] for d in c.list(all=True)} == {"shutoff"}, timeout_s=host_dead_s + 5,
+                       what="every guest of the vanished hosts shut off")
+            assert time.monotonic() - restarted_at <= host_dead_s + 3
+            # The destroy queued meanwhile ended (refused: the guest is off), well within queue_timeout_s.
+            (job,) = c.wait([destroy["job_id"]], queue_timeout_s)
+            assert job["state"] == "failed" and job["error_code"] == "operation-invalid"
+            finals = c.wait([c.submit(n, "start")["job_id"] for n in names], 60)
+            assert {j["state"] for j in finals} == {"succeeded"}
+            new_hosts = {d["host"] for d in c.list()}
+            assert len(new_hosts) == 2 and not new_hosts & old_hosts
+            assert old_hosts.isdisjoint(h["host"] for h in c.hosts())
+    finally:
+        if up.alive():
+            up.kill9()
+        if again is not None:
+            assert again.stop(timeout_s=60) == 0, again.log()[-3000:]
+
+
+def process_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
