@@ -1,10 +1,23 @@
-"""Lifecycle worker: runs domain jobs through libvirt-python under the broker's leases.
+"""Lifecycle worker: runs domain jobs through libvirt-python under the broker's leases, and tells
+the broker what happens to its host's guests.
 
 The main thread owns the DEALER socket to the broker. Jobs run in a fixed set of job
 threads. A finished job's result goes into the Mailbox, which the main thread empties and
 forwards to the broker in one batch. A job thread that needs labels talks to the main
 thread over its own inproc DEALER (never a shared socket): the main thread forwards label
 requests to the broker and label replies back.
+
+The other threads hand what they have for the broker to the main thread through a second
+Mailbox (`notices`), never through its socket:
+  libvirt-events  libvirt's event loop (workers/events.py), once per process; it runs the
+                  lifecycle-event callback, which passes each event on as a guest-event.
+  events          owns the events connection; registers again after libvirtd restarts and
+                  then sends the host's full guest list.
+  resync          every resync_interval_s, the host's full guest list (a backstop for events).
+  self-fence      destroys the guests virtbroker placed when the host lease ran out while
+                  armed (workers/fencing.py); the main thread notices it and starts it.
+  strays          destroys the guests a `strays` names, then answers strays-done.
+The main thread owns the host lease (heartbeat seqs and their renewals) and the watchdog.
 """
 
 from __future__ import annotations
@@ -16,9 +29,9 @@ import queue
 import threading
 import time
 import uuid as uuidlib
+from dataclasses import dataclass
 
 import libvirt
-import msgpack
 import zmq
 
 from virtbroker.common import domxml
@@ -28,6 +41,7 @@ from virtbroker.common.errors import DriverError, OperationInvalidError, Securit
 from virtbroker.common.guestuser import guest_ids
 from virtbroker.common.process import BrokerLink, run_until_signalled
 from virtbroker.common.wire import drain, send_frames
+from virtbroker.workers import events, fencing
 
 log = logging.getLogger("virtbroker.worker")
 
@@ -190,13 +204,18 @@ class Hypervisor:
             raise
 
     def guests(self) -> list[dict]:
-        out = []
-        for dom in self.connection().listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            try:
-                out.append({"uuid": dom.UUIDString(), "name": dom.name(), "state": state_name(*dom.state())})
-            except libvirt.libvirtError:
-                continue  # it went away while we listed
-        return out
+        return list_guests(self.connection())
+
+
+def list_guests(conn: libvirt.virConnect) -> list[dict]:
+    """The host's running guests, [{uuid, name, state}], as a hello or a resync reports them."""
+    out = []
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        try:
+            out.append({"uuid": dom.UUIDString(), "name": dom.name(), "state": state_name(*dom.state())})
+        except libvirt.libvirtError:
+            continue  # it went away while we listed
+    return out
 
 
 def host_capacity(conn: libvirt.virConnect) -> tuple[int, int]:
@@ -280,12 +299,14 @@ class JobRunner:
                     xml = domxml.with_static_dac_label(xml, *uid_gid)
                 if facts.get("apparmor", {}).get("static_label"):
                     xml = domxml.with_static_label(xml, "apparmor", facts["apparmor"]["profile"])
-                self.hv.connection().createXML(xml, 0)
+                self.hv.connection().createXML(domxml.with_placed_mark(xml), 0)
             except BaseException:
                 self._restore_quietly(job)  # a failed start leaves no label behind
                 raise
         else:
-            self.hv.connection().createXML(xml, 0)
+            # The mark tells the guests virtbroker placed from any other: self-fencing
+            # destroys those alone.
+            self.hv.connection().createXML(domxml.with_placed_mark(xml), 0)
         return "running"
 
     def op_destroy(self, job: p.JobAssignment) -> str:
@@ -492,11 +513,28 @@ def _lower_priority(by: int) -> None:
         log.debug("cannot lower the priority of job thread %d: %s", tid, e)
 
 
+@dataclass
+class GuestList:
+    """A notice: the host's full guest list, for the main thread to send in a heartbeat."""
+
+    guests: list[dict]
+
+
+@dataclass
+class SelfFenced:
+    """A notice: the self-fence thread destroyed these guests."""
+
+    uuids: list[str]
+
+
 class LifecycleWorker:
     def __init__(self, config: Config, context: zmq.Context, worker_id: str | None = None):
         self.config = config
         self.context = context
         self.worker_id = worker_id or f"lw-{uuidlib.uuid4().hex[:12]}"
+        # Before any connection: libvirt watches a connection's socket (events, keepalive,
+        # its close) only if the event loop was registered when it opened.
+        events.start_event_loop()
         libvirt.registerErrorHandler(_quiet_libvirt, None)
         self.hv = Hypervisor(config.uri)
         self.host_id = host_id_for(self.hv.conn, config.uri)
@@ -517,13 +555,29 @@ class LifecycleWorker:
         self.resync_stop = threading.Event()
         self._local = threading.local()
         self.mailbox = Mailbox()
+        # What the other threads have for the broker: guest events, guest lists, strays-done,
+        # the self-fence's outcome (p.Message, GuestList or SelfFenced).
+        self.notices = Mailbox()
         self.threads = JobThreads(self.slots + self.priority_slots, self._in_thread)
+        # The host lease: heartbeats are numbered, the broker's `renewed` echoes the number.
+        self.beat_seq = 0
+        self.lease = fencing.HostLease()
+        self.watchdog = fencing.Watchdog(config.watchdog_device)
+        # Guests destroyed by self-fencing: in every heartbeat and hello until one that carried
+        # them is renewed (the broker has read it). The seq of the first beat that did, and
+        # whether a hello did.
+        self.self_fenced: list[str] = []
+        self.self_fenced_seq: int | None = None
+        self.self_fenced_in_hello = False
 
         self.link = BrokerLink(context, config, self.worker_id)
         self.poller: zmq.Poller | None = None
         self.inproc = context.socket(zmq.ROUTER)
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(INPROC_URL + "-" + self.worker_id)
+        # Registered before the first hello lists the guests: no event falls between the two.
+        self.events = events.EventWatch(config.uri, self._on_guest_event, self._after_reregistering)
+        self.events.open()
 
     def guest_uid_gid(self) -> tuple[int, int]:
         """The uid:gid QEMU runs as under the dac driver: this worker's guest_user."""
@@ -565,10 +619,16 @@ class LifecycleWorker:
             priority_slots=self.priority_slots,
             memory_mib=self.memory_mib,
             cpus=self.cpus,
+            shared_storage_roots=list(self.config.shared_storage_roots),
+            watchdog=bool(self.config.watchdog_device),
+            self_fenced=list(self.self_fenced),
         )
         self.sock.send_multipart(p.encode(msg))
+        self.lease.sent(0, time.monotonic())  # the broker answers a hello with renewed, seq 0
+        self.self_fenced_in_hello = bool(self.self_fenced)
 
     def run(self) -> None:
+        self.events.start()
         self.hello()
         log.info("lifecycle worker %s on %s (%s), %d slots", self.worker_id, self.host_id, self.config.uri, self.slots)
         self.poller = poller = zmq.Poller()
@@ -576,6 +636,7 @@ class LifecycleWorker:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.inproc, zmq.POLLIN)
         poller.register(self.mailbox.fd, zmq.POLLIN)
+        poller.register(self.notices.fd, zmq.POLLIN)
         resync = threading.Thread(target=self._resync_loop, name="resync", daemon=True)
         resync.start()
         next_beat = time.monotonic() + self.heartbeat_interval_s
@@ -595,43 +656,49 @@ class LifecycleWorker:
                 self._rejoin("the broker went away")
             elif self.sock in ready:
                 self._drain_broker()
-            if self.inproc in ready or self.mailbox.fd in ready:
+            if self.inproc in ready or self.mailbox.fd in ready or self.notices.fd in ready:
                 self._drain_threads()
+            if self.lease.expire(time.monotonic()):
+                self._start_self_fence()
             if time.monotonic() >= next_beat:
                 self._heartbeat()
                 next_beat = time.monotonic() + self.heartbeat_interval_s
         if self.running:
             log.warning("leaving with %d job(s) unfinished; their leases will expire", len(self.running))
         self.sock.send_multipart(p.encode(p.Bye(worker_id=self.worker_id)))
+        self.watchdog.close()  # a clean stop: the magic close, the host is not reset
         self.resync_stop.set()
+        self.events.stop()
         resync.join(timeout=5)
         self.threads.stop()
         self.sock.close(linger=0)
         self.inproc.close(linger=0)
-        # The mailbox's eventfd stays open until the process exits: a job thread still in a
+        # The mailboxes' eventfds stay open until the process exits: a job thread still in a
         # libvirt call may finish after this, and must not write to a reused descriptor.
 
     def _heartbeat(self, guests: list[dict] | None = None) -> None:
+        send_frames(self.sock, self._heartbeat_frames(guests))
+
+    def _heartbeat_frames(self, guests: list[dict] | None = None) -> list[bytes]:
+        self.beat_seq += 1
         lease_ids = [j.lease_id for j in self.renewable()]
-        self.sock.send_multipart(p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests)))
+        if self.self_fenced and self.self_fenced_seq is None:
+            self.self_fenced_seq = self.beat_seq
+        self.lease.sent(self.beat_seq, time.monotonic())
+        return p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests, seq=self.beat_seq,
+                                    self_fenced=list(self.self_fenced)))
 
     def _resync_loop(self) -> None:
         """Lists the host's guests every resync_interval_s in a thread of its own: a slow or
         restarting libvirtd must never delay the main thread's heartbeats (leases would expire)."""
-        sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(INPROC_URL + "-" + self.worker_id)
-        try:
-            while not self.resync_stop.wait(self.config.resync_interval_s):
-                try:
-                    self.hv.ensure_alive()
-                    guests = self.hv.guests()
-                except (libvirt.libvirtError, DriverError) as e:
-                    log.warning("cannot list guests for resync: %s", e)
-                    continue
-                sock.send_multipart([b"guests", msgpack.packb(guests, use_bin_type=True)])
-        finally:
-            sock.close(linger=0)
+        while not self.resync_stop.wait(self.config.resync_interval_s):
+            try:
+                self.hv.ensure_alive()
+                guests = self.hv.guests()
+            except (libvirt.libvirtError, DriverError) as e:
+                log.warning("cannot list guests for resync: %s", e)
+                continue
+            self.notices.put(GuestList(guests))
 
     @property
     def sock(self) -> zmq.Socket:
@@ -658,10 +725,15 @@ class LifecycleWorker:
                 self.unacked.pop(msg.job_id, None)
                 if not msg.accepted:
                     log.warning("broker refused the result of job %d: %s", msg.job_id, msg.reason)
+            elif isinstance(msg, p.Renewed):
+                self._renewed(msg)
             elif isinstance(msg, p.LabelReply):
                 identity = self.label_threads.pop(msg.label_id, None)
                 if identity is not None:
                     send_frames(self.inproc, [identity, *p.encode(msg)])
+            elif isinstance(msg, p.Strays):
+                log.warning("the broker names %d stray guest(s) on this host: destroying them", len(msg.uuids))
+                threading.Thread(target=self._destroy_strays, args=(msg.uuids,), name="strays", daemon=True).start()
             elif isinstance(msg, p.Reregister):
                 # The broker restarted: say hello with the leases we still work under, and
                 # send again every result it may not have committed.
@@ -674,6 +746,19 @@ class LifecycleWorker:
             elif isinstance(msg, p.Shutdown):
                 log.info("broker is stopping; will reconnect when it is back")
 
+    def _renewed(self, msg: p.Renewed) -> None:
+        held = self.lease.renew(msg.seq, msg.armed, msg.self_fence_s, time.monotonic())
+        self.watchdog.renewed(self.lease.armed, held)
+        first = self.self_fenced_seq
+        if (first is not None and msg.seq >= first) or (msg.seq == 0 and self.self_fenced_in_hello):
+            # A beat (or hello) that carried them was renewed: the broker has read them. (A
+            # renewed of an older hello may pass for the one that carried them; the broker reads
+            # that one next all the same, unless the connection breaks in between.)
+            log.info("the broker has heard of the %d guest(s) destroyed by self-fencing", len(self.self_fenced))
+            self.self_fenced = []
+            self.self_fenced_seq = None
+            self.self_fenced_in_hello = False
+
     def _start_job(self, job: p.JobAssignment) -> None:
         if job.job_id in self.running:
             return
@@ -684,8 +769,9 @@ class LifecycleWorker:
         self.threads.submit(job)
 
     def _drain_threads(self) -> None:
-        """Forward what the job threads sent: every finished job in the mailbox, and every
-        label request waiting on the inproc socket, goes to the broker in one batch."""
+        """Forward what the other threads sent: every finished job in the mailbox, every
+        notice, and every label request waiting on the inproc socket go to the broker in one
+        batch, in that order."""
         out: list[list[bytes]] = []
         for job, result, frames, elapsed_s in self.mailbox.take():
             self.running.pop(job.job_id, None)
@@ -704,6 +790,16 @@ class LifecycleWorker:
                 elapsed_s,
                 f": {result.error}" if result.error else "",
             )
+        for notice in self.notices.take():
+            if isinstance(notice, GuestList):
+                out.append(self._heartbeat_frames(guests=notice.guests))
+            elif isinstance(notice, SelfFenced):
+                # The next heartbeat says so: the broker restarts the HA ones elsewhere.
+                self.self_fenced += [u for u in notice.uuids if u not in self.self_fenced]
+                self.self_fenced_seq = None  # no beat has carried the new ones yet
+                self.self_fenced_in_hello = False
+            else:
+                out.append(p.encode(notice))
         while True:
             try:
                 identity, tag, *rest = self.inproc.recv_multipart(_NOBLOCK)
@@ -712,10 +808,66 @@ class LifecycleWorker:
             if tag == b"label":
                 self.label_threads[rest[0].decode()] = identity
                 out.append(rest[1:])
-            elif tag == b"guests":
-                self._heartbeat(guests=msgpack.unpackb(rest[0], raw=False))
         for frames in p.batch_frames(out):
             send_frames(self.sock, frames)
+
+    # -- the events thread and libvirt's event-loop thread
+    def _on_guest_event(self, uuid: str, event: int, detail: int) -> None:
+        """A lifecycle event (in libvirt's event-loop thread): a guest-event for the broker."""
+        meaning = events.guest_event(event, detail)
+        if meaning is None:
+            return
+        name, state, reason = meaning
+        self.notices.put(p.GuestEvent(worker_id=self.worker_id, uuid=uuid, state=state, event=name, reason=reason))
+
+    def _after_reregistering(self, conn: libvirt.virConnect) -> None:
+        """Registered for events again on a new connection (the events thread): events of the
+        time without one are lost, so the broker gets the host's full guest list at once."""
+        self.notices.put(GuestList(list_guests(conn)))
+
+    # -- self-fence and strays, each in a thread of its own
+    def _start_self_fence(self) -> None:
+        log.warning(
+            "SELF-FENCE: no renewal of the host lease for %.1f s (self_fence_s %g) while this host runs HA "
+            "guests: destroying every guest virtbroker placed here",
+            self.lease.silent_s(time.monotonic()), self.lease.self_fence_s,
+        )
+        threading.Thread(target=self._self_fence, name="self-fence", daemon=True).start()
+
+    def _self_fence(self) -> None:
+        """Destroy every guest virtbroker placed on this host, labels left as they are (the
+        broker may restart them elsewhere, on shared storage, relabelled by that host)."""
+        try:
+            self.hv.ensure_alive()
+            doms = fencing.placed_guests(self.hv.connection())
+        except (libvirt.libvirtError, DriverError) as e:
+            log.error("SELF-FENCE failed: cannot list this host's guests: %s", e)
+            return
+        destroyed, failed = fencing.destroy_all(doms, "self-fence")
+        if failed:
+            log.error("SELF-FENCE: %d guest(s) could not be destroyed and may still run", len(failed))
+        self.notices.put(SelfFenced(destroyed))
+
+    def _destroy_strays(self, uuids: list[str]) -> None:
+        """Destroy the guests a `strays` names (their domains were fenced while this host was
+        away), labels left as they are; then answer strays-done."""
+        gone: list[str] = []
+        doms: list[libvirt.virDomain] = []
+        failed: list[dict] = []
+        for uuid in uuids:
+            try:
+                dom = self.hv.lookup(uuid)
+            except (libvirt.libvirtError, DriverError) as e:
+                failed.append({"uuid": uuid, "error": str(e)})
+                continue
+            if dom is None:
+                gone.append(uuid)  # not on this host (any more): nothing to destroy
+            else:
+                doms.append(dom)
+        destroyed, not_destroyed = fencing.destroy_all(doms, "stray")
+        self.notices.put(
+            p.StraysDone(worker_id=self.worker_id, destroyed=gone + destroyed, failed=failed + not_destroyed)
+        )
 
     # -- job threads
     def _thread_socket(self) -> zmq.Socket:
