@@ -11,10 +11,11 @@ its QEMUs.
 from __future__ import annotations
 
 import contextlib
+import grp
+import hashlib
 import json
 import os
 import pwd
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ BROKER_ADDR = "198.18.0.1"  # vbbr0, the root namespace's end of every host's li
 SHARED_DIR = Path("/var/lib/virtbroker-test/shared")  # storage every host shares
 LOCKSPACE_DIR = SHARED_DIR / "lockspace"  # libvirt lockd's indirect lockspace (qemu-lockd.conf)
 RUNTIME_DIR = Path("/run/vbh")
+HOSTS_GROUP = "vbhosts"  # every host's user: the shared storage's group
 PREFIX = "vbt-hosts-"  # every guest of these tests
 SESSION_URI = "qemu:///session"
 HOST_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
@@ -246,8 +248,12 @@ class LabHost:
 
     def give(self, source: Path, name: str, mode: int) -> Path:
         """Copy a file into the host user's home, owned by it."""
+        return self.write(name, source.read_bytes(), mode)
+
+    def write(self, name: str, content: bytes | str, mode: int = 0o600) -> Path:
+        """A file in the host user's home, owned by it."""
         target = self.home / name
-        shutil.copyfile(source, target)
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
         os.chown(target, self.uid, self.pw.pw_gid)
         os.chmod(target, mode)
         return target
@@ -259,8 +265,11 @@ class LabHost:
     def heal(self) -> None:
         subprocess.run(["ip", "link", "set", self.veth, "up"], check=True)
 
+    def qemus(self) -> list[QemuProcess]:
+        return [q for q in qemu_processes() if q.uid == self.uid]
+
     def qemu_pids(self) -> list[int]:
-        return [q.pid for q in qemu_processes() if q.uid == self.uid]
+        return [q.pid for q in self.qemus()]
 
     def kill_qemus(self) -> None:
         """Power the host's guests off: kill -9 every QEMU of its user."""
@@ -274,6 +283,38 @@ class LabHost:
             if name.startswith(PREFIX):
                 self.virsh("destroy", name, check=False)
                 self.virsh("undefine", name, check=False)
+
+
+# --------------------------------------------------------------------------- shared storage
+
+
+def make_disk(name: str) -> Path:
+    """A small qcow2 disk on the shared storage that every host's user may open (group vbhosts)."""
+    path = SHARED_DIR / name
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "16M"], check=True)
+    os.chown(path, 0, grp.getgrnam(HOSTS_GROUP).gr_gid)
+    os.chmod(path, 0o660)
+    return path
+
+
+def lease_path(disk: Path) -> Path:
+    """The lease libvirt's lockd takes for a disk in its indirect lockspace: the SHA-256 of its path."""
+    return LOCKSPACE_DIR / hashlib.sha256(str(disk).encode()).hexdigest()
+
+
+def share_lease(disk: Path) -> Path:
+    """Make the disk's lease file beforehand, open to every host's user.
+
+    virtlockd creates a missing lease file with mode 0600 for its own user, and removes it
+    when the lease is released. On real hosts every virtlockd runs as root, so any host can
+    open any lease; here each host is another user, and the second host's virtlockd would
+    fail to open the first one's lease ("Permission denied") instead of finding it locked.
+    """
+    path = lease_path(disk)
+    path.touch(mode=0o660)
+    os.chown(path, 0, grp.getgrnam(HOSTS_GROUP).gr_gid)
+    os.chmod(path, 0o660)
+    return path
 
 
 # --------------------------------------------------------------------------- the fence agent's gate
@@ -413,13 +454,16 @@ class HostLab:
     def host_states(self, c: Client) -> dict[str, str]:
         return {h["host"]: h["state"] for h in c.hosts()}
 
-    def wait_host_state(self, c: Client, host: LabHost, state: str, timeout_s: float) -> None:
+    def wait_host_state(self, c: Client, host: LabHost, states: str | set[str], timeout_s: float) -> None:
+        """Until the broker lists host in one of states (unreachable and fencing alternate
+        while a failing fence program is tried again)."""
+        wanted = {states} if isinstance(states, str) else states
         try:
-            wait_until(lambda: self.host_states(c).get(host.host_id) == state, timeout_s,
-                       what=f"host {host.host_id} {state}")
+            wait_until(lambda: self.host_states(c).get(host.host_id) in wanted, timeout_s,
+                       what=f"host {host.host_id} {'/'.join(sorted(wanted))}")
         except AssertionError:
-            raise AssertionError(f"host {host.host_id} not {state} within {timeout_s:g} s: {c.hosts()}\n"
-                                 f"{self.logs()}") from None
+            raise AssertionError(f"host {host.host_id} not {'/'.join(sorted(wanted))} within {timeout_s:g} s: "
+                                 f"{c.hosts()}\n{self.logs()}") from None
 
     def define(self, c: Client, name: str, ha: bool = False, disks: list[str] | None = None) -> str:
         """Define guest PREFIX+name (KVM, 64 MiB, 1 vCPU); its UUID."""
