@@ -14,13 +14,16 @@
 #
 # The hosts share $BASE/shared (group vbhosts, setgid): disks there are the "shared storage",
 # and libvirt's lockd plugin keeps its indirect lockspace there, so that a second QEMU on a
-# disk in use fails to start. Both commands are idempotent. Needs root.
+# disk in use fails to start. Tests list the root processes they start for the hosts (their
+# brokers) in $BASE/pids, so that `down` ends them too after a run that was killed. Both
+# commands are idempotent. Needs root.
 set -euo pipefail
 
 BASE=/var/lib/virtbroker-test
 SHARED=$BASE/shared
 LOCKSPACE=$SHARED/lockspace
 ACL_RECORD=$BASE/acl-dirs  # folders given group vbhosts search (x) permission by `up`
+PIDS=$BASE/pids            # root processes the tests started for these hosts (brokers), one pid a line
 RUNTIME=/run/vbh           # RUNTIME/UID is each host user's XDG_RUNTIME_DIR
 GROUP=vbhosts
 BRIDGE=vbbr0
@@ -176,9 +179,25 @@ up() {
   echo "test-hosts: $count host(s) up: $(for i in $(seq 1 "$count"); do printf '%s@%s ' "$(host_user "$i")" "$(host_addr "$i")"; done)"
 }
 
+# kill_listed: the brokers a test run recorded in $PIDS and left running (it was killed),
+# each only if that pid still runs virtbroker (pids are reused).
+kill_listed() {
+  [[ -f $PIDS ]] || return 0
+  local pid
+  while read -r pid; do
+    [[ $pid =~ ^[0-9]+$ ]] || continue
+    if tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline" | grep -q 'virtbroker'; then
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+  done <"$PIDS"
+  rm -f "$PIDS"
+}
+
 down() {
   local user uid ns i
-  # Processes first: the users' daemons, QEMUs and workers (userdel refuses while they run).
+  # Processes first: the brokers of a killed test run, then the users' daemons, QEMUs and
+  # workers (userdel refuses while they run).
+  kill_listed
   for user in $(host_users); do kill_uid "$(id -u "$user")"; done
   for ns in $(host_namespaces); do
     # shellcheck disable=SC2046

@@ -36,6 +36,7 @@ FENCE_DIR_ENV = "VIRTBROKER_TEST_FENCE_DIR"  # tests/fence_host.py logs there an
 BROKER_ADDR = "198.18.0.1"  # vbbr0, the root namespace's end of every host's link
 SHARED_DIR = Path("/var/lib/virtbroker-test/shared")  # storage every host shares
 LOCKSPACE_DIR = SHARED_DIR / "lockspace"  # libvirt lockd's indirect lockspace (qemu-lockd.conf)
+PIDS_FILE = Path("/var/lib/virtbroker-test/pids")  # brokers test-hosts.sh down ends after a killed run
 RUNTIME_DIR = Path("/run/vbh")
 HOSTS_GROUP = "vbhosts"  # every host's user: the shared storage's group
 PREFIX = "vbt-hosts-"  # every guest of these tests
@@ -402,6 +403,8 @@ class HostLab:
             "--fence-command", str(FENCE_HOST), *extra,
         ]
         self.broker = Proc("broker", argv, self.state_dir).start()
+        with open(PIDS_FILE, "a") as f:  # scripts/test-hosts.sh down ends it if this run is killed
+            f.write(f"{self.broker.pid}\n")
         with self.client(timeout_s=2.0) as c:
 
             def answers() -> bool:

@@ -117,3 +117,34 @@ def test_a_broker_cut_off_from_every_host_fences_nobody(lab, watch, fence):
     assert all(watch.seen[uuid] == {host.host_id} for uuid, host in placed.values()), watch.seen
     assert fence.calls() == []
     assert not watch.doubles, watch.report()
+
+
+def test_a_returning_host_destroys_the_guests_fenced_while_it_was_away(lab, watch, fence):
+    """The operator fences a cut-off host whose guest still runs (no HA guest there: nothing
+    self-fences). Healed, the host must destroy that stray before it takes a job."""
+    a, b = lab.hosts
+    fence.refuse()
+    lab.start_broker()
+    c = lab.client()
+    lab.start_worker(a)
+    lab.wait_workers(c, [a])
+    stray = lab.define(c, "stray")
+    lab.start(c, ["stray"])
+    lab.start_worker(b)
+    lab.wait_workers(c, [a, b])
+
+    a.partition()
+    lab.wait_host_state(c, a, {"unreachable", "fencing"}, HOST_DEAD_S + 10)
+    c.host_action(a.host_id, "fence", confirm_off=True)  # wrong: its guest still runs
+    assert c.lookup(PREFIX + "stray")["state"] == "shutoff"
+    watch.fresh()
+    assert watch.where(stray) == {a.host_id}
+
+    a.heal()
+    lab.wait_host_state(c, a, "up", 60)
+    watch.fresh()
+    assert not watch.where(stray), f"the stray still runs on {watch.where(stray)} though host a is up again"
+    lab.start(c, ["stray"])
+    watch.fresh()
+    assert len(watch.where(stray)) == 1, watch.report()
+    assert not watch.doubles, watch.report()
