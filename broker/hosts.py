@@ -107,7 +107,7 @@ def check(core: BrokerCore, now: float) -> None:
             poll_fence_command(core, host, now)
     lost = [h for h in core.hosts.values() if not h.embedded and h.state in ("unreachable", "fencing")]
     if lost:
-        consider_fencing(core, lost, now)
+        consider_fencing(core, lost, live, now)
     fail_stuck_jobs(core, now)
 
 
@@ -129,17 +129,31 @@ def domains_on(core: BrokerCore, host_id: str) -> list[DomainRecord]:
     return [r for r in core.registry.by_uuid.values() if r.host_id == host_id and r.state != "shutoff"]
 
 
-def consider_fencing(core: BrokerCore, lost: list[Host], now: float) -> None:
-    """Fence what may be fenced now, by watchdog or fence_command; the rest waits."""
+def consider_fencing(core: BrokerCore, lost: list[Host], live: set[str], now: float) -> None:
+    """Fence what may be fenced now, by watchdog or fence_command; the rest waits.
+
+    Hosts cut off together fall silent within one heartbeat of each other, but each turns
+    unreachable on its own at host_dead_s. So the partition rule counts as lost every host
+    already silent for longer than a lease TTL (its workers are gone from the table), not
+    only those past host_dead_s: the first of them to cross is not fenced alone.
+    """
     config = core.config
     if now < core.fence_allowed_at:
         return  # the quiet period after a start or takeover
     counted = [h for h in core.hosts.values() if not h.embedded and h.state != "fenced"]
-    if len(lost) > config.partition_fraction * len(counted):
+    silent_s = min(config.lease_ttl_s, config.host_dead_s / 2)
+    silent = [h for h in counted if h in lost or (h.host_id not in live and now - h.renewed_at > silent_s)]
+    if len(silent) > config.partition_fraction * len(counted):
         if not core.partition_logged:
             core.partition_logged = True
             log.error("%d of %d hosts lost at once (more than partition_fraction %g): this broker is probably the "
-                      "one cut off; fencing nobody", len(lost), len(counted), config.partition_fraction)
+                      "one cut off; fencing nobody", len(silent), len(counted), config.partition_fraction)
+        for host in lost:
+            if host.fence_proc is not None:  # started before the others fell silent too
+                host.fence_proc.kill()
+                host.fence_proc.wait()
+                host.fence_proc = None
+                set_host_state(core, host, "unreachable", "fence command stopped: most hosts are lost at once")
         return
     core.partition_logged = False
     for host in lost:

@@ -372,3 +372,15 @@ def test_drain_keeps_new_starts_off_a_host_and_survives_a_restart(tmp_path):
     again.call(p.HostAction, host="A", action="undrain")
     assert {h["host"]: h["draining"] for h in again.call(p.ListHosts)}["A"] is False
     again.close()
+
+
+def test_hosts_cut_off_a_beat_apart_are_one_partition(broker, tmp_path):
+    """Each host turns unreachable on its own at host_dead_s; the first to cross must not be
+    fenced alone when the other fell silent with it (a heartbeat later)."""
+    two_hosts(broker)
+    start_on(broker, "g", "a1", ha=True)
+    broker.clock.advance(1.0)
+    beat(broker, "b1")  # B's last word, one beat after A's
+    pass_time(broker, DEAD_S + 20)
+    assert host_state(broker, "A") == "unreachable" and host_state(broker, "B") == "unreachable"
+    assert fence_calls(tmp_path) == []
