@@ -1,4 +1,4 @@
-"""`python -m bench [--short] [--only SECTION] [--out FILE] [--report]`: run the benchmarks, write JSON and docs."""
+"""`python -m bench [--short] [--only SECTION] [--out FILE] [--report]`: run the benchmarks, write JSON and a report."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from bench import report
+from bench import report, verdict
 from bench.common import ROOT, Settings, cleanup_guests, open_libvirt, say
 
-SECTIONS = ("storm", "latency", "security", "scale", "gateway", "ha")
-DEFAULT_OUT = ROOT / "bench" / "results" / "latest.json"
+SECTIONS = report.SECTION_ORDER
 
 
 def _on_sigterm(signum, frame):
@@ -53,34 +52,44 @@ def run_section(name: str, settings: Settings, conn) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--short", action="store_true", help="the reduced suite (a few minutes)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__,
+        epilog="A full run writes bench/results/full.json and docs/BENCHMARKS.md; --short writes "
+               "bench/results/short.json and bench/results/short.md, never docs/.",
+    )
+    parser.add_argument("--short", action="store_true",
+                        help="the smoke run: every section, smaller N, 2 pairs (under 3 minutes; judges nothing)")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable); "
                         "its results replace that section in --out")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"results file (default {DEFAULT_OUT.relative_to(ROOT)})"
-    )
-    parser.add_argument("--report", action="store_true", help="only render docs/BENCHMARKS.md from --out")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/full.json, or "
+                        "bench/results/short.json with --short)")
+    parser.add_argument("--report", action="store_true", help="only render the report from --out: "
+                        "docs/BENCHMARKS.md for a full run's results, bench/results/short.md for a short run's")
     args = parser.parse_args(argv)
+    out = args.out or (report.SHORT_RESULTS if args.short else report.FULL_RESULTS)
 
     if args.report:
-        results = json.loads(args.out.read_text())
-        results["targets"] = report.evaluate(results)
+        results = json.loads(out.read_text())
         print(report.write(results))
         return 0
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     settings = Settings.make(args.short)
     sections = args.only or list(SECTIONS)
-    results = {"sections": {}}
-    if args.only and args.out.exists():
-        results = json.loads(args.out.read_text())  # keep the sections not run this time
+    results: dict = {"sections": {}}
+    if args.only and out.exists():
+        results = json.loads(out.read_text())  # keep the sections not run this time
+        if report.method_of(results) < report.METHOD or bool(results.get("meta", {}).get("short")) != settings.short:
+            # An earlier method's results, or a short run's sections in a full file (or the
+            # reverse), must not be merged into one page with this run's.
+            say(f"{out} holds another method's or another mode's run: starting it afresh")
+            results = {"sections": {}}
     this_run = {
+        "method": report.METHOD,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "short": settings.short,
-        "reps": settings.reps,
-        "security_reps": settings.security_reps,
-        "noop_reps": settings.noop_reps,
+        "pairs": settings.pairs,
+        "reps": settings.rounds(False),
         "sections_run": sections,
         "machine": report.machine(),
     }
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one broken section must not lose the others' results
-                say(f"section {name} failed: {e}")
+                say(f"section {name} failed: {type(e).__name__}: {e}")
                 results["sections"][name] = {"status": f"not run: {type(e).__name__}: {e}"[:1000]}
     except KeyboardInterrupt:
         say("interrupted: cleaning up")
@@ -112,14 +121,15 @@ def main(argv: list[str] | None = None) -> int:
         cleanup_guests(conn)
         conn.close()
     this_run["duration_s"] = time.monotonic() - started
-    results["targets"] = report.evaluate(results) + results["sections"].get("gateway", {}).get("targets", [])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    results["targets"] = report.evaluate(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     doc = report.write(results)
-    say(f"wrote {args.out} and {doc} in {this_run['duration_s']:.0f} s")
+    say(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} and "
+        f"{doc.relative_to(ROOT)} in {this_run['duration_s']:.0f} s")
     for target in results["targets"]:
-        verdict = report._verdict(target["met"])
-        say(f"  {verdict:>14}  {target['target']}: {target['measured']} (limit {target['limit']})")
+        median, span = verdict.figures(target)
+        say(f"  {verdict.label(target)}: {target['target']}: {median} ({span}), limit {target['limit']}")
     return 0
 
 

@@ -6,7 +6,9 @@ import contextlib
 import math
 import os
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import libvirt
 
+from bench.verdict import MIN_PAIRS
 from tests.guests import remove_guests
 from tests.procs import Cluster
 from virtbroker.client.api import Client
@@ -29,7 +32,6 @@ PREFIX = "vbb-"
 TARGET_WORKERS = 4  # the worker count the targets judge virtbroker by (start storm, no-op jobs)
 DOMAIN_TYPE = "kvm" if os.path.exists("/dev/kvm") else "qemu"
 ROOT = Path(__file__).resolve().parents[1]
-SETTLE_S = 0.5  # pause between measurements, so QEMU processes of the last one have exited
 
 
 def _cpu_times() -> tuple[int, int]:
@@ -55,38 +57,55 @@ def wait_for_idle_cpu(min_idle: float = 0.9, window_s: float = 1.0, timeout_s: f
 
 @dataclass
 class Settings:
-    """How much to run: --short keeps the whole suite under a few minutes."""
+    """How much to run. Every target is judged on `pairs` interleaved pairs (bench/verdict.py);
+    rows that no target judges run `reps` times. --short keeps the whole suite under 3 minutes:
+    too few pairs to judge anything, enough to run every code path and flip the order once."""
 
     short: bool
+    pairs: int = MIN_PAIRS
     reps: int = 3
     storm_ns: list[int] = field(default_factory=list)
+    target_n: int = 20  # the N the storm, latency and security targets are for
     worker_counts: list[int] = field(default_factory=list)
     sequential_max_n: int = 20  # one-after-another destroys wait for each QEMU to exit; not run above this N
     latency_ns: list[int] = field(default_factory=list)
     security_n: int = 20
-    # The labelling ratios sit within a few percent of their limits, and single repetitions
-    # of a 20-guest storm spread wider than that on this host: the full run takes 5 of them.
-    security_reps: int = 3
     scale_sizes: list[int] = field(default_factory=list)
     noop_worker_counts: list[int] = field(default_factory=list)
-    # No-op repetitions are short and spread widely on this host: the full run takes 5.
-    noop_reps: int = 3
+    takeover_reps: int = 10
+    ha_defines: int = 10000
+    # The no-op sections wait up to this long for the CPUs to be idle before they start (what
+    # an earlier section started has ended); the short run does not wait for a busy host.
+    idle_wait_s: float = 30.0
+    settle_s: float = 0.5  # pause between storms, so QEMU processes of the last one have exited
+    zmq_messages: int = 50000  # raw pipelined ZeroMQ round trips per run (bench/scale.py)
+    noop_domains: int = 2000  # guests of the no-op job runs (bench/scale.py); each run's jobs are 4x this
+    at_rest_samples: int = 2000  # lookups at rest, per way (bench/gateway.py)
 
     @classmethod
     def make(cls, short: bool) -> Settings:
         if short:
-            # N=8 keeps the smoke run short on 2 cores (its duration is in the results'
-            # meta); the targets are judged at N=20 by the full run (its verdicts are
-            # shown beside the short run's).
+            # Two pairs flip the order once; smaller N keeps 2 cores within 3 minutes. The
+            # short run's verdicts say "not judged"; the full run judges at N=20.
             return cls(
                 short=True,
-                storm_ns=[8],
-                worker_counts=[4],
+                pairs=2,
+                reps=1,
+                storm_ns=[4],
+                target_n=4,
+                worker_counts=[TARGET_WORKERS],
                 sequential_max_n=0,
-                latency_ns=[8],
-                security_n=8,
+                latency_ns=[4],
+                security_n=4,
                 scale_sizes=[1000, 10000],
-                noop_worker_counts=[4],
+                noop_worker_counts=[TARGET_WORKERS],
+                takeover_reps=2,
+                ha_defines=1000,
+                idle_wait_s=3.0,
+                settle_s=0.2,
+                zmq_messages=20000,
+                noop_domains=500,
+                at_rest_samples=300,
             )
         return cls(
             short=False,
@@ -94,11 +113,13 @@ class Settings:
             worker_counts=[1, 2, 4, 8],
             sequential_max_n=20,
             latency_ns=[20],
-            security_reps=5,
             scale_sizes=[1000, 10000, 100000],
             noop_worker_counts=[1, 2, 4, 8],
-            noop_reps=5,
         )
+
+    def rounds(self, judged: bool) -> int:
+        """How many times a way runs: `pairs` when a target judges it, else `reps`."""
+        return self.pairs if judged else min(self.reps, self.pairs)
 
 
 def say(text: str) -> None:
@@ -127,13 +148,21 @@ def ratio(value: float | None, baseline: float | None) -> float | None:
 
 
 def summary_ms(samples_s: list[float]) -> dict:
-    """p50, p99 and max of one repetition's latencies, in milliseconds."""
+    """p50, p99, p99.9 and max of one run's latencies, in milliseconds."""
     return {
         "count": len(samples_s),
         "p50_ms": _ms(percentile(samples_s, 50)),
         "p99_ms": _ms(percentile(samples_s, 99)),
+        "p999_ms": _ms(percentile(samples_s, 99.9)),
         "max_ms": _ms(max(samples_s) if samples_s else None),
     }
+
+
+def spread(values: list[float | None]) -> dict:
+    """median, min and max of the values that are not None (None for each when there are none)."""
+    kept = [v for v in values if v is not None]
+    return {"median": median(kept), "min": min(kept) if kept else None, "max": max(kept) if kept else None,
+            "count": len(kept)}
 
 
 def _ms(value_s: float | None) -> float | None:
@@ -223,8 +252,21 @@ def vb_cluster(
             cluster.wait_workers(len(security_drivers), role="security")
         yield cluster
     finally:
-        cluster.stop()
+        stop_cluster(cluster)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def stop_cluster(cluster: Cluster, timeout_s: float = 20.0) -> None:
+    """Cluster.stop(), with every worker told to stop at once first: Cluster.stop() signals
+    each and waits for it before the next, and the waits add up over a run's many clusters.
+    Each worker still gets one SIGTERM (a second one would make it exit without finishing)."""
+    procs = [p for p in [*cluster.workers.values(), *cluster.security.values()] if p.alive()]
+    for proc in procs:
+        proc.signal(signal.SIGTERM)
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=timeout_s)
+    cluster.stop()  # the clients, the broker, and any worker that did not exit in time
 
 
 def vb_client(cluster: Cluster, timeout_s: float = 120.0) -> Client:
@@ -287,3 +329,71 @@ def cpu_s(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# ---------------------------------------------------------------------------- CPU ledger
+# Where the CPU went while a measurement ran: each named group of processes (or a single
+# thread), the rest of the host (other processes, the kernel's own threads), idle time and
+# steal (time the hypervisor under this virtual machine gave to someone else), per unit of
+# work (a job, a round trip). Read from /proc before and after; nothing is sampled.
+def host_jiffies() -> dict:
+    """busy, idle (with iowait), steal and total jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    busy = user + nice + system + irq + softirq
+    return {"busy": busy, "idle": idle + iowait, "steal": steal, "total": busy + idle + iowait + steal}
+
+
+def task_dir(pid: int, thread: bool = False) -> str:
+    """/proc/PID (the whole process) or /proc/PID/task/PID (its main thread alone)."""
+    return f"/proc/{pid}/task/{pid}" if thread else f"/proc/{pid}"
+
+
+def _cpu_ctx(path: str) -> tuple[float, int]:
+    """(user + system CPU seconds, context switches) of a process or thread directory under /proc.
+    A process's switches are summed over its threads alive now."""
+    with open(f"{path}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tasks = [f"{path}/task/{t}" for t in os.listdir(f"{path}/task")] if os.path.isdir(f"{path}/task") else [path]
+    ctx = 0
+    for task in tasks:
+        try:
+            with open(f"{task}/status") as f:
+                ctx += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except OSError:  # the thread ended meanwhile
+            pass
+    return cpu, ctx
+
+
+def cpu_snapshot(groups: dict[str, list[str]]) -> dict:
+    """groups: role -> /proc directories (task_dir). Taken before and after a measurement."""
+    snap = {"wall_s": time.perf_counter(), "host": host_jiffies(), "groups": {}}
+    for role, paths in groups.items():
+        values = [_cpu_ctx(path) for path in paths]
+        snap["groups"][role] = (sum(v[0] for v in values), sum(v[1] for v in values))
+    return snap
+
+
+def cpu_ledger(before: dict, after: dict, units: int, exclusive: tuple[str, ...] = ()) -> dict:
+    """Microseconds per unit between two snapshots: wall time; the CPU of each group and its
+    context switches per unit; and the whole host's capacity (cores x wall), split into the
+    groups, other (everything else that ran), idle and steal. `exclusive` names the groups
+    that are not parts of another group (a broker's loop thread is part of the broker), the
+    ones whose sum is taken out of the host's busy time."""
+    per = 1e6 / max(1, units)
+    tick_s = 1.0 / os.sysconf("SC_CLK_TCK")
+    wall_s = after["wall_s"] - before["wall_s"]
+    host = {k: (after["host"][k] - before["host"][k]) * tick_s for k in after["host"]}
+    out = {"wall_us": wall_s * per, "cores": os.cpu_count(), "capacity_us": wall_s * (os.cpu_count() or 1) * per}
+    ours_s = 0.0
+    for role, (cpu, ctx) in after["groups"].items():
+        cpu0, ctx0 = before["groups"][role]
+        out[f"{role}_us"] = (cpu - cpu0) * per
+        out[f"{role}_ctx"] = (ctx - ctx0) / max(1, units)
+        if role in (exclusive or tuple(after["groups"])):
+            ours_s += cpu - cpu0
+    out["other_us"] = max(0.0, host["busy"] - ours_s) * per
+    out["idle_us"] = host["idle"] * per
+    out["steal_us"] = host["steal"] * per
+    return out

@@ -17,6 +17,7 @@ import zmq
 
 from bench.common import PREFIX, TARGET_WORKERS, Settings, median, percentile, say, wait_for_idle_cpu
 from bench.scale import NOOP_BATCH, NOOP_DOMAINS, NOOP_ROUNDS, NOOP_SLOTS, _dealer, _run_ops, pipelined
+from bench.verdict import HIGHER, LOWER, decide, interleaved
 from tests.etcd_cluster import EtcdCluster
 from tests.procs import Cluster, Proc
 from tests.waiting import wait_until
@@ -208,16 +209,18 @@ def lookups_ms(cluster: Cluster, count: int) -> dict:
     return {"p50_ms": percentile(samples_s, 50) * 1000, "p99_ms": percentile(samples_s, 99) * 1000}
 
 
-def noop_jobs_per_s(store: str | None, reps: int) -> list[float]:
+def noop_jobs_per_s(
+    store: str | None, reps: int, idle_wait_s: float = 30.0, domains: int = NOOP_DOMAINS
+) -> list[float]:
     """bench/scale.py's no-op jobs (suspend/resume on test:///default, NOOP_DOMAINS guests,
     submitted NOOP_BATCH a message, one wait for all) with TARGET_WORKERS workers."""
-    wait_for_idle_cpu()
+    wait_for_idle_cpu(timeout_s=idle_wait_s)
     rates = []
     with _broker(store, workers=TARGET_WORKERS) as cluster:
         context = zmq.Context()
         sock = _dealer(context, cluster.client_url)
         try:
-            names = [f"{PREFIX}noop-{i:04d}" for i in range(NOOP_DOMAINS)]
+            names = [f"{PREFIX}noop-{i:04d}" for i in range(domains)]
             request_ids = iter(range(1, 10**9))
             # 1 MiB guests: the broker places by the memory each host reports (3 GiB a test:///
             # host), and NOOP_DOMAINS guests of the template's 64 MiB do not fit on 4 hosts.
@@ -233,7 +236,7 @@ def noop_jobs_per_s(store: str | None, reps: int) -> list[float]:
     return rates
 
 
-def raw_etcd_ms(endpoints: list[str]) -> dict:
+def raw_etcd_ms(endpoints: list[str], puts: int = RAW_PUT_SAMPLES, txns: int = RAW_TXN_SAMPLES) -> dict:
     """etcd's own floor through the broker's etcd client (etcd3gw's JSON gateway, as
     broker/etcd_store.py talks to it): one put at a time, and one 100-put transaction at a time."""
     backend = EtcdBackend(endpoints, f"/vbb-raw-{uuidlib.uuid4().hex[:6]}/")
@@ -246,11 +249,11 @@ def raw_etcd_ms(endpoints: list[str]) -> dict:
         for i in range(50):
             backend.http.post("/kv/put", {"key": key(i), "value": value})
         puts_s, txns_s = [], []
-        for i in range(RAW_PUT_SAMPLES):
+        for i in range(puts):
             t0 = time.perf_counter()
             backend.http.post("/kv/put", {"key": key(i), "value": value})
             puts_s.append(time.perf_counter() - t0)
-        for n in range(RAW_TXN_SAMPLES):
+        for n in range(txns):
             ops = [{"request_put": {"key": key(n * RAW_TXN_OPS + i), "value": value}} for i in range(RAW_TXN_OPS)]
             t0 = time.perf_counter()
             backend.http.post("/kv/txn", {"compare": [], "success": ops, "failure": []})
@@ -269,8 +272,9 @@ def raw_etcd_ms(endpoints: list[str]) -> dict:
 
 # ---------------------------------------------------------------------------- the section
 def run(settings: Settings) -> dict:
-    takeover_reps = 5 if settings.short else 10
-    define_count = 2000 if settings.short else 10000
+    takeover_reps = settings.takeover_reps
+    define_count = settings.ha_defines
+    rounds = settings.rounds(True)
     with _etcd() as etcd:
         store = "etcd://" + ",".join(etcd.endpoints)
         say(f"ha: takeover after kill -9 of the leader, {takeover_reps} repetitions")
@@ -278,8 +282,8 @@ def run(settings: Settings) -> dict:
         for rep in range(takeover_reps):
             row = takeover_once(etcd, rep)
             reps.append(row)
-            say(f"  {rep + 1}: standby acknowledges after {row['takeover_s']:.2f} s, a Client with both URLs after "
-                f"{row['client_s']:.2f} s; {row['lost']} of {row['acked']} acknowledged defines lost")
+            say(f"  {rep + 1}: standby acknowledges after {_s(row['takeover_s'])}, a Client with both URLs after "
+                f"{_s(row['client_s'])}; {row['lost']} of {row['acked']} acknowledged defines lost")
         takeovers_s = [r["takeover_s"] for r in reps if r["takeover_s"] is not None]
         clients_s = [r["client_s"] for r in reps if r["client_s"] is not None]
         takeover = {
@@ -292,30 +296,31 @@ def run(settings: Settings) -> dict:
         }
 
         say("ha: raw etcd (single put, 100-put transaction) through the broker's etcd client")
-        raw = raw_etcd_ms(etcd.endpoints)
+        raw = raw_etcd_ms(etcd.endpoints, *((100, 40) if settings.short else (RAW_PUT_SAMPLES, RAW_TXN_SAMPLES)))
         say(f"  put p50 {raw['put_p50_ms']:.2f} ms p99 {raw['put_p99_ms']:.2f} ms; 100-put txn p50 "
             f"{raw['txn100_p50_ms']:.2f} ms p99 {raw['txn100_p99_ms']:.2f} ms")
 
-        stores = {}
-        for label, url in (("etcd", store), ("sqlite", None)):
-            say(f"ha: {label}: {define_count} durable defines (Client.call_many), lookups")
-            rates, lookups = [], []
-            for _ in range(settings.reps):
-                with _broker(url) as cluster:
-                    rates.append(defines_per_s(cluster, define_count))
-                    lookups.append(lookups_ms(cluster, define_count))
-            row = {
-                "define_per_s": median(rates), "define_per_s_reps": rates,
-                "lookup_p50_ms": median([x["p50_ms"] for x in lookups]),
-                "lookup_p99_ms": median([x["p99_ms"] for x in lookups]), "lookup_reps": lookups,
-            }
-            say(f"  define {row['define_per_s']:.0f}/s, lookup p50 {row['lookup_p50_ms']:.3f} ms "
+        urls = {"etcd": store, "sqlite": None}
+        stores = {label: {"define_per_s_reps": [None] * rounds, "lookup_reps": [None] * rounds} for label in urls}
+        for index, label in interleaved(rounds, ["sqlite", "etcd"]):  # the order flipped each pair
+            say(f"ha: {label}: {define_count} durable defines (Client.call_many), lookups, pair {index + 1}/{rounds}")
+            with _broker(urls[label]) as cluster:
+                stores[label]["define_per_s_reps"][index] = defines_per_s(cluster, define_count)
+                stores[label]["lookup_reps"][index] = lookups_ms(cluster, define_count)
+        for label, row in stores.items():
+            lookups = [x for x in row["lookup_reps"] if x]
+            row["define_per_s"] = median([x for x in row["define_per_s_reps"] if x is not None])
+            row["lookup_p50_ms"] = median([x["p50_ms"] for x in lookups])
+            row["lookup_p99_ms"] = median([x["p99_ms"] for x in lookups])
+            say(f"  {label}: define {row['define_per_s']:.0f}/s, lookup p50 {row['lookup_p50_ms']:.3f} ms "
                 f"p99 {row['lookup_p99_ms']:.3f} ms")
+        for label in ("etcd", "sqlite"):
             say(f"ha: {label}: no-op jobs with {TARGET_WORKERS} workers")
-            row["noop_jobs_per_s_reps"] = noop_jobs_per_s(url, settings.reps)
+            row = stores[label]
+            row["noop_jobs_per_s_reps"] = noop_jobs_per_s(urls[label], rounds, settings.idle_wait_s,
+                                                          settings.noop_domains)
             row["noop_jobs_per_s"] = median(row["noop_jobs_per_s_reps"])
             say(f"  {row['noop_jobs_per_s']:.0f} jobs/s")
-            stores[label] = row
     return {
         "status": "ok",
         "baseline": "the SQLite store and raw etcd requests, in the same run",
@@ -326,13 +331,47 @@ def run(settings: Settings) -> dict:
             "define the standby acknowledges (asked directly every few ms), 'through a Client' the first a "
             "Client given both URLs gets acknowledged; then every define acknowledged before the kill is "
             f"looked for. Defines: {define_count} durable defines through Client.call_many ({DEFINE_CHUNK} a call, "
-            f"{p.BATCH_MAX_ITEMS} a batch message); lookups: Client.lookup one at a time over ZeroMQ, "
-            f"{LOOKUP_SAMPLES} random names; no-op jobs: bench/scale.py's suspend/resume with "
-            f"{TARGET_WORKERS} workers of {NOOP_SLOTS} slots, {NOOP_BATCH} submits a message, 1 MiB guests. "
-            "Raw etcd: the "
-            "broker's etcd client (etcd3gw, JSON gateway), one put, and one 100-put transaction, at a time."
+            f"{p.BATCH_MAX_ITEMS} a batch message), SQLite and etcd taking turns, the order flipped each pair; "
+            f"lookups: Client.lookup one at a time over ZeroMQ, {LOOKUP_SAMPLES} random names; no-op jobs: "
+            f"bench/scale.py's suspend/resume with {TARGET_WORKERS} workers of {NOOP_SLOTS} slots, {NOOP_BATCH} "
+            "submits a message, 1 MiB guests. Raw etcd: the broker's etcd client (etcd3gw, JSON gateway), one "
+            "put, and one 100-put transaction, at a time."
         ),
+        "pairs": rounds,
         "takeover": takeover,
         "raw_etcd": raw,
         "stores": stores,
+        "targets": targets(takeover, stores, raw),
     }
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def targets(t: dict, stores: dict, raw: dict) -> list[dict]:
+    """Failover on etcd: takeover time and lost writes, the etcd store's rates. Takeovers are
+    judged on their kills (there is no baseline to pair them with); a kill whose takeover was
+    not seen within 30 s counts against the max."""
+    client = (f"through a Client given both URLs: median {t['client_median_s']:.2f} s, max {t['client_max_s']:.2f} s"
+              if t.get("client_median_s") is not None else "")
+    note = f"{len(t['reps'])} kills, leader lease {t['leader_ttl_s']:g} s; {client}"
+    if t["failed"]:
+        note += f"; {t['failed']} takeover(s) not seen within 30 s"
+    takeovers = [r["takeover_s"] for r in t["reps"]]
+    etcd, sqlite = stores["etcd"], stores["sqlite"]
+    return [
+        decide("Takeover: kill -9 of the leader to the first define acknowledged by the new one, median",
+               takeovers, 2.0, LOWER, fmt="{:.2f} s", note=note, counted="kills"),
+        decide("Takeover: the same, max", takeovers, 4.0, LOWER, fmt="{:.2f} s", statistic="max", counted="kills",
+               requires=[("every takeover seen within 30 s", not t["failed"])]),
+        decide("Takeover: acknowledged defines lost, per kill", [r["lost"] for r in t["reps"]], 0, LOWER,
+               fmt="{:.0f}", statistic="max", limit_text="0", note=f"{t['lost']} of {t['acked']} in all",
+               counted="kills"),
+        decide("etcd store: durable defines pipelined (Client.call_many)", etcd["define_per_s_reps"], 2000, HIGHER,
+               fmt="{:,.0f} /s", counted="runs",
+               note=f"SQLite in the same pairs: {sqlite['define_per_s']:,.0f} /s; raw etcd 100-put transaction "
+                    f"p50 {raw['txn100_p50_ms']:.2f} ms ({raw['txn100_puts_per_s']:,.0f} puts/s one at a time)"),
+        decide(f"etcd store: no-op jobs with {TARGET_WORKERS} workers", etcd["noop_jobs_per_s_reps"], 5000, HIGHER,
+               fmt="{:,.0f} /s", counted="runs", note=f"SQLite in the same run: {sqlite['noop_jobs_per_s']:,.0f} /s"),
+    ]

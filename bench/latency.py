@@ -5,28 +5,29 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 
 import libvirt
 
 from bench.common import (
     PREFIX,
-    SETTLE_S,
     Settings,
     check_jobs,
     cleanup_guests,
     connections,
     guest_xml,
-    median,
     open_libvirt,
     parallel,
-    ratio,
     say,
+    spread,
     summary_ms,
     vb_client,
     vb_cluster,
 )
 from bench.scale import echo_server
+from bench.verdict import LOWER, decide, pair_order, pair_ratios
 
 PROBE_PERIOD_S = 0.005
 PROBE_READY_TIMEOUT_S = 30.0
@@ -155,33 +156,43 @@ class Probe:
             self.proc.kill()
 
 
-def libvirt_run(conn: libvirt.virConnect, n: int) -> dict:
+def libvirt_run(conn: libvirt.virConnect, n: int, fsync_dir: str | None = None) -> dict:
+    """N pre-defined guests started by one thread and connection each (to conn's URI, so
+    the gateway section runs the same storm through its socket), a libvirt probe alongside,
+    and with fsync_dir a raw fsync probe on that folder's disk too.
+
+    Returns the libvirt probe's samples, storm_s, and "fsync": the fsync probe's samples or None.
+    """
     names = [f"{PREFIX}l{i:02d}" for i in range(n)]
+    uri = conn.getURI()
     try:
         for name in names:
             conn.defineXML(guest_xml(name))
-        with connections(n) as own, Probe("libvirt", conn.getURI(), names) as probe:
+        with contextlib.ExitStack() as stack:
+            own = stack.enter_context(connections(n, uri=uri))
+            probe = stack.enter_context(Probe("libvirt", uri, names))
+            fsync = stack.enter_context(Probe("fsync", fsync_dir, names)) if fsync_dir else None
             # Each starting thread has its own connection, as in the storm baseline.
             doms = [c.lookupByName(name) for c, name in zip(own, names)]
             started = time.monotonic()
             parallel(lambda dom: dom.create(), doms)
             storm_s = time.monotonic() - started
             samples = probe.finish()
-        return {"storm_s": storm_s, **samples}
+            fsync_samples = fsync.finish() if fsync else None
+        return {"storm_s": storm_s, **samples, "fsync": fsync_samples}
     finally:
         cleanup_guests(conn)
 
 
 def vb_run(conn: libvirt.virConnect, n: int, mode: str = "single") -> dict:
-    """The storm through virtbroker, with probes by mode:
+    """The storm through virtbroker, with two probe processes by mode, as libvirt's storm has:
 
-    - single: the virtbroker probe on the local endpoint, alone, as libvirt's probe is alone
-      in its storm (on 2 cores every probe process adds load);
+    - single: the virtbroker probe on the local endpoint, and a raw fsync probe on the
+      broker's state dir (what the disk alone costs a durable define, in the same storm);
     - paired: two virtbroker probes side by side, one on the local endpoint and one on the
       ZeroMQ client endpoint, so both transports meet the same storm;
-    - floors: a raw fsync probe (what the disk alone costs a durable define) and two raw
-      echo probes, over ZeroMQ and over a UNIX stream (what one local round trip costs on
-      this host during the storm).
+    - floors: two raw echo probes, over ZeroMQ and over a UNIX stream (what one local round
+      trip costs on this host during the storm).
 
     Returns {"storm_s": ..., "probes": {label: the probe's samples}}.
     """
@@ -196,12 +207,11 @@ def vb_run(conn: libvirt.virConnect, n: int, mode: str = "single") -> dict:
                 if mode == "floors":
                     echo_url = stack.enter_context(echo_server(f"ipc://{cluster.state_dir}/echo.sock"))
                     stream_url = stack.enter_context(echo_server(f"unix://{cluster.state_dir}/echo-stream.sock"))
-                    targets = {"fsync": ("fsync", str(cluster.state_dir)), "echo": ("echo", echo_url),
-                               "stream_echo": ("echo", stream_url)}
+                    targets = {"echo": ("echo", echo_url), "stream_echo": ("echo", stream_url)}
                 elif mode == "paired":
                     targets = {"local": ("virtbroker", cluster.local_url), "zeromq": ("virtbroker", cluster.client_url)}
                 else:
-                    targets = {"local": ("virtbroker", cluster.local_url)}
+                    targets = {"local": ("virtbroker", cluster.local_url), "fsync": ("fsync", str(cluster.state_dir))}
                 probes = {label: stack.enter_context(Probe(kind, url, names)) for label, (kind, url) in targets.items()}
                 started = time.monotonic()
                 finals = c.wait([c.submit(name, "start")["job_id"] for name in names], 300)
@@ -214,108 +224,159 @@ def vb_run(conn: libvirt.virConnect, n: int, mode: str = "single") -> dict:
         cleanup_guests(conn)
 
 
-def _rep_row(storm_s: float, samples: dict) -> dict:
-    return {"lookup": summary_ms(samples["lookup_s"]), "define": summary_ms(samples["define_s"]), "storm_s": storm_s,
-            "probe_errors": samples["error_count"], "probe_error_samples": samples["errors"][:3]}
+def _run_row(storm_s: float, samples: dict, fsync: dict | None = None) -> dict:
+    return {"storm_s": storm_s, "lookup": summary_ms(samples["lookup_s"]), "define": summary_ms(samples["define_s"]),
+            "fsync": summary_ms(fsync["define_s"]) if fsync else None,
+            "probe_errors": samples["error_count"] + (fsync["error_count"] if fsync else 0),
+            "probe_error_samples": samples["errors"][:3]}
+
+
+LIBVIRT_WAY = "libvirt"
+FLOORS_WAY = f"{VB_WAY}, raw echo floors"
+LOOKUP_P99_LIMIT = 1.0  # x libvirtd's p99 in the same pair
+LOOKUP_MAX_LIMIT = 0.1  # x libvirtd's max in the same pair
+DEFINE_FSYNC_LIMIT = 1.2  # x the raw fsync p99 in the same storm
+STATS = ("p50_ms", "p99_ms", "p999_ms", "max_ms")
 
 
 def run(settings: Settings, conn: libvirt.virConnect) -> dict:
-    rows: dict[tuple[int, str], dict] = {}
-
-    def row_for(n: int, way: str) -> dict:
-        return rows.setdefault((n, way), {"n": n, "way": way, "reps": [], "floor_reps": [], "errors": []})
-
-    for rep in range(settings.reps):
-        for n in settings.latency_ns:
-            ways = ["libvirt", VB_WAY]
-            if not settings.short:  # these explain the full run's verdicts; the smoke run has no time for them
-                ways += ["paired", "floors"]
-            for way in ways:
-                say(f"latency rep {rep + 1}/{settings.reps}: N={n} {way}")
-                # The floors belong with virtbroker's row: the same storm, another run of it.
-                first = row_for(n, {"paired": PAIRED_LOCAL_WAY, "floors": VB_WAY}.get(way, way))
+    """Pairs of storms: libvirt (its probe and an fsync probe) and virtbroker (its probe and an
+    fsync probe), the order flipped each pair; the full run adds, in its first pairs, a storm
+    with two virtbroker probes (local endpoint and ZeroMQ) and one with the raw echo floors."""
+    n = max(settings.latency_ns)
+    rounds = settings.rounds(True)
+    ways = [LIBVIRT_WAY, VB_WAY]
+    if not settings.short:  # these explain the full run's verdicts; the smoke run has no time for them
+        ways += ["paired", "floors"]
+    runs: dict[str, list[dict | None]] = {
+        way: [None] * rounds for way in (LIBVIRT_WAY, VB_WAY, PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY, FLOORS_WAY)
+    }
+    errors: dict[str, list[str]] = {way: [] for way in runs}
+    fsync_dir = tempfile.mkdtemp(prefix="vbb-fsync-", dir="/tmp")  # the broker's state dirs' disk
+    try:
+        for index in range(rounds):
+            judged = [w for w in ways if w in (LIBVIRT_WAY, VB_WAY) or index < settings.rounds(False)]
+            for way in pair_order(index, judged):
+                say(f"latency pair {index + 1}/{rounds}: N={n} {way}")
+                row_way = {"paired": PAIRED_LOCAL_WAY, "floors": FLOORS_WAY}.get(way, way)
                 try:
-                    result = (
-                        libvirt_run(conn, n) if way == "libvirt" else vb_run(conn, n, {VB_WAY: "single"}.get(way, way))
-                    )
+                    if way == LIBVIRT_WAY:
+                        result = libvirt_run(conn, n, fsync_dir=fsync_dir)
+                    else:
+                        result = vb_run(conn, n, {VB_WAY: "single"}.get(way, way))
                 except Exception as e:
                     say(f"  failed: {e}")
-                    first["errors"].append(str(e)[:500])
+                    errors[row_way].append(str(e)[:500])
                     continue
                 storm_s = result["storm_s"]
-                if way == "libvirt":
-                    measured = {"libvirt": result}
+                if way == LIBVIRT_WAY:
+                    made = {LIBVIRT_WAY: _run_row(storm_s, result, result["fsync"])}
                 elif way == "floors":
                     floors = result["probes"]
-                    rep_row = {
-                        "fsync": summary_ms(floors["fsync"]["define_s"]),
+                    made = {FLOORS_WAY: {
+                        "storm_s": storm_s,
                         "echo": summary_ms(floors["echo"]["lookup_s"]),
                         "stream_echo": summary_ms(floors["stream_echo"]["lookup_s"]),
-                        "storm_s": storm_s,
                         "probe_errors": sum(f["error_count"] for f in floors.values()),
-                        "probe_error_samples": [e for f in floors.values() for e in f["errors"]][:3],
-                    }
-                    first["floor_reps"].append(rep_row)
-                    say(
-                        f"  storm {storm_s:.2f} s; echo p99 {rep_row['echo']['p99_ms']:.2f} ms (ZeroMQ), "
-                        f"{rep_row['stream_echo']['p99_ms']:.2f} ms (stream), "
-                        f"fsync p99 {rep_row['fsync']['p99_ms']:.2f} ms"
-                    )
-                    time.sleep(SETTLE_S)
-                    continue
+                    }}
                 elif way == "paired":
-                    measured = {PAIRED_LOCAL_WAY: result["probes"]["local"], PAIRED_ZMQ_WAY: result["probes"]["zeromq"]}
+                    made = {PAIRED_LOCAL_WAY: _run_row(storm_s, result["probes"]["local"]),
+                            PAIRED_ZMQ_WAY: _run_row(storm_s, result["probes"]["zeromq"])}
                 else:
-                    measured = {VB_WAY: result["probes"]["local"]}
-                for row_way, samples in measured.items():
-                    rep_row = _rep_row(storm_s, samples)
-                    row_for(n, row_way)["reps"].append(rep_row)
-                    say(
-                        f"  storm {storm_s:.2f} s; {row_way}: lookup p99 {rep_row['lookup']['p99_ms']:.2f} ms, "
-                        f"define p99 {rep_row['define']['p99_ms']:.2f} ms ({rep_row['lookup']['count']} samples)"
-                    )
-                time.sleep(SETTLE_S)
-    out = []
-    for row in rows.values():
-        for op in ("lookup", "define"):
-            for stat in ("p50_ms", "p99_ms", "max_ms"):
-                row[f"{op}_{stat}"] = median([r[op][stat] for r in row["reps"] if r[op][stat] is not None])
-        for floor in ("fsync", "echo", "stream_echo"):
-            floors = [r[floor] for r in row["floor_reps"] if floor in r]
-            for stat in ("p50_ms", "p99_ms", "max_ms"):
-                row[f"{floor}_{stat}"] = median([f[stat] for f in floors if f[stat] is not None]) if floors else None
-        row["samples"] = sum(r["lookup"]["count"] for r in row["reps"])
-        out.append(row)
-    for row in out:
-        base = rows.get((row["n"], "libvirt"), {})
-        if row["way"] in (PAIRED_LOCAL_WAY, PAIRED_ZMQ_WAY):
-            continue  # two probes in one storm: compare them with each other, not with libvirt's one
-        for key in (
-            "lookup_p50_ms",
-            "lookup_p99_ms",
-            "lookup_max_ms",
-            "define_p50_ms",
-            "define_p99_ms",
-            "define_max_ms",
-        ):
-            row[key.replace("_ms", "_ratio")] = ratio(row.get(key), base.get(key))
+                    made = {VB_WAY: _run_row(storm_s, result["probes"]["local"], result["probes"]["fsync"])}
+                for label, row in made.items():
+                    runs[label][index] = row
+                    say(f"  storm {storm_s:.2f} s; {label}: " + _progress(row))
+                time.sleep(settings.settle_s)
+    finally:
+        shutil.rmtree(fsync_dir, ignore_errors=True)
+    rows = []
+    for way, way_runs in runs.items():
+        done = [r for r in way_runs if r is not None]
+        if not done and not errors[way]:
+            continue
+        row = {"n": n, "way": way, "runs": way_runs, "pairs": len(done), "errors": errors[way],
+               "storm_s": spread([r["storm_s"] for r in done]),
+               "probe_errors": sum(r["probe_errors"] for r in done)}
+        for probe in ("lookup", "define", "fsync", "echo", "stream_echo"):
+            for stat in STATS:
+                # The median over runs of each run's percentile, with their min and max.
+                row[f"{probe}_{stat}"] = spread([(r.get(probe) or {}).get(stat) for r in done])
+        row["samples"] = sum((r.get("lookup") or r.get("echo") or {}).get("count", 0) for r in done)
+        rows.append(row)
     return {
         "status": "ok",
-        "baseline": "libvirt",
+        "baseline": "libvirt (one thread and connection per guest), and the raw fsync probe in the same storm",
         "note": (
-            "A separate process looks up a storm guest and defines a new name every 5 ms while N "
+            f"A separate process looks up a storm guest and defines a new name every 5 ms while N={n} "
             "pre-defined guests start (one thread and connection per guest for libvirt; 4 lifecycle workers for "
             "virtbroker). virtbroker's probe is a Client on the local endpoint (a UNIX stream socket). "
-            "virtbroker's define is durable: the broker fsyncs its SQLite WAL before it replies. "
-            "In the full run, two more virtbroker storms follow each. The 'paired' one carries two virtbroker "
-            "probes side by side, one on the local endpoint and one on the ZeroMQ client endpoint: the two "
-            "transports in the same storm (with two probes' load, so not comparable with the other rows). The "
-            "other carries raw probes instead: one appends 4 KiB and fsyncs every 5 ms on the state dir's "
-            "file system (the "
-            "disk's own floor for a durable define), two send a lookup-sized message to an echo process and "
-            "wait for it, over ZeroMQ and over a UNIX stream (the floor for any lookup over that transport "
-            "during the storm). "
-            "Percentiles are per repetition; the table shows their median."
+            "virtbroker's define is durable: the broker fsyncs its SQLite WAL before it replies. Every storm "
+            "carries two probe processes: beside libvirt's or virtbroker's probe, a raw probe appends 4 KiB and "
+            "fsyncs every 5 ms on the file system of the broker's state dir (the disk's own floor for a durable "
+            f"define, in the same storm). Pairs: a libvirt storm and a virtbroker storm, the order flipped each "
+            f"pair. The full run adds, in its first {settings.rounds(False)} pairs, a storm with two virtbroker "
+            "probes side by side (local endpoint and ZeroMQ: the two transports in the same storm) and one "
+            "with two raw echo probes instead (a lookup-sized message to an echo process and back, over "
+            "ZeroMQ and over a UNIX stream: the floor for any lookup over that transport during the storm). "
+            "Each figure is the median over storms of that storm's percentile (min to max beside it)."
         ),
-        "rows": out,
+        "pairs": rounds,
+        "rows": rows,
+        "targets": targets(runs, settings, n),
     }
+
+
+def _progress(row: dict) -> str:
+    if "echo" in row:
+        return (f"echo p99 {row['echo']['p99_ms']:.2f} ms (ZeroMQ), {row['stream_echo']['p99_ms']:.2f} ms "
+                f"(stream)")
+    text = (f"lookup p99 {row['lookup']['p99_ms']:.2f} ms max {row['lookup']['max_ms']:.1f} ms, "
+            f"define p99 {row['define']['p99_ms']:.2f} ms ({row['lookup']['count']} samples)")
+    if row.get("fsync"):
+        text += f", fsync p99 {row['fsync']['p99_ms']:.2f} ms"
+    return text
+
+
+def _stat(run: dict | None, probe: str, stat: str) -> float | None:
+    return ((run or {}).get(probe) or {}).get(stat)
+
+
+def targets(runs: dict[str, list[dict | None]], settings: Settings, n: int) -> list[dict]:
+    lv, vb = runs[LIBVIRT_WAY], runs[VB_WAY]
+    unjudged = None if n == 20 else f"N={n}, the targets are for N=20"
+
+    def pairs(stat: str, probe: str = "lookup") -> list[tuple[float | None, float | None]]:
+        return [(_stat(b, probe, stat), _stat(s, probe, stat)) for b, s in zip(lv, vb)]
+
+    def ms(values: list[float | None]) -> str:
+        sp = spread(values)
+        return "-" if sp["median"] is None else f"{sp['median']:.2f} ms ({sp['min']:.2f} to {sp['max']:.2f})"
+
+    lv_define_fsync = pair_ratios([(_stat(r, "fsync", "p99_ms"), _stat(r, "define", "p99_ms")) for r in lv if r])
+    lv_df = spread(lv_define_fsync)
+    return [
+        decide(
+            f"Lookup p99 during the N={n} start storm: virtbroker / libvirtd",
+            pair_ratios(pairs("p99_ms")), LOOKUP_P99_LIMIT, LOWER, limit_text="<= libvirtd's (1.00x)",
+            unjudged=unjudged,
+            note=f"virtbroker {ms([_stat(r, 'lookup', 'p99_ms') for r in vb])}, "
+                 f"libvirtd {ms([_stat(r, 'lookup', 'p99_ms') for r in lv])}",
+        ),
+        decide(
+            f"Lookup max during the N={n} start storm: virtbroker / libvirtd",
+            pair_ratios(pairs("max_ms")), LOOKUP_MAX_LIMIT, LOWER, limit_text="<= a tenth of libvirtd's (0.10x)",
+            fmt="{:.3f}x", unjudged=unjudged,
+            note=f"virtbroker {ms([_stat(r, 'lookup', 'max_ms') for r in vb])}, "
+                 f"libvirtd {ms([_stat(r, 'lookup', 'max_ms') for r in lv])}",
+        ),
+        decide(
+            f"Durable define p99 during the N={n} start storm / raw fsync p99 in the same storm",
+            pair_ratios([(_stat(r, "fsync", "p99_ms"), _stat(r, "define", "p99_ms")) for r in vb if r]),
+            DEFINE_FSYNC_LIMIT, LOWER, unjudged=unjudged,
+            note=f"define {ms([_stat(r, 'define', 'p99_ms') for r in vb])}, "
+                 f"fsync {ms([_stat(r, 'fsync', 'p99_ms') for r in vb])}; libvirtd's define p99 / fsync p99 in its "
+                 + ("storms: -" if lv_df["median"] is None else
+                    f"storms: {lv_df['median']:.2f}x ({lv_df['min']:.2f} to {lv_df['max']:.2f})"),
+        ),
+    ]

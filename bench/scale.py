@@ -20,15 +20,19 @@ from bench.common import (
     PREFIX,
     TARGET_WORKERS,
     Settings,
-    cpu_s,
+    cpu_ledger,
+    cpu_snapshot,
     median,
     percentile,
     ratio,
     rss_mb,
     say,
+    spread,
+    task_dir,
     vb_cluster,
     wait_for_idle_cpu,
 )
+from bench.verdict import HIGHER, LOWER, decide, interleaved, not_measured, pair_ratios
 from tests.procs import Cluster
 from virtbroker.client.api import Client
 from virtbroker.client.templates import minimal_domain_xml
@@ -47,12 +51,12 @@ NOOP_ROUNDS = 2  # each guest is suspended and resumed this many times per repet
 # it measures the round trip: every guest may have a job in flight (the window), and the
 # workers' slots can hold them all. With 128 slots and a 200-request window the same run
 # gives 8,500 to 9,200 a second (bench/analysis.md).
-NOOP_SLOTS = 512
-NOOP_WINDOW = NOOP_DOMAINS
+NOOP_SLOTS = 512  # every guest may have a job in flight: the window is the guest count (_run_ops)
 NOOP_FEW_SLOTS = 16  # the same run with fewer jobs in flight, for comparison
 # A bulk client submits its jobs in batches (one message, one reply, for this many); the
 # full run also measures one message per job.
 NOOP_BATCH = 100
+TARGET_SIZE = 100000  # the registry size the scale targets are for
 DEFINE_CHUNKS = 3  # define throughput is measured per chunk of the fill; the median is shown
 
 
@@ -127,8 +131,8 @@ def echo_main(url: str, ready) -> None:
 
 
 @contextlib.contextmanager
-def echo_server(url: str, ready_timeout_s: float = 30.0) -> Iterator[str]:
-    """echo_main in a process of its own, bound and ready; killed on exit. Yields the URL."""
+def echo_process(url: str, ready_timeout_s: float = 30.0) -> Iterator[tuple[str, int]]:
+    """echo_main in a process of its own, bound and ready; killed on exit. Yields (URL, its pid)."""
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
     server = ctx.Process(target=echo_main, args=(url, ready), daemon=True)
@@ -136,10 +140,17 @@ def echo_server(url: str, ready_timeout_s: float = 30.0) -> Iterator[str]:
     try:
         if not ready.wait(ready_timeout_s):
             raise RuntimeError("echo server did not start")
-        yield url
+        yield url, server.pid
     finally:
         server.kill()
         server.join(timeout=10)
+
+
+@contextlib.contextmanager
+def echo_server(url: str, ready_timeout_s: float = 30.0) -> Iterator[str]:
+    """echo_process, yielding the URL alone."""
+    with echo_process(url, ready_timeout_s) as (bound, _pid):
+        yield bound
 
 
 def raw_zmq(state_dir: Path) -> dict:
@@ -174,15 +185,20 @@ def _echo_rates(sock: zmq.Socket, frames: list[bytes]) -> tuple[list[float], flo
         sock.recv_multipart()
         rtts_s.append(time.perf_counter() - t0)
     started = time.perf_counter()
+    _echo_pipelined(sock, frames)
+    pipelined_per_s = ZMQ_PIPELINED_MESSAGES / (time.perf_counter() - started)
+    return rtts_s, pipelined_per_s
+
+
+def _echo_pipelined(sock: zmq.Socket, frames: list[bytes], count: int = ZMQ_PIPELINED_MESSAGES) -> None:
+    """count round trips with up to WINDOW in flight."""
     sent = received = 0
-    while received < ZMQ_PIPELINED_MESSAGES:
-        while sent < ZMQ_PIPELINED_MESSAGES and sent - received < WINDOW:
+    while received < count:
+        while sent < count and sent - received < WINDOW:
             sock.send_multipart(frames)
             sent += 1
         sock.recv_multipart()
         received += 1
-    pipelined_per_s = ZMQ_PIPELINED_MESSAGES / (time.perf_counter() - started)
-    return rtts_s, pipelined_per_s
 
 
 # ---------------------------------------------------------------------------- registry scale
@@ -211,6 +227,7 @@ def registry_scale(size: int, reps: int) -> dict:
             list_all_s = []
             list_raw_s = []
             list_error = None
+            rss_reps: list[float] = []
             for rep in range(reps):
                 samples_s = []
                 for _ in range(LOOKUP_SAMPLES):
@@ -230,7 +247,7 @@ def registry_scale(size: int, reps: int) -> dict:
                         if len(listed) != size:
                             raise RuntimeError(f"list --all returned {len(listed)} domains, expected {size}")
                 list_raw_s.append(_list_raw_s(sock, 10**9 + rep, size))
-            rss = rss_mb(cluster.broker.pid)
+                rss_reps.append(rss_mb(cluster.broker.pid))
         return {
             "size": size,
             "define_per_s": median(define_rates),
@@ -242,7 +259,8 @@ def registry_scale(size: int, reps: int) -> dict:
             "list_all_error": list_error,
             "list_all_raw_s": median(list_raw_s),
             "list_all_raw_s_reps": list_raw_s,
-            "broker_rss_mb": rss,
+            "broker_rss_mb": median(rss_reps),
+            "broker_rss_mb_reps": rss_reps,
         }
     finally:
         with contextlib.suppress(Exception):
@@ -268,9 +286,14 @@ def _list_raw_s(sock: zmq.Socket, request_id: int, size: int) -> float:
 
 
 # ---------------------------------------------------------------------------- no-op jobs
+ZMQ_WAY = "raw ZeroMQ"
+
+
 def noop_throughput(
-    workers: int, reps: int, slots: int = NOOP_SLOTS, batches: tuple[int, ...] = (NOOP_BATCH,)
-) -> list[dict]:
+    workers: int, rounds: int, slots: int = NOOP_SLOTS, batches: tuple[int, ...] = (NOOP_BATCH,),
+    with_zmq: bool = False, idle_wait_s: float = 30.0, domains: int = NOOP_DOMAINS,
+    zmq_messages: int = ZMQ_PIPELINED_MESSAGES,
+) -> tuple[list[dict], dict | None]:
     """suspend/resume jobs on test:///default guests: a job whose hypervisor call costs microseconds.
 
     The broker has no no-op operation; on libvirt's embedded test driver each lifecycle
@@ -280,50 +303,76 @@ def noop_throughput(
     once the CPUs are idle (what an earlier section started has ended).
 
     One row per entry of `batches` (submits per message); with several, their repetitions
-    take turns on the same cluster, so that drift of the host lands on each alike. Each
-    repetition also records the CPU time per job of the broker, the workers and this
-    client, from /proc: a figure the host's speed moves less than the rate.
+    take turns on the same cluster, so that drift of the host lands on each alike. With
+    with_zmq, raw pipelined ZeroMQ round trips to an echo process take turns with them too
+    (the order flipped each pair): the baseline the ratio target is judged on, in the same
+    pairs. Each repetition records a CPU ledger (common.cpu_ledger): per job, the CPU of the
+    broker (and of its loop thread alone), the workers and this client, the rest of the
+    host, idle and steal; the raw round trips record the same per message for the echo
+    process and this client. Returns (rows, the raw ZeroMQ row or None).
     """
-    idle = wait_for_idle_cpu()
+    idle = wait_for_idle_cpu(timeout_s=idle_wait_s)
     rows = {
-        batch: {"workers": workers, "slots": slots, "batch": batch, "jobs_per_s_reps": [], "cpu_us_per_job_reps": []}
+        batch: {"workers": workers, "slots": slots, "batch": batch, "jobs_per_s_runs": [None] * rounds,
+                "ledger_runs": [None] * rounds}
         for batch in batches
     }
-    with vb_cluster(workers, slots, uri="test:///default") as cluster:
+    raw = {"way": ZMQ_WAY, "per_s_runs": [None] * rounds, "ledger_runs": [None] * rounds} if with_zmq else None
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(vb_cluster(workers, slots, uri="test:///default"))
+        echo_url, echo_pid = stack.enter_context(echo_process(f"ipc://{cluster.state_dir}/echo.sock")) \
+            if with_zmq else (None, None)
         context = zmq.Context()
         sock = _dealer(context, cluster.client_url)
+        echo_sock = _dealer(context, echo_url) if with_zmq else None
         try:
-            names = [f"{PREFIX}noop-{i:04d}" for i in range(NOOP_DOMAINS)]
+            names = [f"{PREFIX}noop-{i:04d}" for i in range(domains)]
             request_ids = iter(range(1, 10**9))
             pipelined(sock, [p.Define(request_id=next(request_ids), xml=minimal_domain_xml(n, "test")) for n in names])
             _run_ops(sock, names, ["start"], request_ids, batches[0])
-            pids = {"broker": [cluster.broker.pid], "workers": [w.pid for w in cluster.workers.values()],
-                    "client": [os.getpid()]}
-            for _rep in range(reps):
-                for batch, row in rows.items():
-                    before = {role: sum(map(cpu_s, group)) for role, group in pids.items()}
-                    jobs, elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * NOOP_ROUNDS, request_ids, batch)
-                    row["jobs_per_s_reps"].append(jobs / elapsed_s)
-                    row["cpu_us_per_job_reps"].append(
-                        {role: (sum(map(cpu_s, group)) - before[role]) / jobs * 1e6 for role, group in pids.items()}
-                    )
+            me = task_dir(os.getpid())
+            groups = {"broker": [task_dir(cluster.broker.pid)], "broker_loop": [task_dir(cluster.broker.pid, True)],
+                      "workers": [task_dir(w.pid) for w in cluster.workers.values()], "client": [me]}
+            exclusive = ("broker", "workers", "client")
+            frames = p.encode(p.Lookup(request_id=1, domain=f"{PREFIX}scale-000001"))
+            if with_zmq:
+                _echo_pipelined(echo_sock, frames, 2000)  # warm up
+            ways: list[int | str] = ([ZMQ_WAY] if with_zmq else []) + list(batches)
+            for index, way in interleaved(rounds, ways):
+                if way == ZMQ_WAY:
+                    zgroups = {"echo": [task_dir(echo_pid)], "client": [me]}
+                    before = cpu_snapshot(zgroups)
+                    _echo_pipelined(echo_sock, frames, zmq_messages)
+                    after = cpu_snapshot(zgroups)
+                    raw["per_s_runs"][index] = zmq_messages / (after["wall_s"] - before["wall_s"])
+                    raw["ledger_runs"][index] = cpu_ledger(before, after, zmq_messages)
+                    continue
+                row = rows[way]
+                before = cpu_snapshot(groups)
+                jobs, _elapsed_s = _run_ops(sock, names, ["suspend", "resume"] * NOOP_ROUNDS, request_ids, way)
+                after = cpu_snapshot(groups)
+                row["jobs_per_s_runs"][index] = jobs / (after["wall_s"] - before["wall_s"])
+                row["ledger_runs"][index] = cpu_ledger(before, after, jobs, exclusive)
         finally:
             sock.close(linger=0)
+            if echo_sock is not None:
+                echo_sock.close(linger=0)
             context.term()
-    for row in rows.values():
-        row["jobs_per_s"] = median(row["jobs_per_s_reps"])
-        row["cpu_us_per_job"] = {
-            role: median([r[role] for r in row["cpu_us_per_job_reps"]]) for role in ("broker", "workers", "client")
-        }
+    for row in [*rows.values(), *([raw] if raw else [])]:
+        rates = row.get("jobs_per_s_runs") or row["per_s_runs"]
+        row["per_s"] = spread(rates)
+        row["jobs_per_s"] = row["per_s"]["median"]
+        ledgers = [r for r in row["ledger_runs"] if r]
+        row["ledger"] = {key: median([r[key] for r in ledgers]) for key in (ledgers[0] if ledgers else {})}
         row["cpu_idle_before"] = idle
-    return list(rows.values())
+    return list(rows.values()), raw
 
 
 def _run_ops(sock, names, ops, request_ids, batch: int) -> tuple[int, float]:
     """Submit every op for every name (pipelined), then wait for all of them to end."""
     requests = [p.Submit(request_id=next(request_ids), domain=n, op=op) for op in ops for n in names]
     started = time.perf_counter()
-    job_ids = [job["job_id"] for job in pipelined(sock, requests, window=NOOP_WINDOW, batch=batch)]
+    job_ids = [job["job_id"] for job in pipelined(sock, requests, window=len(names), batch=batch)]
     (waited,) = pipelined(sock, [p.Wait(request_id=next(request_ids), job_ids=job_ids, timeout_s=300)], timeout_s=310)
     elapsed_s = time.perf_counter() - started
     if waited["timed_out"]:
@@ -335,11 +384,15 @@ def _run_ops(sock, names, ops, request_ids, batch: int) -> tuple[int, float]:
 
 
 # ---------------------------------------------------------------------------- the section
+NOOP_LIMIT = 10000.0
+NOOP_ZMQ_LIMIT = 0.25
+
+
 def run(settings: Settings) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="vbb-", dir="/tmp"))
     try:
         say("scale: raw pyzmq ROUTER/DEALER")
-        zmq_reps = [raw_zmq(tmp) for _ in range(settings.reps)]
+        zmq_reps = [raw_zmq(tmp) for _ in range(settings.rounds(False))]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     transport = {key: median([r[key] for r in zmq_reps]) for key in zmq_reps[0]}
@@ -347,7 +400,7 @@ def run(settings: Settings) -> dict:
     registry_rows = []
     for size in settings.scale_sizes:
         say(f"scale: {size} domains")
-        row = registry_scale(size, settings.reps)
+        row = registry_scale(size, settings.rounds(True))
         row["lookup_p99_ratio"] = ratio(row["lookup_p99_ms"], transport["rtt_p99_ms"])
         registry_rows.append(row)
         listed = f"{row['list_all_s']:.3f} s" if row["list_all_s"] is not None else f"failed ({row['list_all_error']})"
@@ -362,27 +415,34 @@ def run(settings: Settings) -> dict:
         row["rss_ratio"] = ratio(row["broker_rss_mb"], smallest["broker_rss_mb"])
         row["define_ratio"] = ratio(row["define_per_s"], smallest["define_per_s"])
     noop_rows = []
-    few = unbatched = None
+    few = unbatched = raw = None
     for workers in settings.noop_worker_counts:
-        # With the target's worker count the full run takes turns with one submit a
-        # message, on the same cluster.
-        both = workers == TARGET_WORKERS and not settings.short
-        say(
-            f"scale: no-op jobs with {workers} workers" + (", batched and one submit a message in turn" if both else "")
-        )
-        row, *rest = noop_throughput(workers, settings.noop_reps, batches=(NOOP_BATCH, 1) if both else (NOOP_BATCH,))
+        # With the target's worker count, raw ZeroMQ round trips take turns with the no-op
+        # repetitions (the ratio target's pairs), and the full run adds one submit a message.
+        target = workers == TARGET_WORKERS
+        batches = (NOOP_BATCH, 1) if target and not settings.short else (NOOP_BATCH,)
+        say(f"scale: no-op jobs with {workers} workers" + (", taking turns with raw ZeroMQ" if target else ""))
+        (row, *rest), zmq_row = noop_throughput(workers, settings.rounds(target), batches=batches, with_zmq=target,
+                                                idle_wait_s=settings.idle_wait_s,
+                                                domains=settings.noop_domains, zmq_messages=settings.zmq_messages)
         noop_rows.append(row)
         if rest:
             unbatched = rest[0]
+        if zmq_row:
+            raw = zmq_row
+            say(f"  raw ZeroMQ pipelined: {raw['jobs_per_s']:.0f} round trips/s")
         for r in [row, *rest]:
-            r["ratio_to_zmq"] = ratio(r["jobs_per_s"], transport["pipelined_per_s"])
-            cpu = r["cpu_us_per_job"]
-            say(f"  {r['batch']} a message: {r['jobs_per_s']:.0f} jobs/s; CPU per job: broker {cpu['broker']:.0f} µs, "
-                f"workers {cpu['workers']:.0f} µs, client {cpu['client']:.0f} µs")
+            r["ratio_to_zmq"] = ratio(r["jobs_per_s"], (raw or {}).get("jobs_per_s") or transport["pipelined_per_s"])
+            led = r["ledger"]
+            say(f"  {r['batch']} a message: {r['jobs_per_s']:.0f} jobs/s; CPU per job: broker "
+                f"{led['broker_us']:.0f} µs (loop thread {led['broker_loop_us']:.0f}), workers "
+                f"{led['workers_us']:.0f} µs, client {led['client_us']:.0f} µs, rest of host "
+                f"{led['other_us']:.0f} µs, idle {led['idle_us']:.0f} µs")
     if not settings.short:
         say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
-        (few,) = noop_throughput(4, settings.noop_reps, slots=NOOP_FEW_SLOTS)
-        few["ratio_to_zmq"] = ratio(few["jobs_per_s"], transport["pipelined_per_s"])
+        (few,), _ = noop_throughput(4, settings.rounds(False), slots=NOOP_FEW_SLOTS,
+                                   idle_wait_s=settings.idle_wait_s, domains=settings.noop_domains)
+        few["ratio_to_zmq"] = ratio(few["jobs_per_s"], (raw or {}).get("jobs_per_s") or transport["pipelined_per_s"])
         say(f"  {few['jobs_per_s']:.0f} jobs/s")
     return {
         "status": "ok",
@@ -392,16 +452,54 @@ def run(settings: Settings) -> dict:
             "virtbroker.Client, p99 of 2,000 random names; list all is Client.list(all=True), and "
             "'raw' the same request on a plain DEALER decoded by msgpack alone (no 2 MiB reply limit). "
             "No-op jobs are suspend/resume on libvirt's test:///default, one host per worker process "
-            f"({NOOP_DOMAINS} guests, {NOOP_ROUNDS} rounds of suspend and resume per repetition, "
-            f"{NOOP_SLOTS} slots per worker), submitted pipelined ({NOOP_WINDOW} in flight, {NOOP_BATCH} submits "
-            "a `batch` message, and in the last row one a message, taking turns with the 4-worker row on its "
-            "cluster) and waited for with one `wait` for all of them. CPU per job is read from /proc for the "
-            "broker, all workers together, and the client."
+            f"({settings.noop_domains} guests, {NOOP_ROUNDS} rounds of suspend and resume per repetition, "
+            f"{NOOP_SLOTS} slots per worker), submitted pipelined (as many in flight as guests, {NOOP_BATCH} submits "
+            "a `batch` message, and in the full run's extra row one a message, taking turns with the 4-worker "
+            "row on its cluster) and waited for with one `wait` for all of them. With 4 workers, "
+            f"{settings.zmq_messages:,} raw pipelined ZeroMQ round trips ({WINDOW} in flight) to an echo process "
+            "take turns with the no-op repetitions on the same host, the order flipped each pair. The CPU "
+            "ledger is read from /proc before and after each repetition: per job (per round trip for raw "
+            "ZeroMQ), the CPU of each process group, the rest of the host, idle and steal; together they add "
+            "up to the two cores' capacity over the wall time."
         ),
         "transport": transport,
         "transport_reps": zmq_reps,
         "registry": registry_rows,
         "noop": noop_rows,
+        "noop_zmq": raw,
         "noop_few_slots": few,
         "noop_unbatched": unbatched,
+        "targets": targets(registry_rows, noop_rows, raw),
     }
+
+
+def targets(registry_rows: list[dict], noop_rows: list[dict], raw: dict | None) -> list[dict]:
+    out = []
+    row = max(registry_rows, key=lambda r: r["size"])
+    size = row["size"]
+    unjudged = None if size >= TARGET_SIZE else f"{size:,} domains, the targets are for {TARGET_SIZE:,}"
+    out.append(decide(f"{size:,} domains: lookup p99", row["lookup_p99_ms_reps"], 0.5, LOWER, fmt="{:.3f} ms",
+                      unjudged=unjudged, counted="runs"))
+    if row.get("list_all_error"):
+        out.append(not_measured(f"{size:,} domains: list all", "<= 0.5 s",
+                                f"Client.list(all=True) fails: {row['list_all_error']}; raw request and msgpack decode "
+                                f"{row['list_all_raw_s']:.3f} s"))
+    else:
+        out.append(decide(f"{size:,} domains: list all", row["list_all_s_reps"], 0.5, LOWER, fmt="{:.3f} s",
+                          unjudged=unjudged, counted="runs"))
+    out.append(decide(f"{size:,} domains: broker RSS", row["broker_rss_mb_reps"], 400, LOWER, fmt="{:.0f} MB",
+                      unjudged=unjudged, counted="runs"))
+    noop = next((r for r in noop_rows if r["workers"] == TARGET_WORKERS), None)
+    if noop is None:
+        return out + [not_measured(f"No-op jobs with {TARGET_WORKERS} workers", ">= 10,000 /s", "not run")]
+    out.append(decide(f"No-op jobs with {TARGET_WORKERS} workers ({noop['batch']} submits a message)",
+                      noop["jobs_per_s_runs"], NOOP_LIMIT, HIGHER, fmt="{:,.0f} /s", counted="runs"))
+    zmq_runs = raw["per_s_runs"] if raw else []
+    zmq = (raw or {}).get("per_s") or {}
+    out.append(decide(
+        f"No-op jobs with {TARGET_WORKERS} workers / raw pipelined ZeroMQ round trips in the same pairs",
+        pair_ratios(list(zip(zmq_runs, noop["jobs_per_s_runs"]))), NOOP_ZMQ_LIMIT, HIGHER, fmt="{:.3f}x",
+        note="" if zmq.get("median") is None else
+        f"raw ZeroMQ {zmq['median']:,.0f} round trips/s ({zmq['min']:,.0f} to {zmq['max']:,.0f})",
+    ))
+    return out

@@ -19,21 +19,21 @@ import libvirt
 
 from bench.common import (
     PREFIX,
-    SETTLE_S,
     Settings,
     cleanup_guests,
     connections,
     guest_xml,
     median,
     parallel,
-    ratio,
     say,
+    spread,
     vb_client,
     vb_cluster,
     vb_start_destroy,
 )
+from bench.verdict import HIGHER, LOWER, decide, interleaved, not_measured, pair_order, pair_ratio, pair_ratios
 from virtbroker.common import domxml
-from virtbroker.common.resources import Resource
+from virtbroker.common.resources import Resource, emulator_path, find_resources
 
 GUEST_USER = "vbguest"
 VB_WORKERS = 4
@@ -91,17 +91,28 @@ def _names(n: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- libvirt labels
-def libvirt_dac(conn: libvirt.virConnect, n: int) -> dict:
-    """libvirt's DAC driver labels for the guest user itself: a static label with relabel='yes'
-    (remember_owner is on by default), one thread per guest. qemu.conf stays untouched."""
+def libvirt_labels(conn: libvirt.virConnect, n: int, relabel: bool = True) -> dict:
+    """libvirt-python, one thread and connection per guest, QEMU as the guest user.
+
+    relabel: libvirt's DAC driver labels for the guest user itself (a static label with
+    relabel='yes'; remember_owner is on by default) and restores after; otherwise the files
+    already belong to the guest user and libvirt relabels nothing (relabel='no'), the same
+    start as virtbroker-none's, on libvirtd alone. qemu.conf stays untouched."""
     uid, gid = guest_ids()
     images = Images(n)
     names = _names(n)
-    seclabel = f"<seclabel type='static' model='dac' relabel='yes'><label>+{uid}:+{gid}</label></seclabel>"
-    xml = {
-        name: guest_xml(name, disks=[str(o)]).replace("</domain>", seclabel + "</domain>")
-        for name, o in zip(names, images.overlays)
-    }
+    if relabel:
+        seclabel = f"<seclabel type='static' model='dac' relabel='yes'><label>+{uid}:+{gid}</label></seclabel>"
+        xml = {
+            name: guest_xml(name, disks=[str(o)]).replace("</domain>", seclabel + "</domain>")
+            for name, o in zip(names, images.overlays)
+        }
+    else:
+        images.chown_all(uid, gid)
+        xml = {
+            name: domxml.with_static_dac_label(guest_xml(name, disks=[str(o)]), uid, gid)
+            for name, o in zip(names, images.overlays)
+        }
     try:
         with connections(n) as own:
             conn_of = dict(zip(names, own))
@@ -111,16 +122,66 @@ def libvirt_dac(conn: libvirt.virConnect, n: int) -> dict:
             started = time.monotonic()
             parallel(lambda name: conn_of[name].lookupByName(name).destroy(), names)
             destroy_s = time.monotonic() - started
-        return {
-            "start_s": start_s,
-            "destroy_s": destroy_s,
-            "base_restored": owner(images.base) == (0, 0),
-            "base_owner_after": list(owner(images.base)),
-            "overlays_restored": all(owner(o) == (0, 0) for o in images.overlays),
-        }
+        out = {"start_s": start_s, "destroy_s": destroy_s}
+        if relabel:
+            out.update({
+                "base_restored": owner(images.base) == (0, 0),
+                "base_owner_after": list(owner(images.base)),
+                "overlays_restored": all(owner(o) == (0, 0) for o in images.overlays),
+            })
+        return out
     finally:
         cleanup_guests(conn)
         images.remove()
+
+
+# ---------------------------------------------------------------------------- the host's ceiling
+class Profiles:
+    """The AppArmor profiles the security worker would compile for n storm guests, rendered
+    once by the driver's own render() (the same resources: overlay, backing base, emulator)
+    and kept as files, for the ceiling: the same compiles with no virtbroker around them."""
+
+    def __init__(self, n: int):
+        from virtbroker.workers.security.apparmor import AppArmorDriver
+        from virtbroker.workers.security.service import with_backing_files
+
+        self.dir = Path(tempfile.mkdtemp(prefix="vbb-aa-", dir="/var/tmp"))
+        images = Images(n)
+        try:
+            xml = guest_xml(f"{PREFIX}sec00", disks=[str(images.overlays[0])])
+            emulator = emulator_path(xml)
+            driver = AppArmorDriver(self.dir / "state", self.dir / "unused", [str(images.root)], [emulator])
+            self.paths = []
+            for i, (name, overlay) in enumerate(zip(_names(n), images.overlays)):
+                xml = guest_xml(name, disks=[str(overlay)])
+                resources = with_backing_files(find_resources(xml, model="apparmor"), [str(images.root)])
+                path = self.dir / f"profile{i:02d}"
+                path.write_text(driver.render(f"00000000-0000-4000-8000-{i:012d}", name, resources, emulator))
+                self.paths.append(path)
+            self.parser = driver.parser
+        finally:
+            images.remove()
+
+    def compile(self, path: Path) -> None:
+        subprocess.run([self.parser, "-Q", "-K", str(path)], check=True, capture_output=True, timeout=60)
+
+    def ceiling(self, pair_index: int) -> dict:
+        """All n compiles one after another and all at once (one thread each): their ratio is
+        the most any serialization change can gain on this host's cores right now."""
+        times = {}
+        for way in pair_order(pair_index, ["serial", "parallel"]):
+            started = time.monotonic()
+            if way == "serial":
+                for path in self.paths:
+                    self.compile(path)
+            else:
+                parallel(self.compile, self.paths)
+            times[f"{way}_s"] = time.monotonic() - started
+        times["ceiling"] = times["serial_s"] / times["parallel_s"]
+        return times
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- virtbroker labels
@@ -253,19 +314,29 @@ def driver_labelling(n: int, serialization: str) -> float:
 
 
 # ---------------------------------------------------------------------------- the section
-def configs(settings: Settings) -> list[tuple[str, list[str] | None, str]]:
-    """(way, virtbroker drivers or None for libvirt, serialization)."""
-    out = [
-        (BASELINE_LIBVIRT, None, ""),
-        (BASELINE_NONE, [], "per-resource"),
-        ("virtbroker-dac", ["dac"], "per-resource"),
-        ("virtbroker-dac+apparmor", ["dac", "apparmor"], "per-resource"),
-    ]
+CEILING = "ceiling: apparmor_parser alone"
+BOTH_PR, BOTH_GLOBAL = "virtbroker-dac+apparmor", "virtbroker-dac+apparmor-global"
+DAC_PR, DAC_GLOBAL = "virtbroker-dac", "virtbroker-dac-global"
+LIBVIRT_NONE = "libvirt-none"
+
+
+def configs(settings: Settings) -> list[tuple[str, str, list[str] | None, str]]:
+    """(way, kind: libvirt, virtbroker or ceiling, drivers, serialization), in an even pair's
+    order: every two ways a target compares are next to each other, so they stay next to
+    each other when the order flips (the ceiling is a second or so between the two storms
+    it is judged with)."""
+    out = []
     if not settings.short:
-        out += [
-            ("virtbroker-dac-global", ["dac"], "global"),
-            ("virtbroker-dac+apparmor-global", ["dac", "apparmor"], "global"),
-        ]
+        out.append((LIBVIRT_NONE, "libvirt", None, ""))
+    out.append((BASELINE_LIBVIRT, "libvirt", None, ""))
+    if not settings.short:  # the short run has time for the storms with both drivers only
+        out += [(DAC_PR, "virtbroker", ["dac"], "per-resource"), (DAC_GLOBAL, "virtbroker", ["dac"], "global")]
+    out += [
+        (BASELINE_NONE, "virtbroker", [], "per-resource"),
+        (BOTH_PR, "virtbroker", ["dac", "apparmor"], "per-resource"),
+        (CEILING, "ceiling", None, ""),
+        (BOTH_GLOBAL, "virtbroker", ["dac", "apparmor"], "global"),
+    ]
     return out
 
 
@@ -289,62 +360,141 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
     if reason:
         return {"status": f"not run: {reason}"}
     n = settings.security_n
-    rows: dict[str, dict] = {}
-    for rep in range(settings.security_reps):
-        for way, drivers, serialization in configs(settings):
-            row = rows.setdefault(
-                way, {"n": n, "way": way, "drivers": drivers, "serialization": serialization, "reps": [], "errors": []}
-            )
-            say(f"security rep {rep + 1}/{settings.security_reps}: N={n} {way}")
+    rounds = settings.rounds(True)
+    ways = configs(settings)
+    rows: dict[str, dict] = {
+        way: {"n": n, "way": way, "kind": kind, "drivers": drivers, "serialization": serialization,
+              "runs": [None] * rounds, "errors": []}
+        for way, kind, drivers, serialization in ways
+    }
+    profiles = Profiles(n)
+    try:
+        for index, (way, kind, drivers, serialization) in interleaved(rounds, ways):
+            row = rows[way]
+            say(f"security pair {index + 1}/{rounds}: N={n} {way}")
             try:
-                result = libvirt_dac(conn, n) if drivers is None else vb_security(conn, n, drivers, serialization)
+                if kind == "ceiling":
+                    result = profiles.ceiling(index)
+                elif kind == "libvirt":
+                    result = libvirt_labels(conn, n, relabel=way == BASELINE_LIBVIRT)
+                else:
+                    result = vb_security(conn, n, drivers, serialization)
             except Exception as e:
                 say(f"  failed: {e}")
                 row["errors"].append(str(e)[:500])
                 continue
-            row["reps"].append(result)
-            say(f"  start {result['start_s']:.2f} s, destroy {result['destroy_s']:.2f} s"
-                + (f", dac labelling {result['dac_label_span_s']:.2f} s" if result.get("dac_label_span_s") else ""))
-            time.sleep(SETTLE_S)
-    driver_rows = []
-    for serialization in ("per-resource", "global"):
-        say(f"security: DAC driver alone, {serialization}")
-        times = [driver_labelling(n, serialization) for _ in range(settings.reps)]
-        driver_rows.append({"n": n, "serialization": serialization, "label_s": median(times), "label_s_reps": times})
-    out_rows = []
+            row["runs"][index] = result
+            if kind == "ceiling":
+                say(f"  {n} compiles: {result['serial_s']:.3f} s one after another, {result['parallel_s']:.3f} s "
+                    f"all at once: {result['ceiling']:.2f}x")
+            else:
+                say(f"  start {result['start_s']:.2f} s, destroy {result['destroy_s']:.2f} s"
+                    + "".join(f", {d} labelling {result[f'{d}_label_span_s']:.3f} s" for d in ("dac", "apparmor")
+                              if result.get(f"{d}_label_span_s")))
+                time.sleep(settings.settle_s)
+    finally:
+        profiles.remove()
+    driver_runs: dict[str, list[float | None]] = {"per-resource": [None] * rounds, "global": [None] * rounds}
+    for index, serialization in interleaved(rounds, ["per-resource", "global"]):
+        say(f"security: DAC driver alone, {serialization}, pair {index + 1}/{rounds}")
+        driver_runs[serialization][index] = driver_labelling(n, serialization)
     for row in rows.values():
-        reps = row["reps"]
-        for key in ("start_s", "destroy_s", "dac_label_span_s", "apparmor_label_span_s", "dac_label_median_ms"):
-            values = [r[key] for r in reps if r.get(key) is not None]
-            row[key[: -len("_s")] + "_median_s" if key.endswith("_s") else key] = median(values)
+        done = [r for r in row["runs"] if r is not None]
+        keys = ("serial_s", "parallel_s", "ceiling") if row["kind"] == "ceiling" else (
+            "start_s", "destroy_s", "dac_label_span_s", "apparmor_label_span_s", "dac_label_median_ms")
+        for key in keys:
+            row[f"{key}_spread"] = spread([r.get(key) for r in done])
         for key in ("base_restored", "overlays_restored", "outside_root_refused"):
-            values = [r[key] for r in reps if key in r]
+            values = [r[key] for r in done if key in r]
             row[key] = all(values) if values else None
-        row["base_owner_after"] = reps[-1].get("base_owner_after") if reps else None
-        out_rows.append(row)
-    by_way = {r["way"]: r for r in out_rows}
-    for row in out_rows:
-        row["start_ratio_libvirt"] = ratio(
-            row.get("start_median_s"), by_way.get(BASELINE_LIBVIRT, {}).get("start_median_s")
-        )
-        row["start_ratio_none"] = ratio(row.get("start_median_s"), by_way.get(BASELINE_NONE, {}).get("start_median_s"))
-        row["destroy_ratio_libvirt"] = ratio(
-            row.get("destroy_median_s"), by_way.get(BASELINE_LIBVIRT, {}).get("destroy_median_s")
-        )
-    per_resource, global_ = driver_rows
+        row["base_owner_after"] = done[-1].get("base_owner_after") if done else None
+        row["pairs"] = len(done)
     return {
         "status": "ok",
-        "baseline": f"{BASELINE_LIBVIRT} (libvirt labelling itself) and {BASELINE_NONE} (nothing labelled)",
+        "baseline": f"{BASELINE_LIBVIRT} (libvirt labelling itself), {BASELINE_NONE} (nothing labelled), "
+                    "and the same AppArmor compiles alone (the host's ceiling)",
         "note": (
             f"N={n} guests, each on its own qcow2 overlay of one shared base.qcow2 (root:root 0600, "
             f"under /var/tmp), QEMU as {GUEST_USER}. libvirt-dac: a per-domain static DAC seclabel "
             "with relabel='yes' (libvirt labels and, with remember_owner, restores), one thread and "
-            "connection per guest. virtbroker: 4 lifecycle workers and one security worker per driver. "
+            "connection per guest; libvirt-none: the files already the guest user's, relabel='no' "
+            "(the full run only, as are virtbroker-dac and virtbroker-dac-global). virtbroker: 4 lifecycle "
+            "workers and one security worker per driver. "
             "The labelling span is read from the security worker's log (first label start to last "
-            f"label end); the driver-alone row labels the same files from {LABEL_THREADS} threads "
-            "in one process."
+            f"label end). The ceiling compiles the {n} profiles the AppArmor worker would write "
+            "(rendered by its driver), with `apparmor_parser -Q -K`, one after another and all at "
+            "once, with no virtbroker running: on 2 cores, CPU-bound compiles cannot gain more than that "
+            "ratio from running side by side. "
+            f"Each pair runs every way once, the order flipped from pair to pair; the DAC driver "
+            f"alone labels the same files from {LABEL_THREADS} threads in one process, in pairs of its own."
         ),
-        "rows": out_rows,
-        "driver": driver_rows,
-        "driver_speedup": ratio(global_["label_s"], per_resource["label_s"]),
+        "pairs": rounds,
+        "rows": list(rows.values()),
+        "driver": {k: {"label_s": v, "spread": spread(v)} for k, v in driver_runs.items()},
+        "targets": targets(rows, driver_runs, settings),
     }
+
+
+def _span(run: dict | None) -> float | None:
+    """The labelling part of one storm with both drivers: the longer of the two workers' spans."""
+    spans = [run.get(k) for k in ("dac_label_span_s", "apparmor_label_span_s") if run and run.get(k)]
+    return max(spans) if spans else None
+
+
+def _key(run: dict | None, key: str) -> float | None:
+    return run.get(key) if run else None
+
+
+def targets(rows: dict[str, dict], driver_runs: dict[str, list[float | None]], settings: Settings) -> list[dict]:
+    n = settings.security_n
+    unjudged = None if n == 20 else f"N={n}, the targets are for N=20"
+
+    def runs(way: str) -> list[dict | None]:
+        return rows.get(way, {}).get("runs", [])
+
+    def sp(values, fmt="{:.2f}x") -> str:
+        s = spread(values)
+        if s["median"] is None:
+            return "-"
+        return f"{fmt.format(s['median'])} ({fmt.format(s['min'])} to {fmt.format(s['max'])})"
+
+    out = [decide(
+        f"DAC and AppArmor on: start storm N={n} / no labelling",
+        pair_ratios([(_key(b, "start_s"), _key(s, "start_s")) for b, s in zip(runs(BASELINE_NONE), runs(BOTH_PR))]),
+        1.10, LOWER, unjudged=unjudged,
+    )]
+    speedups = [pair_ratio(_span(pr), _span(g)) for pr, g in zip(runs(BOTH_PR), runs(BOTH_GLOBAL))]
+    ceilings = [_key(c, "ceiling") for c in runs(CEILING)]
+    out.append(decide(
+        f"Labelling part N={n} (DAC and AppArmor, in the storm): global / per-resource, against the host's ceiling",
+        pair_ratios(list(zip(ceilings, speedups))), 0.8, HIGHER, limit_text=">= 0.80 of the ceiling",
+        unjudged=unjudged,
+        note=f"global / per-resource {sp(speedups)}; ceiling (the same {n} compiles one after another / all at "
+             f"once, no virtbroker) {sp(ceilings)}",
+    ))
+    driver = pair_ratios(list(zip(driver_runs["per-resource"], driver_runs["global"])))
+    dac_pairs = [(_key(pr, "dac_label_span_s"), _key(g, "dac_label_span_s"))
+                 for pr, g in zip(runs(DAC_PR), runs(DAC_GLOBAL))]
+    out.append(decide(
+        f"DAC part alone N={n}: global / per-resource labelling span in the storm", pair_ratios(dac_pairs), 3.0, HIGHER,
+        unjudged=unjudged,
+        note=(f"DAC driver alone, in process: {sp(driver)}" if DAC_GLOBAL in rows
+              else "the DAC-only storms are run by the full suite only; "
+                   f"DAC driver alone, in process: {sp(driver)}"),
+    ))
+    dac, lv = rows.get(DAC_PR, {}), rows.get(BASELINE_LIBVIRT, {})
+    if not dac:
+        out.append(not_measured(f"DAC N={n}: virtbroker / libvirt labelling itself, start storm",
+                                "<= 1.00x, base restored, roots enforced", "run by the full suite only"))
+        return out
+    out.append(decide(
+        f"DAC N={n}: virtbroker / libvirt labelling itself, start storm",
+        pair_ratios([(_key(b, "start_s"), _key(s, "start_s")) for b, s in zip(runs(BASELINE_LIBVIRT), runs(DAC_PR))]),
+        1.0, LOWER, limit_text="<= 1.00x, base restored, roots enforced", unjudged=unjudged,
+        requires=[("base restored", dac.get("base_restored")),
+                  ("outside-root disk refused", dac.get("outside_root_refused"))],
+        note=(f"base restored: virtbroker {dac.get('base_restored')}, libvirt {lv.get('base_restored')} "
+              f"(libvirt left it {lv.get('base_owner_after')}); "
+              f"outside-root disk refused: {dac.get('outside_root_refused')}"),
+    ))
+    return out

@@ -9,18 +9,18 @@ import libvirt
 
 from bench.common import (
     PREFIX,
-    SETTLE_S,
+    TARGET_WORKERS,
     Settings,
     cleanup_guests,
     connections,
     guest_xml,
-    median,
     parallel,
-    ratio,
     say,
+    spread,
     vb_cluster,
     vb_start_destroy,
 )
+from bench.verdict import LOWER, decide, not_measured, pair_order, pair_ratio
 
 BASELINE_WAY = "libvirt-threads"
 
@@ -92,30 +92,43 @@ def vb_storm(conn: libvirt.virConnect, names: list[str], workers: int, defaults:
 
 
 # ---------------------------------------------------------------------------- the section
-def ways_for(settings: Settings, n: int) -> list[tuple[str, int | None]]:
-    ways: list[tuple[str, int | None]] = []
+START_LIMIT = 1.05
+DESTROY_LIMIT = 1.10
+TARGET_WAY = f"virtbroker-{TARGET_WORKERS}w"
+
+
+def ways_for(settings: Settings, n: int) -> list[tuple[str, int | None, bool]]:
+    """(way, workers or None for libvirt, judged by a target) in the order of an even pair:
+    the baseline first, the judged ways next to it, so they stay next to it when the order flips."""
+    judged = n == settings.target_n
+    ways: list[tuple[str, int | None, bool]] = [(BASELINE_WAY, None, judged)]
+    if judged:
+        ways.append((TARGET_WAY, TARGET_WORKERS, True))
+        if not settings.short:  # the short run has time for the target's way only
+            ways.append((DEFAULTS_WAY, DEFAULT_WORKERS, True))
+    ways += [(f"virtbroker-{w}w", w, False) for w in settings.worker_counts if not (judged and w == TARGET_WORKERS)]
+    if not judged and not settings.short:
+        ways.append((DEFAULTS_WAY, DEFAULT_WORKERS, False))
+    if not settings.short and n == settings.target_n:
+        ways.append(("libvirt-threads-shared", None, False))
     if n <= settings.sequential_max_n:
-        ways.append(("libvirt-sequential", None))
-    ways.append((BASELINE_WAY, None))
-    if not settings.short and n == 20:
-        ways.append(("libvirt-threads-shared", None))
-    ways += [(f"virtbroker-{w}w", w) for w in settings.worker_counts]
-    ways.append((DEFAULTS_WAY, DEFAULT_WORKERS))
+        ways.append(("libvirt-sequential", None, False))
     return ways
 
 
 def run(settings: Settings, conn: libvirt.virConnect) -> dict:
     raw: dict[tuple[int, str], dict] = {}
-    for rep in range(settings.reps):
+    rounds = max(settings.rounds(True), settings.rounds(False))
+    for index in range(rounds):
         for n in settings.storm_ns:
-            # Interleaved by repetition, so slow drift of the host (other guests, page
-            # cache) spreads over every way instead of landing on one.
-            for way, workers in ways_for(settings, n):
+            ways = [w for w in ways_for(settings, n) if index < settings.rounds(w[2])]
+            for way, workers, judged in pair_order(index, ways):
                 names = _names(n, "s")
-                entry = raw.setdefault(
-                    (n, way), {"n": n, "way": way, "workers": workers, "start_s": [], "destroy_s": [], "errors": []}
-                )
-                say(f"storm rep {rep + 1}/{settings.reps}: N={n} {way}")
+                entry = raw.setdefault((n, way), {
+                    "n": n, "way": way, "workers": workers, "judged": judged,
+                    "start_s": [None] * rounds, "destroy_s": [None] * rounds, "errors": [],
+                })
+                say(f"storm pair {index + 1}/{rounds}: N={n} {way}")
                 try:
                     if workers is None:
                         start_s, destroy_s = libvirt_storm(conn, names, way)
@@ -125,18 +138,18 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
                     say(f"  failed: {e}")
                     entry["errors"].append(str(e)[:500])
                     continue
-                entry["start_s"].append(start_s)
-                entry["destroy_s"].append(destroy_s)
+                entry["start_s"][index] = start_s
+                entry["destroy_s"][index] = destroy_s
                 say(f"  start {start_s:.2f} s, destroy {destroy_s:.2f} s")
-                time.sleep(SETTLE_S)
+                time.sleep(settings.settle_s)
     rows = list(raw.values())
     for row in rows:
-        row["start_median_s"] = median(row["start_s"])
-        row["destroy_median_s"] = median(row["destroy_s"])
-    for row in rows:
-        base = raw.get((row["n"], BASELINE_WAY), {})
-        row["start_ratio"] = ratio(row["start_median_s"], base.get("start_median_s"))
-        row["destroy_ratio"] = ratio(row["destroy_median_s"], base.get("destroy_median_s"))
+        base = raw[(row["n"], BASELINE_WAY)]
+        for phase in ("start", "destroy"):
+            row[f"{phase}_spread_s"] = spread(row[f"{phase}_s"])
+            ratios = [pair_ratio(b, s) for b, s in zip(base[f"{phase}_s"], row[f"{phase}_s"])]
+            row[f"{phase}_pair_ratios"] = ratios
+            row[f"{phase}_ratio"] = spread(ratios)
     return {
         "status": "ok",
         "baseline": BASELINE_WAY,
@@ -147,7 +160,39 @@ def run(settings: Settings, conn: libvirt.virConnect) -> dict:
             "libvirt-threads-shared is the same on one shared connection. virtbroker-Nw gets "
             "ceil(N/workers) slots per worker, so every way can have all N in flight; virtbroker-defaults "
             "is `virtbroker up` untuned (2 workers, their default slots and priority slots). virtbroker "
-            "defines and submits with one thread and client per guest."
+            "defines and submits with one thread and client per guest. Each pair runs every way once, "
+            "the order flipped from pair to pair; a ratio is taken within its pair. Ways no target "
+            f"judges run in the first {settings.rounds(False)} pairs only."
         ),
+        "pairs": rounds,
         "rows": rows,
+        "targets": targets(rows, settings),
     }
+
+
+def targets(rows: list[dict], settings: Settings) -> list[dict]:
+    n = settings.target_n
+    by_way = {r["way"]: r for r in rows if r["n"] == n}
+    unjudged = None if n == 20 else f"N={n}, the targets are for N=20"
+    out = []
+    for way, label in ((TARGET_WAY, f"virtbroker ({TARGET_WORKERS} workers)"),
+                       (DEFAULTS_WAY, "`virtbroker up` untuned (2 workers, default slots)")):
+        row = by_way.get(way, {})
+        for phase, limit in (("start", START_LIMIT), ("destroy", DESTROY_LIMIT)):
+            name = f"{phase.capitalize()} storm N={n}: {label} / libvirt one thread and connection per guest"
+            if not row:
+                out.append(not_measured(name, f"<= {limit:.2f}x", "run by the full suite only"))
+                continue
+            out.append(decide(
+                name, row.get(f"{phase}_pair_ratios", []), limit, LOWER, unjudged=unjudged,
+                note=_seconds_note(by_way.get(BASELINE_WAY, {}), row, phase),
+            ))
+    return out
+
+
+def _seconds_note(base: dict, row: dict, phase: str) -> str:
+    b, s = base.get(f"{phase}_spread_s") or {}, row.get(f"{phase}_spread_s") or {}
+    if b.get("median") is None or s.get("median") is None:
+        return ""
+    return (f"{phase} {s['median']:.2f} s ({s['min']:.2f} to {s['max']:.2f}) against "
+            f"{b['median']:.2f} s ({b['min']:.2f} to {b['max']:.2f})")
