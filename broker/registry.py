@@ -19,6 +19,10 @@ class DomainRecord:
     generation: int = 1  # grows with every redefine
     live_xml: str | None = None  # the definition the running guest was started from
     changed_at: float = 0.0  # monotonic time of the last state change (not stored)
+    # The last accepted job result: its host, and when its libvirt work ended by that host's
+    # monotonic clock (not stored). A libvirt event read before then is stale.
+    settled_host: str | None = None
+    settled_at: float = 0.0
 
     def summary(self) -> dict:
         return {

@@ -249,6 +249,10 @@ class WorkerHandlers:
         host = core.host(worker.host_id)
         if record.uuid in host.strays:
             return
+        if msg.at and record.settled_host == worker.host_id and msg.at <= record.settled_at:
+            # Read before the last job's result on this host ended: the result is newer news
+            # (events travel apart from results, and may come after them).
+            return
         reason = f"libvirt: {msg.event}" + (f" ({msg.reason})" if msg.reason else "")
         if msg.state == "shutoff":
             if record.host_id == worker.host_id and record.state != "shutoff":
@@ -313,6 +317,7 @@ class WorkerHandlers:
                 # The late worker may have changed the guest after its lease ended: read the truth again.
                 core.queue_reconcile(record, f"late result for job {msg.job_id}")
             return
+        record.settled_host, record.settled_at = job.host_id, msg.done_at
         # RUNNING -> SUCCEEDED | FAILED (an accepted result)
         core.finish_job(job, "succeeded" if msg.ok else "failed", msg.error, msg.error_code if not msg.ok else None)
         if msg.domain_state in p.DOMAIN_STATES:

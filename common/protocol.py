@@ -308,6 +308,9 @@ class GuestEvent(Message):
     state: str  # running, paused or shutoff: the state the event leaves the guest in
     event: str  # libvirt's event name, lowercase: started, stopped, crashed, suspended, resumed, ...
     reason: str = ""
+    # The worker's CLOCK_MONOTONIC just before it read `state` from libvirt (the event only
+    # triggers the read); the broker drops it if a job's result on that host is newer.
+    at: float = 0.0
 
 
 @dataclass
@@ -335,6 +338,9 @@ class Result(Message):
     error: str | None = None
     error_code: str | None = None
     domain_state: str | None = None  # state the worker observed after the job
+    # The worker's CLOCK_MONOTONIC (one clock for every process of a host) when the job's
+    # libvirt work ended: a guest-event whose state was read before this is older news.
+    done_at: float = 0.0
 
 
 @dataclass

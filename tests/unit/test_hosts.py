@@ -384,3 +384,23 @@ def test_hosts_cut_off_a_beat_apart_are_one_partition(broker, tmp_path):
     pass_time(broker, DEAD_S + 20)
     assert host_state(broker, "A") == "unreachable" and host_state(broker, "B") == "unreachable"
     assert fence_calls(tmp_path) == []
+
+
+def test_an_event_read_before_the_last_result_on_its_host_is_stale(broker):
+    """Events travel apart from results: a `running` read before a suspend's result ended
+    must not undo it (the resume queued next would then be refused)."""
+    two_hosts(broker)
+    a = start_on(broker, "g", "a1")
+    suspend = broker.submit("g", "suspend")
+    (s,) = broker.assignments("a1")
+    assert s.job_id == suspend["job_id"]
+    broker.report("a1", s, state="paused", done_at=500.0)
+    broker.worker_says("a1", p.GuestEvent(worker_id="a1", uuid=a.domain_uuid, state="running", event="resumed",
+                                          at=499.5))
+    broker.turn()
+    assert broker.call(p.Lookup, domain="g")["state"] == "paused"
+    # Read after the result: news.
+    broker.worker_says("a1", p.GuestEvent(worker_id="a1", uuid=a.domain_uuid, state="running", event="resumed",
+                                          at=500.5))
+    broker.turn()
+    assert broker.call(p.Lookup, domain="g")["state"] == "running"
