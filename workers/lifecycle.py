@@ -55,6 +55,10 @@ STOP_GRACE_S = 30.0
 JOB_THREAD_NICE = 5
 SHUTDOWN_POLL_S = 0.25
 ALIVE_CHECK_S = 1.0
+# A self-fence that cannot list the host's guests (libvirtd restarting) tries again this
+# often, this many times: it has until host_dead_s, when the broker may count them dead.
+SELF_FENCE_TRIES = 5
+SELF_FENCE_RETRY_S = 1.0
 _NOBLOCK = int(zmq.NOBLOCK)
 
 _STATE_NAMES = {
@@ -837,12 +841,17 @@ class LifecycleWorker:
     def _self_fence(self) -> None:
         """Destroy every guest virtbroker placed on this host, labels left as they are (the
         broker may restart them elsewhere, on shared storage, relabelled by that host)."""
-        try:
-            self.hv.ensure_alive()
-            doms = fencing.placed_guests(self.hv.connection())
-        except (libvirt.libvirtError, DriverError) as e:
-            log.error("SELF-FENCE failed: cannot list this host's guests: %s", e)
-            return
+        for attempt in range(1, SELF_FENCE_TRIES + 1):
+            try:
+                self.hv.ensure_alive()
+                doms = fencing.placed_guests(self.hv.connection())
+                break
+            except (libvirt.libvirtError, DriverError) as e:
+                log.error("SELF-FENCE: cannot list this host's guests (try %d of %d): %s", attempt, SELF_FENCE_TRIES, e)
+                self.hv.suspect()
+                if attempt == SELF_FENCE_TRIES:
+                    return  # a watchdog, if there is one, is what stops them now
+                time.sleep(SELF_FENCE_RETRY_S)
         destroyed, failed = fencing.destroy_all(doms, "self-fence")
         if failed:
             log.error("SELF-FENCE: %d guest(s) could not be destroyed and may still run", len(failed))
