@@ -1,9 +1,10 @@
 """libvirt's domain lifecycle events for a lifecycle worker: the process's event loop, an events
-connection registered again after every libvirtd restart, and what each event means for a guest."""
+connection registered again after every libvirtd restart, and which events change a guest's state."""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -23,22 +24,19 @@ RECONNECT_FIRST_S = 0.1
 RECONNECT_MAX_S = 5.0
 LOOP_ERROR_PAUSE_S = 0.1
 
-# Each lifecycle event: its name, and the state it leaves the guest in (None: no news of the
-# guest's state). SHUTDOWN says a guest is on its way out; STOPPED follows once QEMU has gone.
-# A start-up pause needs no exception here: as QEMU starts a guest, libvirt 9.0 emits
-# RESUMED (unpaused) and then STARTED (booted), both `running`, never SUSPENDED (the guest is
-# PAUSED/STARTING_UP only until then, a state emitted as no event; state_name in
-# workers/lifecycle.py handles it where it is polled).
-LIFECYCLE_EVENTS: dict[int, tuple[str, str | None]] = {
-    libvirt.VIR_DOMAIN_EVENT_DEFINED: ("defined", None),
-    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: ("undefined", None),
-    libvirt.VIR_DOMAIN_EVENT_STARTED: ("started", "running"),
-    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: ("suspended", "paused"),
-    libvirt.VIR_DOMAIN_EVENT_RESUMED: ("resumed", "running"),
-    libvirt.VIR_DOMAIN_EVENT_STOPPED: ("stopped", "shutoff"),
-    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: ("shutdown", None),
-    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: ("pmsuspended", "paused"),
-    libvirt.VIR_DOMAIN_EVENT_CRASHED: ("crashed", "shutoff"),
+# Each lifecycle event: its name, and whether it changes the guest's state (started,
+# suspended, resumed, stopped, pmsuspended and crashed do). SHUTDOWN says a guest is on its way
+# out, STOPPED follows once QEMU has gone; definitions are the broker's business.
+LIFECYCLE_EVENTS: dict[int, tuple[str, bool]] = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: ("defined", False),
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: ("undefined", False),
+    libvirt.VIR_DOMAIN_EVENT_STARTED: ("started", True),
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: ("suspended", True),
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: ("resumed", True),
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: ("stopped", True),
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: ("shutdown", False),
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: ("pmsuspended", True),
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: ("crashed", True),
 }
 
 
@@ -56,14 +54,13 @@ def _detail_names(event_name: str) -> dict[int, str]:
 _DETAILS = {event: _detail_names(name) for event, (name, _) in LIFECYCLE_EVENTS.items()}
 
 
-def guest_event(event: int, detail: int) -> tuple[str, str, str] | None:
-    """A lifecycle event as (event name, state it leaves the guest in, reason), or None for
-    an event that says nothing of the guest's state (defined, undefined, shutdown, unknown)."""
+def guest_event(event: int, detail: int) -> tuple[str, str] | None:
+    """A lifecycle event as (event name, reason: its detail's name), or None for one that does
+    not change the guest's state (defined, undefined, shutdown, unknown)."""
     known = LIFECYCLE_EVENTS.get(event)
-    if known is None or known[1] is None:
+    if known is None or not known[1]:
         return None
-    name, state = known
-    return name, state, _DETAILS[event].get(detail, f"detail {detail}")
+    return known[0], _DETAILS[event].get(detail, f"detail {detail}")
 
 
 # libvirt keeps one event implementation per process (virEventRegisterImpl), and a connection
@@ -107,6 +104,9 @@ _CLOSE_REASONS = {
 }
 
 
+Happened = tuple[libvirt.virDomain, int, int]  # a lifecycle event: (domain, event, detail)
+
+
 class EventWatch:
     """A connection to `uri` that hears every guest's lifecycle events, opened again with
     back-off whenever it closes.
@@ -117,26 +117,30 @@ class EventWatch:
     guests are listed through the new connection and handed to on_resync: an event of the
     time without a connection is lost, the list says where each guest ended.
 
-    on_event(uuid, event, detail) runs in libvirt's event-loop thread (start_event_loop), as
-    does the close callback; the connection is opened, listed and closed in the watch's own
-    thread ("events"), so a libvirtd that hangs holds that thread only.
+    libvirt's event-loop thread (start_event_loop) only queues each event; the watch's own
+    thread ("events") hands them to on_events, a batch at a time, and may call libvirt
+    there (the connection is free then: no call of the loop thread waits on it). That
+    thread also opens, lists and closes the connection, so a libvirtd that hangs holds it
+    alone.
     """
 
     def __init__(
         self,
         uri: str,
-        on_event: Callable[[str, int, int], None],
+        on_events: Callable[[list[Happened]], None],
         on_resync: Callable[[libvirt.virConnect], None],
     ):
         self.uri = uri
-        self.on_event = on_event
+        self.on_events = on_events
         self.on_resync = on_resync
         self.registrations = 0  # connections registered so far (the first, then one per reconnect)
         self._conn: libvirt.virConnect | None = None
         self._callback_id: int | None = None
-        self._wake = threading.Event()  # the connection closed, or stop() was called
-        self._stop = threading.Event()
+        # Events from the loop thread; None wakes the watch's thread (closed, or stop()).
+        self._inbox: queue.SimpleQueue[Happened | None] = queue.SimpleQueue()
+        self._closed = False
         self._close_reason: int | None = None
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def open(self) -> None:
@@ -149,7 +153,7 @@ class EventWatch:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self._inbox.put(None)
         if self._thread is None:
             self._drop()
         else:
@@ -157,8 +161,7 @@ class EventWatch:
 
     def reconnect(self) -> None:
         """Close the connection and register again, as after a libvirtd restart."""
-        self._close_reason = libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT
-        self._wake.set()
+        self._closed_by(libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT)
 
     def _register(self) -> libvirt.virConnect:
         try:
@@ -172,11 +175,11 @@ class EventWatch:
                 if e.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
                     raise
                 # test:/// lives in this process: there is no daemon to lose.
-            self._wake.clear()
+            self._closed = False
             self._close_reason = None
-            conn.registerCloseCallback(self._closed, None)
+            conn.registerCloseCallback(self._on_close, None)
             self._callback_id = conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None
             )
         except libvirt.libvirtError as e:
             _quietly(conn.close)
@@ -184,19 +187,32 @@ class EventWatch:
         self._conn = conn
         self.registrations += 1
         if not conn.isAlive():
-            self._wake.set()  # it closed before its close callback was there to say so
+            self._closed_by(libvirt.VIR_CONNECT_CLOSE_REASON_EOF)  # before its close callback was there
         return conn
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            batch = [self._inbox.get()]
+            while True:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
             if self._stop.is_set():
                 break
-            reason = _CLOSE_REASONS.get(self._close_reason, "an unknown reason")
-            log.warning("the events connection to %s closed (%s); registering again", self.uri, reason)
-            self._drop()
-            if not self._register_again():
-                break
+            if self._closed:
+                reason = _CLOSE_REASONS.get(self._close_reason or 0, "an unknown reason")
+                log.warning("the events connection to %s closed (%s); registering again", self.uri, reason)
+                self._drop()
+                if not self._register_again():
+                    break
+                continue  # the old connection's events: the guest list just sent says where they ended
+            happened = [item for item in batch if item is not None]
+            if happened:
+                try:
+                    self.on_events(happened)
+                except Exception:
+                    log.exception("handling lifecycle events failed")
         self._drop()
 
     def _register_again(self) -> bool:
@@ -224,16 +240,17 @@ class EventWatch:
         _quietly(conn.unregisterCloseCallback)
         _quietly(conn.close)
 
-    # -- in libvirt's event-loop thread
-    def _event(self, _conn, dom, event: int, detail: int, _opaque) -> None:
-        try:
-            self.on_event(dom.UUIDString(), event, detail)
-        except Exception:  # libvirt prints and forgets an exception raised in a callback
-            log.exception("handling a lifecycle event failed")
-
-    def _closed(self, _conn, reason: int, _opaque) -> None:
+    def _closed_by(self, reason: int) -> None:
         self._close_reason = reason
-        self._wake.set()
+        self._closed = True
+        self._inbox.put(None)
+
+    # -- in libvirt's event-loop thread: queue and return, never call libvirt here
+    def _on_event(self, _conn, dom: libvirt.virDomain, event: int, detail: int, _opaque) -> None:
+        self._inbox.put((dom, event, detail))
+
+    def _on_close(self, _conn, reason: int, _opaque) -> None:
+        self._closed_by(reason)
 
 
 def _quietly(call, *args) -> None:

@@ -9,9 +9,10 @@ requests to the broker and label replies back.
 
 The other threads hand what they have for the broker to the main thread through a second
 Mailbox (`notices`), never through its socket:
-  libvirt-events  libvirt's event loop (workers/events.py), once per process; it runs the
-                  lifecycle-event callback, which passes each event on as a guest-event.
-  events          owns the events connection; registers again after libvirtd restarts and
+  libvirt-events  libvirt's event loop (workers/events.py), once per process; its
+                  lifecycle-event callback queues each event for the events thread.
+  events          owns the events connection: reads the state of each guest an event names
+                  and sends it as a guest-event; registers again after libvirtd restarts and
                   then sends the host's full guest list.
   resync          every resync_interval_s, the host's full guest list (a backstop for events).
   self-fence      destroys the guests virtbroker placed when the host lease ran out while
@@ -257,7 +258,7 @@ class JobRunner:
                     raise
                 self.hv.reconnect()  # libvirtd restarted since this thread's last check
                 state = op(job)
-            return self._result(job, ok=True, state=state)
+            return self._result(job, ok=True, state=state, done_at=time.monotonic())
         except libvirt.libvirtError as e:
             error, code = e.get_error_message(), "driver"
             if e.get_error_domain() == libvirt.VIR_FROM_RPC:
@@ -271,9 +272,11 @@ class JobRunner:
             state = self.hv.state(job.domain_uuid)
         except Exception:
             state = None
-        return self._result(job, ok=False, state=state, error=error, code=code)
+        return self._result(job, ok=False, state=state, done_at=time.monotonic(), error=error, code=code)
 
-    def _result(self, job, ok, state, error=None, code=None) -> p.Result:
+    def _result(self, job, ok, state, done_at, error=None, code=None) -> p.Result:
+        """done_at: CLOCK_MONOTONIC (one clock for the host's processes) when the job's libvirt
+        work ended; a guest-event read before it is older news than this result."""
         return p.Result(
             worker_id=self.worker.worker_id,
             job_id=job.job_id,
@@ -283,6 +286,7 @@ class JobRunner:
             error=error,
             error_code=code,
             domain_state=state,
+            done_at=done_at,
         )
 
     # -- operations; each returns the domain state it leaves behind
@@ -580,7 +584,7 @@ class LifecycleWorker:
         self.inproc.setsockopt(zmq.LINGER, 0)
         self.inproc.bind(INPROC_URL + "-" + self.worker_id)
         # Registered before the first hello lists the guests: no event falls between the two.
-        self.events = events.EventWatch(config.uri, self._on_guest_event, self._after_reregistering)
+        self.events = events.EventWatch(config.uri, self._on_guest_events, self._after_reregistering)
         self.events.open()
 
     def guest_uid_gid(self) -> tuple[int, int]:
@@ -815,14 +819,33 @@ class LifecycleWorker:
         for frames in p.batch_frames(out):
             send_frames(self.sock, frames)
 
-    # -- the events thread and libvirt's event-loop thread
-    def _on_guest_event(self, uuid: str, event: int, detail: int) -> None:
-        """A lifecycle event (in libvirt's event-loop thread): a guest-event for the broker."""
-        meaning = events.guest_event(event, detail)
-        if meaning is None:
-            return
-        name, state, reason = meaning
-        self.notices.put(p.GuestEvent(worker_id=self.worker_id, uuid=uuid, state=state, event=name, reason=reason))
+    # -- the events thread
+    def _on_guest_events(self, happened: list[events.Happened]) -> None:
+        """Lifecycle events: a guest-event for the broker per guest, with its state as read now.
+
+        The event only says that something happened; the state sent is what libvirt says
+        after it, read at `at` (CLOCK_MONOTONIC, as a result's done_at): an event that comes
+        late never carries an old state, and the broker drops one read before the result of
+        a job that ended later. A guest with several events waiting is read once, under its
+        last event. A QEMU guest on its way up (PAUSED/STARTING_UP) reads as running.
+        """
+        last: dict[str, tuple[libvirt.virDomain, str, str]] = {}
+        for dom, event, detail in happened:
+            meaning = events.guest_event(event, detail)
+            if meaning is not None:
+                last[dom.UUIDString()] = (dom, *meaning)
+        for uuid, (dom, name, reason) in last.items():
+            at = time.monotonic()
+            try:
+                state = state_name(*dom.state())
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    # The connection is going: the guest list sent after registering again says it.
+                    log.warning("cannot read the state of %s after its %s event: %s", uuid, name, e)
+                    continue
+                state = "shutoff"  # a transient guest that stopped is gone
+            self.notices.put(p.GuestEvent(worker_id=self.worker_id, uuid=uuid, state=state, event=name,
+                                          reason=reason, at=at))
 
     def _after_reregistering(self, conn: libvirt.virConnect) -> None:
         """Registered for events again on a new connection (the events thread): events of the

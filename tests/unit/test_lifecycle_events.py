@@ -40,30 +40,23 @@ LEASE_TTL_S = 1.0  # heartbeats every 0.25 s
 @pytest.mark.parametrize(
     ("event", "detail", "expected"),
     [
-        (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED, ("started", "running", "booted")),
-        (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED,
-         ("resumed", "running", "unpaused")),
-        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED,
-         ("suspended", "paused", "paused")),
-        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR,
-         ("suspended", "paused", "ioerror")),
-        (libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED, libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED_MEMORY,
-         ("pmsuspended", "paused", "memory")),
-        (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED,
-         ("stopped", "shutoff", "destroyed")),
-        (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN,
-         ("stopped", "shutoff", "shutdown")),
-        (libvirt.VIR_DOMAIN_EVENT_CRASHED, libvirt.VIR_DOMAIN_EVENT_CRASHED_PANICKED,
-         ("crashed", "shutoff", "panicked")),
-        (libvirt.VIR_DOMAIN_EVENT_STOPPED, 99, ("stopped", "shutoff", "detail 99")),
-        # No news of the guest's state: STOPPED follows SHUTDOWN; definitions are the broker's.
+        (libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED, ("started", "booted")),
+        (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED, ("resumed", "unpaused")),
+        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED, ("suspended", "paused")),
+        (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR, ("suspended", "ioerror")),
+        (libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED, libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED_MEMORY, ("pmsuspended", "memory")),
+        (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED, ("stopped", "destroyed")),
+        (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN, ("stopped", "shutdown")),
+        (libvirt.VIR_DOMAIN_EVENT_CRASHED, libvirt.VIR_DOMAIN_EVENT_CRASHED_PANICKED, ("crashed", "panicked")),
+        (libvirt.VIR_DOMAIN_EVENT_STOPPED, 99, ("stopped", "detail 99")),
+        # No change of the guest's state: STOPPED follows SHUTDOWN; definitions are the broker's.
         (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST, None),
         (libvirt.VIR_DOMAIN_EVENT_DEFINED, libvirt.VIR_DOMAIN_EVENT_DEFINED_ADDED, None),
         (libvirt.VIR_DOMAIN_EVENT_UNDEFINED, libvirt.VIR_DOMAIN_EVENT_UNDEFINED_REMOVED, None),
         (42, 0, None),
     ],
 )
-def test_lifecycle_events_map_to_guest_states(event, detail, expected):
+def test_the_lifecycle_events_that_change_a_guests_state(event, detail, expected):
     assert events.guest_event(event, detail) == expected
 
 
@@ -244,10 +237,12 @@ def test_guest_changes_reach_the_broker_as_guest_events(worker_factory, guests):
     broker.expect(p.Hello)
     dom = guests("life")
     uuid = dom.UUIDString()
-    dom.suspend()
-    dom.resume()
-    dom.destroy()
-    seen = [broker.expect(p.GuestEvent, where=of(uuid)) for _ in range(4)]
+    seen = [broker.expect(p.GuestEvent, where=of(uuid))]
+    for change in (dom.suspend, dom.resume, dom.destroy):
+        before = time.monotonic()
+        change()
+        seen.append(broker.expect(p.GuestEvent, where=of(uuid)))
+        assert seen[-1].at >= before  # read after the change, by the host's monotonic clock
     assert [(e.event, e.state, e.reason) for e in seen] == [
         ("started", "running", "booted"),
         ("suspended", "paused", "paused"),
@@ -257,25 +252,63 @@ def test_guest_changes_reach_the_broker_as_guest_events(worker_factory, guests):
     assert {e.worker_id for e in seen} == {worker.worker_id}
 
 
-def test_guest_events_are_heard_from_changes_made_in_another_thread(worker_factory):
-    """Through the worker's own Hypervisor, from a thread of its own, as a job thread would."""
+def test_an_event_carries_the_state_read_after_it_not_the_one_it_implies(worker_factory, guests):
+    """An event that comes late (here: a started handled after the guest was destroyed) must
+    not tell the broker an old state: the worker reads the state when it handles the event."""
+    worker, broker = worker_factory()
+    broker.expect(p.Hello)
+    dom = guests("late")
+    uuid = dom.UUIDString()
+    broker.expect(p.GuestEvent, where=of(uuid))
+    dom.destroy()
+    broker.expect(p.GuestEvent, where=of(uuid))
+    worker._on_guest_events([(dom, libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED)])
+    late = broker.expect(p.GuestEvent, where=of(uuid))
+    assert (late.event, late.state) == ("started", "shutoff")
+
+
+def test_several_events_of_a_guest_waiting_together_are_read_once(worker_factory, guests):
+    worker, broker = worker_factory()
+    broker.expect(p.Hello)
+    dom = guests("burst")
+    uuid = dom.UUIDString()
+    broker.expect(p.GuestEvent, where=of(uuid))
+    dom.suspend()
+    broker.expect(p.GuestEvent, where=of(uuid))
+    worker._on_guest_events([
+        (dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED),
+        (dom, libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED),
+        (dom, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST),  # no state change
+    ])
+    got = broker.expect(p.GuestEvent, where=of(uuid))
+    assert (got.event, got.state, got.reason) == ("suspended", "paused", "paused")
+    # A later event of another guest marks how far to look: no second one for the burst.
+    other = guests("marker").UUIDString()
+    broker.expect(p.GuestEvent, where=of(other))
+    assert broker.taken(p.GuestEvent, where=of(uuid)) == []
+
+
+def test_guest_events_are_heard_from_changes_made_in_other_threads(worker_factory):
+    """Through the worker's own Hypervisor, from threads of their own, as job threads would."""
     worker, broker = worker_factory()
     broker.expect(p.Hello)
     made: dict[str, str] = {}
 
-    def other() -> None:
-        dom = worker.hv.connection().createXML(minimal_domain_xml(PREFIX + "thread", "test"), 0)
-        made["uuid"] = dom.UUIDString()
-        dom.destroy()
+    def in_a_thread(work) -> None:
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join(10)
 
-    thread = threading.Thread(target=other)
-    thread.start()
-    thread.join(10)
+    def create() -> None:
+        made["uuid"] = worker.hv.connection().createXML(minimal_domain_xml(PREFIX + "thread", "test"), 0).UUIDString()
+
     try:
+        in_a_thread(create)
         assert broker.expect(p.GuestEvent, where=of(made["uuid"])).state == "running"
+        in_a_thread(lambda: worker.hv.connection().lookupByUUIDString(made["uuid"]).destroy())
         assert broker.expect(p.GuestEvent, where=of(made["uuid"])).state == "shutoff"
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
+        with contextlib.suppress(libvirt.libvirtError, KeyError):
             worker.hv.conn.lookupByUUIDString(made["uuid"]).destroy()
 
 
@@ -450,6 +483,7 @@ def test_every_guest_the_worker_starts_carries_the_placed_mark(worker_factory, g
     try:
         result = broker.expect(p.Result)
         assert (result.ok, result.error, result.domain_state) == (True, None, "running")
+        assert 0 < result.done_at <= time.monotonic()  # when its libvirt work ended, the host's clock
         broker.send(p.ResultAck(job_id=1, accepted=True))
         dom = guests.conn.lookupByUUIDString(definition.uuid)
         element = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.METADATA_NS)
