@@ -49,6 +49,8 @@ OVERRIDES = {
     "job_id": st.one_of(st.integers(0, 5), ints),
     "job_ids": st.lists(st.one_of(st.integers(0, 5), ints), max_size=5),
     "state": st.one_of(st.none(), st.sampled_from(list(p.JOB_STATES) + ["active", "inactive", "x"]), texts),
+    # `ha` true would legitimately redefine fz-other; false leaves an HA-less domain as it is.
+    "ha": st.one_of(st.just(False), st.none(), texts, ints),
 }
 
 
