@@ -215,8 +215,11 @@ def with_ha(xml: str, ha: bool) -> str:
     return etree.tostring(root, encoding="unicode")
 
 
+@functools.lru_cache(maxsize=4096)
 def with_placed_mark(xml: str) -> str:
-    """The definition a lifecycle worker starts: with virtbroker's metadata element."""
+    """The definition a lifecycle worker starts: with virtbroker's metadata element.
+
+    Cached by definition text: a guest started again and again is parsed once."""
     root = parse(xml)
     if _metadata_element(root, create=False) is not None:
         return xml
