@@ -24,6 +24,10 @@ from virtbroker.common.errors import (
 from virtbroker.common.stream import StreamSocket, is_stream_url
 
 Records = list[dict]  # (named here: inside Client, `list` is the method)
+# How often Client.events(since=) reads the history again until the first live event shows
+# that the broker has its subscription.
+REPLAY_POLL_S = 0.5
+EVENT_KINDS = {"domain": p.DomainEvent, "job": p.JobEvent, "host": p.HostEvent}
 EVENTS_PAGE = 1000  # events replayed per request
 FAILOVER_PAUSE_S = 0.2  # between tries of the next broker while none answers or leads
 # With several brokers, how long one may take to answer before the next is tried (a leader
@@ -281,36 +285,61 @@ class Client:
         return self.wait([job["job_id"]], timeout_s)[0]
 
     def events(self, timeout_s: float | None = None, since: int | None = None) -> Iterator[Any]:
-        """Domain and job events from the broker's PUB socket, as they happen.
+        """Domain, job and host events from the broker's PUB socket, as they happen.
 
         With `since`, first every kept event with a higher seq (replayed from the broker's
-        event history, in order), then the live ones, each once. Raises GoneError if events
-        after `since` are no longer kept: re-read the state (list, jobs) instead.
+        event history, in order), then the live ones, each once and none missed: a gap in
+        the live events' seq (ZeroMQ's slow joiner, a dropped message) is read from the
+        history, and until the first live event shows the subscription is in place, the
+        history is read again every REPLAY_POLL_S. Raises GoneError if events after `since`
+        are no longer kept: re-read the state (list, jobs) instead.
         """
         events_url = self.ping()["events_url"]
         sub = self._connect(zmq.SUB, events_url)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         try:
             last = -1
+            live_seen = since is None  # without `since`, no history is read
             if since is not None:
-                # Subscribed before the replay is read: an event committed meanwhile comes
+                # Subscribed before the history is read: an event committed meanwhile comes
                 # both ways, and its seq drops the second copy.
                 last = since
-                while True:
-                    page = self.call(p.EventsSince, since=last, limit=EVENTS_PAGE)["events"]
-                    for body in page:
-                        kind = body.pop("type")
-                        event = p.from_body(p.DomainEvent if kind == "domain" else p.JobEvent, body)
-                        last = event.seq
-                        yield event
-                    if len(page) < EVENTS_PAGE:
-                        break
+                for event in self._replayed(since):
+                    last = event.seq
+                    yield event
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            next_replay = time.monotonic() + REPLAY_POLL_S
             while deadline is None or time.monotonic() < deadline:
                 wait_ms = 500 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                if not live_seen:
+                    wait_ms = max(0, min(wait_ms, int((next_replay - time.monotonic()) * 1000)))
                 if sub.poll(min(wait_ms, 500)):
                     event = p.decode_event(sub.recv_multipart())
+                    if since is not None and event.seq > last + 1:
+                        for missed in self._replayed(last):  # the gap, and whatever followed it
+                            last = missed.seq
+                            yield missed
+                    live_seen = True
                     if event.seq > last:
+                        last = event.seq
                         yield event
+                elif not live_seen and time.monotonic() >= next_replay:
+                    # The broker may not have had our subscription when an event left.
+                    for missed in self._replayed(last):
+                        last = missed.seq
+                        yield missed
+                    next_replay = time.monotonic() + REPLAY_POLL_S
         finally:
             sub.close(linger=0)
+
+    def _replayed(self, since: int) -> Iterator[Any]:
+        """Kept events after `since`, in order, page by page."""
+        while True:
+            page = self.call(p.EventsSince, since=since, limit=EVENTS_PAGE)["events"]
+            for body in page:
+                kind = body.pop("type")
+                event = p.from_body(EVENT_KINDS[kind], body)
+                since = event.seq
+                yield event
+            if len(page) < EVENTS_PAGE:
+                return

@@ -10,6 +10,7 @@ import pytest
 
 from tests.waiting import wait_until
 from virtbroker.client.templates import minimal_domain_xml
+from virtbroker.common import protocol as p
 from virtbroker.common.errors import GoneError
 
 
@@ -70,3 +71,29 @@ def test_a_seq_older_than_the_history_is_gone(cluster_factory):
         next(iter(c.events(since=1, timeout_s=1)))
     recent = list(c.events(since=35, timeout_s=0.5))
     assert [e.seq for e in recent] == [36, 37, 38, 39, 40]
+
+
+def test_an_event_right_after_subscribing_is_never_missed(cluster_factory):
+    """The broker builds only events someone subscribed to, and learns of a subscription only
+    when its loop reads it: an event committed in between is not published. events(since=)
+    reads it from the history until the first live event shows the subscription is in place.
+    Each round: a fresh subscriber, then at once one define, the only event."""
+    cluster = cluster_factory()
+    cluster.start_broker()
+    c = cluster.client()
+    for i in range(10):
+        since = c.call(p.EventsSince, since=0, limit=1)["seq"]  # the newest event so far
+        stream = c.events(since=since, timeout_s=10)
+        other = cluster.client()
+        first = []
+
+        def listen():
+            for event in stream:
+                first.append(event)
+                return
+
+        listener = threading.Thread(target=listen)
+        listener.start()
+        other.define(minimal_domain_xml(f"ev-now-{i}"))
+        listener.join(15)
+        assert first and first[0].KIND == "domain" and first[0].name == f"ev-now-{i}", (i, first)
