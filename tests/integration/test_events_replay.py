@@ -87,7 +87,7 @@ def test_an_event_right_after_subscribing_is_never_missed(cluster_factory):
         other = cluster.client()
         first = []
 
-        def listen():
+        def listen(stream=stream, first=first):
             for event in stream:
                 first.append(event)
                 return
