@@ -5,6 +5,9 @@ its lifecycle workers renews its host lease: every heartbeat (and hello) renews 
 broker answers each with `renewed`. The states of a host:
 
   up           renewed within host_dead_s; it takes jobs (unless draining)
+  left         its last lifecycle worker stopped on purpose (`bye`): its guests run on,
+               unwatched; it is never fenced but by the operator (a stopped agent is
+               maintenance, not a failure); after host_dead_s its domains are `unknown`
   unreachable  no renewal for host_dead_s: its domains are `unknown` (the broker cannot tell)
   fencing      fence_command is running for it
   fenced       known to be off: its domains' epochs were raised, they are shutoff, and HA
@@ -50,7 +53,7 @@ def renewed(core: BrokerCore, worker: WorkerInfo, now: float, seq: int) -> None:
     host = core.host(worker.host_id)
     host.renewed_at = now
     host.renewed_wall = core.clock.wall()
-    if host.state in ("unreachable", "fencing"):
+    if host.state in ("unreachable", "fencing", "left"):
         back(core, host, "its workers renew the host lease again")
     core.to_worker(worker.worker_id, p.Renewed(seq=seq, armed=armed(core, host),
                                                self_fence_s=core.config.self_fence_s), durable=False)
@@ -96,13 +99,15 @@ def check(core: BrokerCore, now: float) -> None:
             if silent:
                 embedded_gone(core, host)
             continue
-        if host.state == "up" and silent:
-            set_host_state(core, host, "unreachable", f"no renewal of its host lease for {core.config.host_dead_s:g} s")
+        if host.state in ("up", "left") and silent and host.lost_at <= host.renewed_at:
+            if host.state == "up":
+                set_host_state(core, host, "unreachable",
+                               f"no renewal of its host lease for {core.config.host_dead_s:g} s")
+                host.armed_when_lost = armed(core, host)
             host.lost_at = now
-            host.armed_when_lost = armed(core, host)
             for record in domains_on(core, host.host_id):
                 if record.uuid not in core.scheduler.active:
-                    core.set_state(record, "unknown", host.host_id, reason=f"host {host.host_id} unreachable")
+                    core.set_state(record, "unknown", host.host_id, reason=f"host {host.host_id} {host.state}")
         elif host.state == "fencing":
             poll_fence_command(core, host, now)
     lost = [h for h in core.hosts.values() if not h.embedded and h.state in ("unreachable", "fencing")]
@@ -140,7 +145,7 @@ def consider_fencing(core: BrokerCore, lost: list[Host], live: set[str], now: fl
     config = core.config
     if now < core.fence_allowed_at:
         return  # the quiet period after a start or takeover
-    counted = [h for h in core.hosts.values() if not h.embedded and h.state != "fenced"]
+    counted = [h for h in core.hosts.values() if not h.embedded and h.state not in ("fenced", "left")]
     silent_s = min(config.lease_ttl_s, config.host_dead_s / 2)
     silent = [h for h in counted if h in lost or (h.host_id not in live and now - h.renewed_at > silent_s)]
     if len(silent) > config.partition_fraction * len(counted):
@@ -281,6 +286,17 @@ def evacuate(core: BrokerCore, host: Host) -> list[int]:
 
 
 # ---------------------------------------------------------------------- a host that returns
+def worker_left(core: BrokerCore, worker: WorkerInfo) -> None:
+    """A lifecycle worker said `bye`. If it was its host's last, the host is `left`."""
+    host = core.hosts.get(worker.host_id)
+    if worker.role != "lifecycle" or host is None or host.embedded or host.state != "up":
+        return
+    if any(w.role == "lifecycle" and w.host_id == host.host_id for w in core.workers.values()):
+        return
+    set_host_state(core, host, "left", "its last lifecycle worker stopped: its guests run on, unwatched; "
+                                       "not fenced but by the operator")
+
+
 def strays_of(core: BrokerCore, host_id: str, guests: Iterable[dict]) -> list[str]:
     """Reported guests that must not run on host_id: domains fenced while it was away, and
     domains the registry has running on another host that is up (a guest never runs twice)."""

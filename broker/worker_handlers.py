@@ -285,6 +285,7 @@ class WorkerHandlers:
         core.forget_worker(worker)
         log.info("worker %s left (host %s)", worker.worker_id, worker.host_id)
         core.worker_gone(worker)
+        hosts.worker_left(core, worker)
 
     def handle_result(self, msg: p.Result, worker: WorkerInfo) -> None:
         core = self.core

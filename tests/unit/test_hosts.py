@@ -404,3 +404,18 @@ def test_an_event_read_before_the_last_result_on_its_host_is_stale(broker):
                                           at=500.5))
     broker.turn()
     assert broker.call(p.Lookup, domain="g")["state"] == "running"
+
+
+def test_a_host_whose_last_worker_stops_on_purpose_is_left_not_fenced(broker, tmp_path):
+    two_hosts(broker)
+    a = start_on(broker, "g", "a1", ha=True)
+    broker.worker_says("a1", p.Bye(worker_id="a1"))
+    broker.turn()
+    assert host_state(broker, "A") == "left"
+    pass_time(broker, DEAD_S + 60, alive=("b1",))
+    assert host_state(broker, "A") == "left" and fence_calls(tmp_path) == []
+    assert broker.call(p.Lookup, domain="g")["state"] == "unknown"  # nobody watches it
+    assert not broker.assignments("b1")  # nothing restarted
+    broker.hello("a1", host_id="A", slots=4, guests=[{"uuid": a.domain_uuid, "name": "g", "state": "running"}])
+    assert host_state(broker, "A") == "up"
+    assert broker.call(p.Lookup, domain="g")["state"] == "running"
