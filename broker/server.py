@@ -146,6 +146,11 @@ class Broker:
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
+        if self.config.realtime_priority:
+            # This thread, and the threads it starts from here on (they inherit the class):
+            # the store writer, the etcd campaign. Not the metrics server's, started before.
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(self.config.realtime_priority))
+            log.warning("broker loop in the real-time class SCHED_RR at priority %d", self.config.realtime_priority)
         self.poller = poller = zmq.Poller()
         poller.register(self.client_sock, zmq.POLLIN)
         poller.register(self.worker_sock, zmq.POLLIN)
@@ -517,6 +522,14 @@ class Broker:
 
 def run_broker(config: Config) -> int:
     """Entry point for one broker process (virtbroker broker, or a child of virtbroker up)."""
+    if config.realtime_priority:
+        try:  # the same call, on this thread, before anything is bound: refused -> exit at once
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(config.realtime_priority))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as e:
+            log.critical("realtime_priority %d: cannot enter SCHED_RR (%s); it needs CAP_SYS_NICE",
+                         config.realtime_priority, e.strerror)
+            return EXIT_CONFIG
     context = zmq.Context()
     broker = Broker(config, context)
     broker.bind()

@@ -247,6 +247,16 @@ class Config:
                                help="serve the broker's Prometheus metrics on this port (0: off)")
     metrics_addr: str = option("127.0.0.1", help="address the metrics port listens on")
     log_level: str = option("INFO", check=one_of(*LOG_LEVELS, upper=True), help="DEBUG, INFO, WARNING, ERROR")
+    # The broker's loop thread (and the threads it starts: the store writer) in the real-time
+    # class SCHED_RR at this priority, as corosync runs: on a host whose CPUs are busy with
+    # other work the broker is scheduled first. The risk: a real-time thread that spins (a
+    # bug, a flood of requests) takes its CPU from everything else on the host, sshd and
+    # libvirtd too, up to the kernel's real-time limit (kernel.sched_rt_runtime_us, 95% by
+    # default); with 2 CPUs the broker's two busy threads can hold most of the host.
+    # Needs CAP_SYS_NICE (root, or an RLIMIT_RTPRIO of at least this).
+    realtime_priority: int = option(0, check=at_least(0, 99), help=(
+        "broker: run its loop under SCHED_RR at this priority, 1-99 (0: off, the default). Faster on a "
+        "busy host, but a runaway broker can then starve every other process of the host"))
     # tcp:// endpoints carry every domain's definition and every job: without CURVE they are
     # refused unless the operator says so here.
     allow_insecure_tcp: bool = option(

@@ -63,6 +63,7 @@ def samples(tmp_path) -> dict:
         "metrics_port": 9100,
         "metrics_addr": "0.0.0.0",
         "log_level": "DEBUG",
+        "realtime_priority": 10,
         "allow_insecure_tcp": True,
         "max_domains": 11,
         "max_queued_jobs": 12,
