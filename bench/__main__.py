@@ -42,6 +42,10 @@ def run_section(name: str, settings: Settings, conn) -> dict:
         from bench import ha
 
         result = ha.run(settings)
+    elif name == "hosts":
+        from bench import hosts
+
+        result = hosts.run(settings, conn)
     else:
         from bench import scale
 
@@ -58,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                "bench/results/short.json and bench/results/short.md, never docs/.",
     )
     parser.add_argument("--short", action="store_true",
-                        help="the smoke run: every section, smaller N, 2 pairs (under 3 minutes; judges nothing)")
+                        help="the smoke run: every section but hosts (--only hosts runs it), smaller N, 2 pairs "
+                             "(under 3 minutes; judges nothing)")
     parser.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable); "
                         "its results replace that section in --out")
     parser.add_argument("--out", type=Path, help="results file (default bench/results/full.json, or "
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     settings = Settings.make(args.short)
-    sections = args.only or list(SECTIONS)
+    sections = args.only or [s for s in SECTIONS if not (settings.short and s in report.NOT_IN_SHORT)]
     results: dict = {"sections": {}}
     if args.only and out.exists():
         results = json.loads(out.read_text())  # keep the sections not run this time

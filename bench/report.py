@@ -25,7 +25,9 @@ SHORT_RESULTS = ROOT / "bench" / "results" / "short.json"
 # Results files record the method they were made with; files without it come from the earlier
 # method (medians of repetitions, no pairs), whose verdicts this renderer does not recompute.
 METHOD = 2
-SECTION_ORDER = ("storm", "latency", "security", "scale", "gateway", "ha")
+SECTION_ORDER = ("storm", "latency", "security", "scale", "gateway", "ha", "hosts")
+# Too slow for --short's 3 minutes (two lab hosts and a partition): run with --short --only hosts.
+NOT_IN_SHORT = ("hosts",)
 TITLES = {
     "storm": "1-2. Start and destroy storms",
     "latency": "3. Control-plane latency during the start storm",
@@ -33,6 +35,7 @@ TITLES = {
     "scale": "5. Broker scale and no-op jobs",
     "gateway": "6. libvirt-python through virtbroker's libvirt gateway",
     "ha": "7. Failover on etcd",
+    "hosts": "8. Host failures and outside changes",
 }
 # The targets each section sets, named for the table when the section did not run.
 PLACEHOLDERS = {
@@ -50,6 +53,8 @@ PLACEHOLDERS = {
               (f"No-op jobs with {TARGET_WORKERS} workers / raw pipelined ZeroMQ round trips", ">= 0.250x")],
     "gateway": [("libvirt-python N=20 through the gateway / libvirtd: start storm, lookups, defines", "")],
     "ha": [("Failover on etcd: takeover, lost defines, the etcd store's rates", "")],
+    "hosts": [("Partition to every HA guest running on the other host", "<= host_dead_s + 10 s, 0 double runs"),
+              ("Outside destroy to the broker's shutoff event, max", "<= 1.000 s")],
 }
 # The 2013 report on libvirt's QEMU driver (issue 17): 20 VM creations took 35 s, 25 s with
 # AppArmor off, because of a global security-manager lock and domain-list lookups waiting on
@@ -331,8 +336,27 @@ def ha_markdown(section: dict) -> str:
     return takeover + "\n\n" + stores + "\n\n" + floor
 
 
+def hosts_markdown(section: dict) -> str:
+    part, out = section["partition"], section["outside"]
+    partitions = _table(
+        ["partition", "HA guests gone from host a (s)", "all running on host b (s)", "host a's states (s after the cut)",
+         "QEMUs the fence program killed", "double-run samples", "rejoined after heal (s)"],
+        [[i + 1, _f(r["self_fenced_s"], "{:.1f}"), _f(r["restarted_s"], "{:.1f}"),
+          ", ".join(f"{state} {t:g}" for t, state in r["transitions"]), r.get("fence_killed", "-"),
+          r["double_samples"], _f(r["rejoined_s"], "{:.1f}")] for i, r in enumerate(part["reps"])],
+    )
+    outside = _table(
+        ["outside destroys", "to the shutoff event p50 / p99 / max (ms)", "the destroy call p50 / max (ms)",
+         "unseen", "resync interval (s)"],
+        [[out["destroys"], f"{_f(out['p50_ms'], '{:.1f}')} / {_f(out['p99_ms'], '{:.1f}')} / "
+          f"{_f(out['max_ms'], '{:.1f}')}", f"{_f(out.get('destroy_call_p50_ms'), '{:.0f}')} / "
+          f"{_f(out.get('destroy_call_max_ms'), '{:.0f}')}", out["missed"], _f(out["resync_interval_s"], "{:g}")]],
+    )
+    return partitions + "\n\n" + outside
+
+
 RENDERERS = {"storm": storm_markdown, "latency": latency_markdown, "security": security_markdown,
-             "scale": scale_markdown, "gateway": gateway_markdown, "ha": ha_markdown}
+             "scale": scale_markdown, "gateway": gateway_markdown, "ha": ha_markdown, "hosts": hosts_markdown}
 
 
 # ---------------------------------------------------------------------------- the 2013 experiment
