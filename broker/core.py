@@ -74,7 +74,8 @@ class Host:
     renewed_wall: float = 0.0
     shared_storage_roots: tuple[str, ...] = ()
     watchdog: bool = False  # its workers pet a watchdog while armed
-    armed_when_lost: bool = False  # it ran HA guests when it fell silent (so its watchdog was armed)
+    armed_when_lost: bool = False  # a worker of it said it was armed when it fell silent
+    armed_workers: dict[str, bool] = field(default_factory=dict)  # worker id -> its last beat's `armed`
     lost_at: float = 0.0
     fence_proc: subprocess.Popen | None = None
     fence_started: float = 0.0

@@ -103,7 +103,9 @@ def check(core: BrokerCore, now: float) -> None:
             if host.state == "up":
                 set_host_state(core, host, "unreachable",
                                f"no renewal of its host lease for {core.config.host_dead_s:g} s")
-                host.armed_when_lost = armed(core, host)
+                # What its workers last said, not what the broker would tell them: a worker
+                # cut off before it heard `armed` neither self-fences nor pets a watchdog.
+                host.armed_when_lost = any(host.armed_workers.values())
             host.lost_at = now
             for record in domains_on(core, host.host_id):
                 if record.uuid not in core.scheduler.active:

@@ -694,7 +694,7 @@ class LifecycleWorker:
             self.self_fenced_seq = self.beat_seq
         self.lease.sent(self.beat_seq, time.monotonic())
         return p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests, seq=self.beat_seq,
-                                    self_fenced=list(self.self_fenced)))
+                                    self_fenced=list(self.self_fenced), armed=self.lease.armed))
 
     def _resync_loop(self) -> None:
         """Lists the host's guests every resync_interval_s in a thread of its own: a slow or

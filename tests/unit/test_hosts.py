@@ -46,11 +46,14 @@ def fence_calls(tmp_path) -> list[str]:
 
 
 def beat(broker: StubBroker, *workers: str, seq: int = 1, guests=None) -> None:
-    """Heartbeats from these workers, renewing the leases they hold."""
+    """Heartbeats from these workers, renewing the leases they hold, each saying `armed` as
+    the last `renewed` it got said (as a real worker does)."""
     leases = broker.core.scheduler.leases.values()
     for w in workers:
         held = [lease.lease_id for lease in leases if lease.worker_id == w]
-        broker.worker_says(w, p.Heartbeat(worker_id=w, lease_ids=held, seq=seq, guests=guests))
+        heard = [m for m in broker.to_workers[w.encode()] if isinstance(m, p.Renewed)]
+        armed = heard[-1].armed if heard else False
+        broker.worker_says(w, p.Heartbeat(worker_id=w, lease_ids=held, seq=seq, guests=guests, armed=armed))
     broker.turn()
 
 
@@ -290,6 +293,7 @@ def test_a_watchdog_host_counts_as_fenced_after_dead_plus_margin_only_when_armed
     beat(broker, "a1", "b1")
     renewed = [m for m in broker.to_workers[b"a1"] if isinstance(m, p.Renewed)]
     assert renewed[-1].armed and renewed[-1].self_fence_s == 20.0
+    beat(broker, "a1")  # a1 says it heard it: armed, its watchdog petted
     # B without HA guests is not armed, so its silence alone never counts as fencing.
     assert not [m for m in broker.to_workers[b"b1"] if isinstance(m, p.Renewed)][-1].armed
     pass_time(broker, DEAD_S + 8, alive=("c1",))  # A and B lost: 2 of 3, held as a partition
@@ -419,3 +423,17 @@ def test_a_host_whose_last_worker_stops_on_purpose_is_left_not_fenced(broker, tm
     broker.hello("a1", host_id="A", slots=4, guests=[{"uuid": a.domain_uuid, "name": "g", "state": "running"}])
     assert host_state(broker, "A") == "up"
     assert broker.call(p.Lookup, domain="g")["state"] == "running"
+
+
+def test_a_watchdog_host_cut_off_before_its_worker_heard_armed_is_not_fenced_by_time(tmp_path):
+    """The broker arms a host when an HA guest lands there, but its worker learns it only from
+    the next `renewed`. Cut off before that, it neither self-fences nor pets its watchdog:
+    only a fence command or the operator may fence it."""
+    broker = make(tmp_path, fence_margin_s=10.0)
+    broker.hello("a1", host_id="A", slots=4, watchdog=True)
+    broker.hello("b1", host_id="B", slots=4)
+    start_on(broker, "ha", "a1", ha=True)  # no beat of a1 after this: it never heard armed
+    pass_time(broker, DEAD_S + 30, alive=("b1",))
+    assert host_state(broker, "A") == "unreachable"
+    assert not broker.assignments("b1")
+    broker.close()

@@ -333,10 +333,14 @@ def test_after_the_events_connection_closes_the_worker_registers_again_and_sends
     assert broker.taken(p.GuestEvent, where=of(uuid)) == []
 
 
-def renew_heartbeats(broker: FakeBroker, count: int, armed: bool, self_fence_s: float) -> None:
+def renew_heartbeats(broker: FakeBroker, count: int, armed: bool, self_fence_s: float) -> list[p.Heartbeat]:
+    """Answer `count` heartbeats with `renewed`; the beats answered."""
+    beats = []
     for _ in range(count):
         beat = broker.expect(p.Heartbeat)
         broker.send(p.Renewed(seq=beat.seq, armed=armed, self_fence_s=self_fence_s))
+        beats.append(beat)
+    return beats
 
 
 def test_self_fence_destroys_the_placed_guests_once_renewals_stop_while_armed(worker_factory, guests, caplog):
@@ -346,8 +350,9 @@ def test_self_fence_destroys_the_placed_guests_once_renewals_stop_while_armed(wo
     worker, broker = worker_factory()
     broker.expect(p.Hello)
     broker.send(p.Renewed(seq=0, armed=True, self_fence_s=0.5))
-    # Renewed for 1.5 s, three times self_fence_s: nothing happens.
-    renew_heartbeats(broker, 6, armed=True, self_fence_s=0.5)
+    # Renewed for 1.5 s, three times self_fence_s: nothing happens. The beats say the worker
+    # is armed (the broker trusts a host's watchdog only then).
+    assert renew_heartbeats(broker, 6, armed=True, self_fence_s=0.5)[-1].armed
     assert running(guests.conn, placed) and running(guests.conn, other)
     assert broker.taken(p.GuestEvent, where=of(placed)) == []
     # The broker goes quiet.
