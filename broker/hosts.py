@@ -105,7 +105,10 @@ def check(core: BrokerCore, now: float) -> None:
                                f"no renewal of its host lease for {core.config.host_dead_s:g} s")
                 # What its workers last said, not what the broker would tell them: a worker
                 # cut off before it heard `armed` neither self-fences nor pets a watchdog.
-                host.armed_when_lost = any(host.armed_workers.values())
+                # Only the workers that beat until the end count (not one that died before).
+                recent = host.renewed_at - core.config.lease_ttl_s
+                host.armed_when_lost = any(a for a, at in host.armed_workers.values() if at >= recent)
+                host.armed_workers.clear()
             host.lost_at = now
             for record in domains_on(core, host.host_id):
                 if record.uuid not in core.scheduler.active:

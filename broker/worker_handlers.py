@@ -222,7 +222,7 @@ class WorkerHandlers:
         core = self.core
         unknown = core.scheduler.renew(worker.worker_id, msg.lease_ids, worker.last_seen)
         if worker.role == "lifecycle":
-            core.host(worker.host_id).armed_workers[worker.worker_id] = msg.armed
+            core.host(worker.host_id).armed_workers[worker.worker_id] = (msg.armed, worker.last_seen)
             hosts.renewed(core, worker, worker.last_seen, msg.seq)
             if msg.self_fenced:
                 self.self_fenced(worker, msg.self_fenced)

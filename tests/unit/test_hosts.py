@@ -437,3 +437,21 @@ def test_a_watchdog_host_cut_off_before_its_worker_heard_armed_is_not_fenced_by_
     assert host_state(broker, "A") == "unreachable"
     assert not broker.assignments("b1")
     broker.close()
+
+
+def test_only_workers_that_beat_until_the_host_fell_silent_count_as_armed(tmp_path):
+    """A worker that said `armed` and died long before does not vouch for its host's watchdog."""
+    broker = make(tmp_path, fence_margin_s=10.0)
+    broker.hello("a1", host_id="A", slots=4, watchdog=True)
+    broker.hello("b1", host_id="B", slots=4)
+    start_on(broker, "ha", "a1", ha=True)
+    beat(broker, "a1")
+    beat(broker, "a1")  # a1 says armed
+    # a1 dies; its replacement a2 (same host) never heard `armed` before the host falls silent.
+    broker.hello("a2", host_id="A", slots=4, watchdog=True)
+    pass_time(broker, 20, alive=("a2", "b1"), step=20)
+    broker.worker_says("a2", p.Heartbeat(worker_id="a2", lease_ids=[], seq=1, armed=False))
+    broker.turn()
+    pass_time(broker, DEAD_S + 30, alive=("b1",))
+    assert host_state(broker, "A") == "unreachable"
+    broker.close()
