@@ -75,7 +75,8 @@ class Host:
     shared_storage_roots: tuple[str, ...] = ()
     watchdog: bool = False  # its workers pet a watchdog while armed
     armed_when_lost: bool = False  # a worker of it said it was armed when it fell silent
-    # worker id -> (its last beat's `armed`, when that beat came, monotonic)
+    watchdog_workers: set[str] = field(default_factory=set)  # its workers whose hello said watchdog
+    # worker id -> (its last beat said armed and it has a watchdog, when that beat came, monotonic)
     armed_workers: dict[str, tuple[bool, float]] = field(default_factory=dict)
     lost_at: float = 0.0
     fence_proc: subprocess.Popen | None = None

@@ -144,6 +144,10 @@ class WorkerHandlers:
             host.embedded = msg.uri.startswith("test:///")
             host.shared_storage_roots = tuple(str(r) for r in msg.shared_storage_roots)
             host.watchdog = bool(msg.watchdog)
+            if msg.watchdog:
+                host.watchdog_workers.add(msg.worker_id)
+            else:
+                host.watchdog_workers.discard(msg.worker_id)
             core.save_hosts()
         for held in msg.leases:
             lease = core.scheduler.leases.get(str(held.get("lease_id")))
@@ -222,7 +226,10 @@ class WorkerHandlers:
         core = self.core
         unknown = core.scheduler.renew(worker.worker_id, msg.lease_ids, worker.last_seen)
         if worker.role == "lifecycle":
-            core.host(worker.host_id).armed_workers[worker.worker_id] = (msg.armed, worker.last_seen)
+            host = core.host(worker.host_id)
+            # Only a worker with a watchdog vouches that a silence of its host resets it.
+            vouches = msg.armed and worker.worker_id in host.watchdog_workers
+            host.armed_workers[worker.worker_id] = (vouches, worker.last_seen)
             hosts.renewed(core, worker, worker.last_seen, msg.seq)
             if msg.self_fenced:
                 self.self_fenced(worker, msg.self_fenced)

@@ -136,6 +136,11 @@ class Watchdog:
         except OSError as e:
             log.error("cannot pet the watchdog %s: %s", self.path, e)
 
+    @property
+    def petting(self) -> bool:
+        """The device is open and petted: a silence of this worker now resets the host."""
+        return self._fd is not None
+
     def close(self) -> None:
         """The magic close, then close: the device stops its timer."""
         fd, self._fd = self._fd, None

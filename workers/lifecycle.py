@@ -694,7 +694,12 @@ class LifecycleWorker:
             self.self_fenced_seq = self.beat_seq
         self.lease.sent(self.beat_seq, time.monotonic())
         return p.encode(p.Heartbeat(worker_id=self.worker_id, lease_ids=lease_ids, guests=guests, seq=self.beat_seq,
-                                    self_fenced=list(self.self_fenced), armed=self.lease.armed))
+                                    self_fenced=list(self.self_fenced), armed=self._armed()))
+
+    def _armed(self) -> bool:
+        """What the broker hears as `armed`: this worker self-fences, and if it has a watchdog,
+        the watchdog is open and petted (one it could not open vouches for nothing)."""
+        return self.lease.armed and (not self.config.watchdog_device or self.watchdog.petting)
 
     def _resync_loop(self) -> None:
         """Lists the host's guests every resync_interval_s in a thread of its own: a slow or

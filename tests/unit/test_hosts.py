@@ -76,9 +76,12 @@ def start_on(broker: StubBroker, name: str, worker: str, ha: bool = False, xml: 
     job = broker.submit(name, "start")
     for h in others:
         h.draining = False
-    (a,) = [x for x in broker.assignments(worker) if x.job_id == job["job_id"]]
-    assert broker.report(worker, a).accepted
-    return a
+    for w in [w for w in broker.core.workers.values() if w.host_id == host_id]:  # any worker of that host
+        got = [x for x in broker.assignments(w.worker_id) if x.job_id == job["job_id"]]
+        if got:
+            assert broker.report(w.worker_id, got[0]).accepted
+            return got[0]
+    raise AssertionError(f"the start of {name} went to no worker of host {host_id}")
 
 
 def host_state(broker: StubBroker, host: str) -> str:
@@ -452,6 +455,21 @@ def test_only_workers_that_beat_until_the_host_fell_silent_count_as_armed(tmp_pa
     pass_time(broker, 20, alive=("a2", "b1"), step=20)
     broker.worker_says("a2", p.Heartbeat(worker_id="a2", lease_ids=[], seq=1, armed=False))
     broker.turn()
+    pass_time(broker, DEAD_S + 30, alive=("b1",))
+    assert host_state(broker, "A") == "unreachable"
+    broker.close()
+
+
+def test_an_armed_worker_without_a_watchdog_does_not_vouch_for_its_host(tmp_path):
+    """A host with one watchdog worker that never said armed, and one armed worker without a
+    watchdog: a silence of it is not a reset."""
+    broker = make(tmp_path, fence_margin_s=10.0)
+    broker.hello("a1", host_id="A", slots=4, watchdog=True)
+    broker.hello("a2", host_id="A", slots=4)
+    broker.hello("b1", host_id="B", slots=4)
+    start_on(broker, "ha", "a2", ha=True)
+    beat(broker, "a2")
+    beat(broker, "a2")  # a2 says armed, but has no watchdog
     pass_time(broker, DEAD_S + 30, alive=("b1",))
     assert host_state(broker, "A") == "unreachable"
     broker.close()

@@ -464,6 +464,15 @@ def test_watchdog_is_petted_after_each_renewal_only_and_closed_with_v(worker_fac
         reader.stop()
 
 
+def test_a_watchdog_that_cannot_be_opened_vouches_for_nothing(worker_factory, tmp_path):
+    """armed in a heartbeat tells the broker a silence of this host resets it: not so when
+    the device cannot be opened, whatever renewed.armed said."""
+    worker, broker = worker_factory(watchdog_device=str(tmp_path / "no-such-watchdog"))
+    broker.expect(p.Hello)
+    broker.send(p.Renewed(seq=0, armed=True, self_fence_s=5.0))
+    assert not any(beat.armed for beat in renew_heartbeats(broker, 4, armed=True, self_fence_s=5.0))
+
+
 def test_strays_are_destroyed_and_answered(worker_factory, guests):
     stray = guests("stray", placed=True).UUIDString()
     keep = guests("keep", placed=True).UUIDString()
