@@ -118,8 +118,8 @@ def _apply(db: sqlite3.Connection, batch: Batch) -> None:
 # Rows go to SQLite ROWS_PER_STATEMENT at a time, in one multi-row statement, not through
 # executemany: executemany steps the statement once per row, and the sqlite3 module lets
 # go of the GIL and takes it back around every step. Under load the broker's loop thread
-# holds the GIL, so the writer waited for it once per row: a commit of 1,000 rows took
-# 1.5 s beside a busy thread, and 80 ms as multi-row statements (and a sixth of the CPU).
+# holds the GIL, so the writer waited for it once per row (docs/ARCHITECTURE.md has the
+# one-off measurement that showed it).
 ROWS_PER_STATEMENT = 100  # 800 parameters at most (the domains table), far below SQLite's limit
 
 
