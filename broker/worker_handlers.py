@@ -264,10 +264,12 @@ class WorkerHandlers:
         reason = f"libvirt: {msg.event}" + (f" ({msg.reason})" if msg.reason else "")
         if msg.state == "shutoff":
             if record.host_id == worker.host_id and record.state != "shutoff":
-                core.set_state(record, "shutoff", None, reason=reason)
                 if core.config.security:
-                    # Its files keep their labels until a reconcile restores them.
-                    core.queue_reconcile(record, f"stopped outside virtbroker ({msg.event})")
+                    # Its files keep their labels until a reconcile on its host restores them;
+                    # the reconcile's result shuts it off (a domain with no host is not asked).
+                    core.queue_reconcile(record, f"stopped outside virtbroker ({reason})")
+                else:
+                    core.set_state(record, "shutoff", None, reason=reason)
             return
         if record.host_id not in (None, worker.host_id) and record.state != "shutoff":
             strays = hosts.strays_of(core, worker.host_id, [{"uuid": record.uuid, "state": msg.state}])

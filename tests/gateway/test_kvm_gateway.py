@@ -197,7 +197,13 @@ def test_outside_stop_is_an_event(kvm_gateway, host_conn):
         # Close while the event loop still runs (libvirt's client needs it for the close),
         # then stop the loop: a one-shot timer wakes it to see the stop.
         conn.domainEventDeregisterAny(callback_id)
-        conn.close()
+        # libvirt's client has been seen to wait for ever in close here, with the gateway idle
+        # and the loop running; the close is cleanup, not what this test is about: bounded.
+        closer = threading.Thread(target=conn.close, daemon=True)
+        closer.start()
+        closer.join(timeout=10)
+        if closer.is_alive():
+            print("libvirt's virConnectClose did not return within 10 s; left to its thread")
         stop.set()
         libvirt.virEventAddTimeout(0, lambda timer_id, _o: libvirt.virEventRemoveTimeout(timer_id), None)
         thread.join(timeout=10)
