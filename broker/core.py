@@ -127,6 +127,7 @@ class BrokerCore:
         self.hosts_checked_at = 0.0
         self.stuck_checked_at = 0.0
         self.partition_logged = False
+        self.partition_seen_at = float("-inf")  # monotonic: the last check that found a partition
         self.saved_hosts = ""
 
     # ------------------------------------------------------------------ startup

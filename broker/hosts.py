@@ -154,6 +154,7 @@ def consider_fencing(core: BrokerCore, lost: list[Host], live: set[str], now: fl
     silent_s = min(config.lease_ttl_s, config.host_dead_s / 2)
     silent = [h for h in counted if h in lost or (h.host_id not in live and now - h.renewed_at > silent_s)]
     if len(silent) > config.partition_fraction * len(counted):
+        core.partition_seen_at = now
         if not core.partition_logged:
             core.partition_logged = True
             log.error("%d of %d hosts lost at once (more than partition_fraction %g): this broker is probably the "
@@ -164,6 +165,10 @@ def consider_fencing(core: BrokerCore, lost: list[Host], live: set[str], now: fl
                 host.fence_proc.wait()
                 host.fence_proc = None
                 set_host_state(core, host, "unreachable", "fence command stopped: most hosts are lost at once")
+        return
+    if now < core.partition_seen_at + config.host_dead_s:
+        # A partition ends as it began, host by host: the first back must not leave the
+        # others looking like a minority to fence. They get host_dead_s to return too.
         return
     core.partition_logged = False
     for host in lost:

@@ -113,7 +113,8 @@ def test_a_broker_cut_off_from_every_host_fences_nobody(lab, watch, fence):
     for name, (uuid, host) in placed.items():
         wait_until(lambda n=name: c.lookup(PREFIX + n)["state"] == "running", 30, what=f"{name} running again")
         assert c.lookup(PREFIX + name)["host"] == host.host_id
-        assert watch.where(uuid) == {host.host_id}, f"{name} should still run on {host.host_id}"
+        wait_until(lambda u=uuid, h=host: watch.fresh() or watch.where(u) == {h.host_id}, 5,
+                   what=f"{name} seen running on {host.host_id} by a fresh sample")
     assert all(watch.seen[uuid] == {host.host_id} for uuid, host in placed.values()), watch.seen
     assert fence.calls() == []
     assert not watch.doubles, watch.report()

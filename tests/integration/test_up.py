@@ -163,6 +163,7 @@ def test_up_killed_with_its_embedded_guests_then_up_again_shuts_them_off(tmp_pat
     try:
         with Client(f"ipc://{tmp_path}/client.sock", timeout_s=10) as c:
             first_ping(c, 30, up)
+            wait_until(lambda: len(c.workers()) == 2, timeout_s=30, what="both workers registered")
             for name in names:
                 c.define(minimal_domain_xml(name))
             finals = c.wait([c.submit(n, "start")["job_id"] for n in names], 60)

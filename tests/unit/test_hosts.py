@@ -303,6 +303,8 @@ def test_a_watchdog_host_counts_as_fenced_after_dead_plus_margin_only_when_armed
     assert host_state(broker, "A") == "unreachable"
     broker.hello("b1", host_id="B", slots=4, watchdog=True)  # B is back: 1 of 3 lost
     broker.call(p.HostAction, host="B", action="drain")  # so A's HA guest restarts on C
+    pass_time(broker, DEAD_S - 2, alive=("b1", "c1"))
+    assert host_state(broker, "A") == "unreachable"  # hosts return one by one after a partition
     pass_time(broker, 4, alive=("b1", "c1"))
     assert host_state(broker, "A") == "fenced"  # its watchdog, armed by its HA guest, reset it
     pass_time(broker, DEAD_S + 20, alive=("c1",))
@@ -473,3 +475,16 @@ def test_an_armed_worker_without_a_watchdog_does_not_vouch_for_its_host(tmp_path
     pass_time(broker, DEAD_S + 30, alive=("b1",))
     assert host_state(broker, "A") == "unreachable"
     broker.close()
+
+
+def test_hosts_returning_one_by_one_after_a_partition_are_not_fenced(broker, tmp_path):
+    """The partition heals host by host: when A is back, B (still silent) is one host of two,
+    but it gets host_dead_s to return before anyone fences it."""
+    two_hosts(broker)
+    start_on(broker, "g", "b1")
+    pass_time(broker, DEAD_S + 10)  # both silent: a partition, nobody fenced
+    broker.hello("a1", host_id="A", slots=4)
+    pass_time(broker, DEAD_S - 4, alive=("a1",))
+    assert fence_calls(tmp_path) == [] and host_state(broker, "B") == "unreachable"
+    broker.hello("b1", host_id="B", slots=4)
+    assert host_state(broker, "B") == "up" and fence_calls(tmp_path) == []
