@@ -68,12 +68,19 @@ def armed(core: BrokerCore, host: Host) -> bool:
 def back(core: BrokerCore, host: Host, why: str) -> None:
     """An unreachable host answers again before anyone fenced it: it is up, and its domains'
     states come from its next guest list (the hello's, or the first heartbeat after)."""
-    if host.fence_proc is not None:
-        host.fence_proc.kill()
-        host.fence_proc.wait()
-        host.fence_proc = None
+    if stop_fence_command(host):
         log.warning("host %s is back; stopped its fence command", host.host_id)
     set_host_state(core, host, "up", why)
+
+
+def stop_fence_command(host: Host) -> bool:
+    """Kill the host's fence command if one runs; whether one did."""
+    if host.fence_proc is None:
+        return False
+    host.fence_proc.kill()
+    host.fence_proc.wait()
+    host.fence_proc = None
+    return True
 
 
 def set_host_state(core: BrokerCore, host: Host, state: str, reason: str) -> None:
@@ -160,10 +167,7 @@ def consider_fencing(core: BrokerCore, lost: list[Host], live: set[str], now: fl
             log.error("%d of %d hosts lost at once (more than partition_fraction %g): this broker is probably the "
                       "one cut off; fencing nobody", len(silent), len(counted), config.partition_fraction)
         for host in lost:
-            if host.fence_proc is not None:  # started before the others fell silent too
-                host.fence_proc.kill()
-                host.fence_proc.wait()
-                host.fence_proc = None
+            if stop_fence_command(host):  # started before the others fell silent too
                 set_host_state(core, host, "unreachable", "fence command stopped: most hosts are lost at once")
         return
     if now < core.partition_seen_at + config.host_dead_s:
@@ -269,10 +273,7 @@ def operator_fence(core: BrokerCore, host: Host) -> list[int]:
             f"Requested operation is not valid: host {host.host_id} is {host.state} (its lease was renewed "
             f"{age:.1f} s ago); only an unreachable host can be fenced"
         )
-    if host.fence_proc is not None:
-        host.fence_proc.kill()
-        host.fence_proc.wait()
-        host.fence_proc = None
+    stop_fence_command(host)
     return fence(core, host, "the operator says it is off")
 
 

@@ -358,22 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_hosts)
 
-    p = sub.add_parser("host-fence", help="say a lost host is powered off: its domains stop, HA ones restart elsewhere")
-    p.add_argument("host")
-    p.add_argument("--yes-it-is-off", action="store_true", help="required: the host is off (else guests run twice)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_host_action)
-
-    p = sub.add_parser("host-evacuate", help="start every domain of a fenced host on other hosts")
-    p.add_argument("host")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_host_action)
-
-    p = sub.add_parser("host-drain", help="place no new start on a host (--undo: place again)")
-    p.add_argument("host")
-    p.add_argument("--undo", action="store_true")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_host_action)
+    for verb, help_text in (
+        ("host-fence", "say a lost host is powered off: its domains stop, HA ones restart elsewhere"),
+        ("host-evacuate", "start every domain of a fenced host on other hosts"),
+        ("host-drain", "place no new start on a host (--undo: place again)"),
+    ):
+        p = sub.add_parser(verb, help=help_text)
+        p.add_argument("host")
+        if verb == "host-fence":
+            p.add_argument("--yes-it-is-off", action="store_true",
+                           help="required: the host is off (else guests run twice)")
+        if verb == "host-drain":
+            p.add_argument("--undo", action="store_true")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_host_action)
 
     for verb in LIFECYCLE_VERBS:
         p = sub.add_parser(verb, help=f"{verb} one or more domains (by name or UUID)")
