@@ -267,6 +267,12 @@ LEDGER_ROLES = (("broker_us", "broker"), ("broker_loop_us", "of which its loop t
                 ("idle_us", "idle"), ("steal_us", "steal"))
 
 
+def _workers_cell(row: dict) -> str:
+    """A no-op row's worker count, and the broker's real-time priority when it had one."""
+    rt = row.get("realtime_priority")
+    return f"{row['workers']} (broker with realtime_priority {rt})" if rt else str(row["workers"])
+
+
 def scale_markdown(section: dict) -> str:
     t = section["transport"]
     transport = _table(
@@ -284,15 +290,15 @@ def scale_markdown(section: dict) -> str:
          for r in section["registry"]],
     )
     rows = list(section["noop"])
-    for extra in ("noop_unbatched", "noop_few_slots"):
+    for extra in ("noop_unbatched", "noop_few_slots", "noop_realtime"):
         if section.get(extra):
             rows.append(section[extra])
     noop = _table(
         ["lifecycle workers", "slots each", "submits per message", "runs", "no-op jobs /s", "/ raw ZeroMQ round trips"],
-        [[r["workers"], r["slots"], r["batch"], r["per_s"]["count"], _sp(r["per_s"], "{:,.0f}"),
+        [[_workers_cell(r), r["slots"], r["batch"], r["per_s"]["count"], _sp(r["per_s"], "{:,.0f}"),
           _f(r.get("ratio_to_zmq"), "{:.3f}x")] for r in rows],
     )
-    ledger_rows = [(f"{r['workers']} worker{'s' if r['workers'] != 1 else ''}, {r['slots']} slots, {r['batch']} "
+    ledger_rows = [(f"{_workers_cell(r)} worker{'s' if r['workers'] != 1 else ''}, {r['slots']} slots, {r['batch']} "
                     "a message: per job", r["ledger"]) for r in rows]
     if section.get("noop_zmq"):
         ledger_rows.append(("raw ZeroMQ, pipelined: per round trip", section["noop_zmq"]["ledger"]))

@@ -292,7 +292,7 @@ ZMQ_WAY = "raw ZeroMQ"
 def noop_throughput(
     workers: int, rounds: int, slots: int = NOOP_SLOTS, batches: tuple[int, ...] = (NOOP_BATCH,),
     with_zmq: bool = False, idle_wait_s: float = 30.0, domains: int = NOOP_DOMAINS,
-    zmq_messages: int = ZMQ_PIPELINED_MESSAGES,
+    zmq_messages: int = ZMQ_PIPELINED_MESSAGES, extra: tuple[str, ...] = (),
 ) -> tuple[list[dict], dict | None]:
     """suspend/resume jobs on test:///default guests: a job whose hypervisor call costs microseconds.
 
@@ -309,7 +309,8 @@ def noop_throughput(
     pairs. Each repetition records a CPU ledger (common.cpu_ledger): per job, the CPU of the
     broker (and of its loop thread alone), the workers and this client, the rest of the
     host, idle and steal; the raw round trips record the same per message for the echo
-    process and this client. Returns (rows, the raw ZeroMQ row or None).
+    process and this client. extra: more options for the broker and workers (the real-time
+    row's). Returns (rows, the raw ZeroMQ row or None).
     """
     idle = wait_for_idle_cpu(timeout_s=idle_wait_s)
     rows = {
@@ -319,7 +320,7 @@ def noop_throughput(
     }
     raw = {"way": ZMQ_WAY, "per_s_runs": [None] * rounds, "ledger_runs": [None] * rounds} if with_zmq else None
     with contextlib.ExitStack() as stack:
-        cluster = stack.enter_context(vb_cluster(workers, slots, uri="test:///default"))
+        cluster = stack.enter_context(vb_cluster(workers, slots, uri="test:///default", extra=list(extra)))
         echo_url, echo_pid = stack.enter_context(echo_process(f"ipc://{cluster.state_dir}/echo.sock")) \
             if with_zmq else (None, None)
         context = zmq.Context()
@@ -385,6 +386,7 @@ def _run_ops(sock, names, ops, request_ids, batch: int) -> tuple[int, float]:
 
 # ---------------------------------------------------------------------------- the section
 NOOP_LIMIT = 10000.0
+RT_PRIORITY = 10  # the real-time row's realtime_priority (as bench.latency's)
 NOOP_ZMQ_LIMIT = 0.25
 
 
@@ -438,6 +440,18 @@ def run(settings: Settings) -> dict:
                 f"{led['broker_us']:.0f} µs (loop thread {led['broker_loop_us']:.0f}), workers "
                 f"{led['workers_us']:.0f} µs, client {led['client_us']:.0f} µs, rest of host "
                 f"{led['other_us']:.0f} µs, idle {led['idle_us']:.0f} µs")
+    rt = rt_raw = None
+    if raw is not None and not settings.short:  # the smoke run has no time for it
+        say(f"scale: no-op jobs with {TARGET_WORKERS} workers, the broker with realtime_priority {RT_PRIORITY}, "
+            "taking turns with raw ZeroMQ")
+        (rt,), rt_raw = noop_throughput(TARGET_WORKERS, settings.rounds(True), with_zmq=True,
+                                        idle_wait_s=settings.idle_wait_s, domains=settings.noop_domains,
+                                        zmq_messages=settings.zmq_messages,
+                                        extra=("--realtime-priority", str(RT_PRIORITY)))
+        rt["realtime_priority"] = RT_PRIORITY
+        rt["ratio_to_zmq"] = ratio(rt["jobs_per_s"], rt_raw["jobs_per_s"])
+        say(f"  {rt['jobs_per_s']:.0f} jobs/s, {rt['ratio_to_zmq']:.3f}x raw ZeroMQ "
+            f"({rt_raw['jobs_per_s']:.0f} round trips/s)")
     if not settings.short:
         say(f"scale: no-op jobs with 4 workers of {NOOP_FEW_SLOTS} slots")
         (few,), _ = noop_throughput(4, settings.rounds(False), slots=NOOP_FEW_SLOTS,
@@ -469,11 +483,14 @@ def run(settings: Settings) -> dict:
         "noop_zmq": raw,
         "noop_few_slots": few,
         "noop_unbatched": unbatched,
-        "targets": targets(registry_rows, noop_rows, raw),
+        "noop_realtime": rt,
+        "noop_realtime_zmq": rt_raw,
+        "targets": targets(registry_rows, noop_rows, raw, rt, rt_raw),
     }
 
 
-def targets(registry_rows: list[dict], noop_rows: list[dict], raw: dict | None) -> list[dict]:
+def targets(registry_rows: list[dict], noop_rows: list[dict], raw: dict | None, rt: dict | None = None,
+            rt_raw: dict | None = None) -> list[dict]:
     out = []
     row = max(registry_rows, key=lambda r: r["size"])
     size = row["size"]
@@ -492,14 +509,18 @@ def targets(registry_rows: list[dict], noop_rows: list[dict], raw: dict | None) 
     noop = next((r for r in noop_rows if r["workers"] == TARGET_WORKERS), None)
     if noop is None:
         return out + [not_measured(f"No-op jobs with {TARGET_WORKERS} workers", ">= 10,000 /s", "not run")]
-    out.append(decide(f"No-op jobs with {TARGET_WORKERS} workers ({noop['batch']} submits a message)",
-                      noop["jobs_per_s_runs"], NOOP_LIMIT, HIGHER, fmt="{:,.0f} /s", counted="runs"))
-    zmq_runs = raw["per_s_runs"] if raw else []
-    zmq = (raw or {}).get("per_s") or {}
-    out.append(decide(
-        f"No-op jobs with {TARGET_WORKERS} workers / raw pipelined ZeroMQ round trips in the same pairs",
-        pair_ratios(list(zip(zmq_runs, noop["jobs_per_s_runs"]))), NOOP_ZMQ_LIMIT, HIGHER, fmt="{:.3f}x",
-        note="" if zmq.get("median") is None else
-        f"raw ZeroMQ {zmq['median']:,.0f} round trips/s ({zmq['min']:,.0f} to {zmq['max']:,.0f})",
-    ))
+    # The broker as configured by default, then (when it ran) with realtime_priority.
+    for row, row_raw, who in ((noop, raw, ""), (rt, rt_raw, f", the broker with realtime_priority {RT_PRIORITY}")):
+        if row is None:
+            continue
+        out.append(decide(f"No-op jobs with {TARGET_WORKERS} workers ({row['batch']} submits a message){who}",
+                          row["jobs_per_s_runs"], NOOP_LIMIT, HIGHER, fmt="{:,.0f} /s", counted="runs"))
+        zmq_runs = row_raw["per_s_runs"] if row_raw else []
+        zmq = (row_raw or {}).get("per_s") or {}
+        out.append(decide(
+            f"No-op jobs with {TARGET_WORKERS} workers{who} / raw pipelined ZeroMQ round trips in the same pairs",
+            pair_ratios(list(zip(zmq_runs, row["jobs_per_s_runs"]))), NOOP_ZMQ_LIMIT, HIGHER, fmt="{:.3f}x",
+            note="" if zmq.get("median") is None else
+            f"raw ZeroMQ {zmq['median']:,.0f} round trips/s ({zmq['min']:,.0f} to {zmq['max']:,.0f})",
+        ))
     return out
