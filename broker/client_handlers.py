@@ -137,6 +137,7 @@ class ClientHandlers:
             "domains": len(self.core.registry),
             "workers": len(self.core.workers),
             "events_url": self.events_url,
+            "event_seq": self.core.events.seq,
         }
 
     def handle_define(self, msg: p.Define, identity: bytes):

@@ -356,6 +356,9 @@ class Broker:
             "events_url": self.config.events_url,
             "domains": len(self.core.registry) if self.core is not None else None,
             "workers": len(self.core.workers) if self.core is not None else 0,
+            # The seq of the last event made: everything this turn reads (list in the same
+            # batch, say) reflects every event up to it, and no later one.
+            "event_seq": self.core.events.seq if self.core is not None else None,
         }
 
     def _hand_over_batch(self) -> None:

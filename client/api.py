@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -284,7 +285,9 @@ class Client:
         job = self.submit(domain, op, **kw)
         return self.wait([job["job_id"]], timeout_s)[0]
 
-    def events(self, timeout_s: float | None = None, since: int | None = None) -> Iterator[Any]:
+    def events(
+        self, timeout_s: float | None = None, since: int | None = None, stop: threading.Event | None = None
+    ) -> Iterator[Any]:
         """Domain, job and host events from the broker's PUB socket, as they happen.
 
         With `since`, first every kept event with a higher seq (replayed from the broker's
@@ -293,6 +296,12 @@ class Client:
         history, and until the first live event shows the subscription is in place, the
         history is read again every REPLAY_POLL_S. Raises GoneError if events after `since`
         are no longer kept: re-read the state (list, jobs) instead.
+
+        The stream ends at timeout_s, or within half a second of `stop` being set.
+
+        To follow the state from a consistent start: send `ping` and `list` in one
+        call_many (one turn of the broker's loop), then follow events(since=ping's
+        event_seq): the listing reflects every event up to that seq, and no later one.
         """
         events_url = self.ping()["events_url"]
         sub = self._connect(zmq.SUB, events_url)
@@ -309,7 +318,7 @@ class Client:
                     yield event
             deadline = None if timeout_s is None else time.monotonic() + timeout_s
             next_replay = time.monotonic() + REPLAY_POLL_S
-            while deadline is None or time.monotonic() < deadline:
+            while (deadline is None or time.monotonic() < deadline) and not (stop is not None and stop.is_set()):
                 wait_ms = 500 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
                 if not live_seen:
                     wait_ms = max(0, min(wait_ms, int((next_replay - time.monotonic()) * 1000)))

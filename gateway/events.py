@@ -12,6 +12,7 @@ import zmq
 
 from virtbroker.client.api import Client
 from virtbroker.common import protocol as p
+from virtbroker.common.errors import UnavailableError
 from virtbroker.gateway import rpc
 
 log = logging.getLogger("virtbroker.gateway")
@@ -114,8 +115,6 @@ class EventFeed(threading.Thread):
     `deliver` (which must be thread-safe: the server passes it to its loop). `on_stopped(uuid)`
     is called when a transient guest stops."""
 
-    POLL_MS = 200
-
     def __init__(self, local_url: str, translator: LifecycleTranslator, deliver, on_stopped):
         super().__init__(name="gateway-events", daemon=True)
         self.local_url = local_url
@@ -123,7 +122,8 @@ class EventFeed(threading.Thread):
         self.deliver = deliver
         self.on_stopped = on_stopped
         self.stopping = threading.Event()
-        self.subscribed = threading.Event()
+        self.subscribed = threading.Event()  # set once the registry is read and events follow it
+        self.seeded = False
 
     def run(self) -> None:
         context = zmq.Context()
@@ -131,47 +131,39 @@ class EventFeed(threading.Thread):
             with Client(self.local_url, timeout_s=10.0, context=context) as client:
                 while not self.stopping.is_set():
                     try:
-                        self._follow(client, context)
-                    except Exception as e:  # the broker went away: subscribe again when it is back
-                        log.warning("event feed: %s; subscribing again", e)
+                        self._follow(client)
+                    except Exception as e:  # the broker went away, or its history ran out
+                        log.warning("event feed: %s; reading the registry again", e)
                         self.stopping.wait(1.0)
         finally:
             context.destroy(linger=0)
 
-    def _follow(self, client: Client, context: zmq.Context) -> None:
-        events_url = client.ping()["events_url"]
-        sub = context.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        if client.server_key and client.secret_key:
-            from virtbroker.common.curve import use_as_client
-
-            use_as_client(sub, client.server_key, client.secret_key)
-        sub.connect(events_url)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        try:
-            # Read the registry after subscribing, so no change falls between the two.
-            self.translator.seed(client.list(all=True))
-            self.subscribed.set()
-            last_seq = None
-            while not self.stopping.is_set():
-                if not sub.poll(self.POLL_MS):
-                    continue
-                try:
-                    ev = p.decode_event(sub.recv_multipart())
-                except Exception as e:
-                    log.warning("event feed: undecodable event dropped: %s", e)
-                    continue
-                if last_seq is not None and ev.seq > last_seq + 1:
-                    log.info("event feed: events %d..%d missed; reading the registry again", last_seq + 1, ev.seq - 1)
-                    self._emit(self.translator.resync(client.list(all=True)))
-                last_seq = ev.seq
-                if isinstance(ev, p.JobEvent):
-                    self._emit(self.translator.on_job(ev))
-                elif isinstance(ev, p.DomainEvent):
-                    self._emit(self.translator.on_domain(ev))
-                # host events have no libvirt counterpart
-        finally:
-            sub.close(linger=0)
+    def _follow(self, client: Client) -> None:
+        """The registry, then every event after it, none missed: ping and list in one batch
+        are answered in one turn of the broker's loop, so the listing reflects every event
+        up to ping's event_seq and none after; Client.events(since=) then replays the kept
+        events after that seq before the live ones, and fills any gap in them from the
+        history (a subscription the broker had not read yet, a dropped message)."""
+        status, listing = client.call_many([p.Ping(request_id=0), p.ListDomains(request_id=0, all=True)])
+        for reply in (status, listing):
+            if isinstance(reply, Exception):
+                raise reply
+        if status.get("event_seq") is None:
+            raise UnavailableError("the broker does not lead (no event_seq in its ping)")
+        if self.seeded:
+            # Following again (the broker restarted, or its history no longer reached back):
+            # what changed meanwhile, as events.
+            self._emit(self.translator.resync(listing))
+        else:
+            self.translator.seed(listing)
+            self.seeded = True
+        self.subscribed.set()
+        for ev in client.events(since=status["event_seq"], stop=self.stopping):
+            if isinstance(ev, p.JobEvent):
+                self._emit(self.translator.on_job(ev))
+            elif isinstance(ev, p.DomainEvent):
+                self._emit(self.translator.on_domain(ev))
+            # host events have no libvirt counterpart
 
     def _emit(self, events: list[Lifecycle]) -> None:
         for lc in events:
