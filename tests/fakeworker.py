@@ -8,11 +8,36 @@ builds. Every receive is bounded by a deadline.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import zmq
 
 from virtbroker.common import protocol as p
 from virtbroker.common.curve import use_as_client
+
+
+def expect_message(
+    inbox: list[p.Message],
+    receive: Callable[[float], object],
+    kind: type[p.Message],
+    where: Callable[[p.Message], bool],
+    timeout_s: float,
+    poll_s: float,
+    what: str,
+) -> p.Message:
+    """Take the first message of this kind for which `where` holds out of inbox, calling
+    receive(seconds) (which must add what arrives to this same list) for at most poll_s at a
+    time until one is there; past timeout_s, an AssertionError naming `what` and the inbox."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for msg in inbox:
+            if isinstance(msg, kind) and where(msg):
+                inbox.remove(msg)
+                return msg
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            raise AssertionError(f"no {what} within {timeout_s:g} s; got {inbox}")
+        receive(min(remaining_s, poll_s))
 
 
 class FakeWorker:
@@ -52,16 +77,10 @@ class FakeWorker:
 
     def expect(self, kind: type[p.Message], timeout_s: float = 10.0, **match) -> p.Message:
         """The first message of this kind (whose fields match) in the inbox or arriving within timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for msg in self.inbox:
-                if isinstance(msg, kind) and all(getattr(msg, k) == v for k, v in match.items()):
-                    self.inbox.remove(msg)
-                    return msg
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise AssertionError(f"no {kind.KIND} {match or ''} within {timeout_s:g} s; got {self.inbox}")
-            self.receive(min(remaining_s, 0.2))
+        return expect_message(
+            self.inbox, self.receive, kind, lambda msg: all(getattr(msg, k) == v for k, v in match.items()),
+            timeout_s, poll_s=0.2, what=f"{kind.KIND} {match or ''}",
+        )
 
     def drop(self, kind: type[p.Message]) -> list[p.Message]:
         """Take every message of this kind out of the inbox."""

@@ -20,6 +20,7 @@ import libvirt
 import pytest
 import zmq
 
+from tests.fakeworker import expect_message
 from tests.waiting import wait_until
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import domxml
@@ -104,6 +105,27 @@ def test_a_renewal_of_a_beat_clears_the_hellos_sent_before_it():
     assert lease.renewed_at == 3.0  # the second hello's, not the first's
 
 
+def test_a_worker_arms_itself_when_it_starts_an_ha_guest_before_the_broker_says_so():
+    lease = HostLease()
+    lease.sent(1, now=0.0)
+    assert lease.renew(1, armed=False, self_fence_s=5.0, now=0.1)
+    lease.sent(2, now=1.0)  # a beat that left before the HA guest started
+    lease.arm(now=1.5)
+    assert lease.armed
+    # The broker's answer to that beat predates the start: it does not disarm.
+    assert lease.renew(2, armed=False, self_fence_s=5.0, now=1.6)
+    assert lease.armed
+    assert not lease.expire(now=5.9)
+    assert lease.expire(now=6.0)  # 5 s after beat 2 left: the self-fence starts
+    # The broker's word on a beat sent after the start holds, whatever it says.
+    lease.sent(3, now=6.5)
+    assert lease.renew(3, armed=False, self_fence_s=5.0, now=6.6)  # (the HA guest was stopped since)
+    assert not lease.armed
+    lease.sent(4, now=7.0)
+    assert lease.renew(4, armed=False, self_fence_s=5.0, now=7.1)
+    assert not lease.expire(now=100.0)
+
+
 # --------------------------------------------------------------------------- a worker and a fake broker
 
 
@@ -129,16 +151,7 @@ class FakeBroker:
 
     def expect(self, kind: type[p.Message], timeout_s: float = 10.0, where=lambda m: True) -> p.Message:
         """Take the first message of this kind for which `where` holds, waiting up to timeout_s."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for msg in self.inbox:
-                if isinstance(msg, kind) and where(msg):
-                    self.inbox.remove(msg)
-                    return msg
-            remaining_s = deadline - time.monotonic()
-            if remaining_s <= 0:
-                raise AssertionError(f"no such {kind.KIND} within {timeout_s:g} s; got {self.inbox}")
-            self.receive(min(remaining_s, 0.1))
+        return expect_message(self.inbox, self.receive, kind, where, timeout_s, poll_s=0.1, what=f"such {kind.KIND}")
 
     def taken(self, kind: type[p.Message], where=lambda m: True) -> list[p.Message]:
         """Every message of this kind received so far (left in the inbox)."""
@@ -252,35 +265,40 @@ def test_guest_changes_reach_the_broker_as_guest_events(worker_factory, guests):
     assert {e.worker_id for e in seen} == {worker.worker_id}
 
 
+def event_from_late_events(worker_factory, guests, name: str, change, late: list[tuple[int, int]]):
+    """Guest `name` started and changed by change(dom), the broker told of both; then the
+    (event, detail) pairs in `late` handed to the worker at once, as libvirt delivers events
+    that waited: (broker, the guest's uuid, the one guest event they caused)."""
+    worker, broker = worker_factory()
+    broker.expect(p.Hello)
+    dom = guests(name)
+    uuid = dom.UUIDString()
+    broker.expect(p.GuestEvent, where=of(uuid))
+    change(dom)
+    broker.expect(p.GuestEvent, where=of(uuid))
+    worker._on_guest_events([(dom, event, detail) for event, detail in late])
+    return broker, uuid, broker.expect(p.GuestEvent, where=of(uuid))
+
+
 def test_an_event_carries_the_state_read_after_it_not_the_one_it_implies(worker_factory, guests):
     """An event that comes late (here: a started handled after the guest was destroyed) must
     not tell the broker an old state: the worker reads the state when it handles the event."""
-    worker, broker = worker_factory()
-    broker.expect(p.Hello)
-    dom = guests("late")
-    uuid = dom.UUIDString()
-    broker.expect(p.GuestEvent, where=of(uuid))
-    dom.destroy()
-    broker.expect(p.GuestEvent, where=of(uuid))
-    worker._on_guest_events([(dom, libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED)])
-    late = broker.expect(p.GuestEvent, where=of(uuid))
+    _, _, late = event_from_late_events(
+        worker_factory, guests, "late", libvirt.virDomain.destroy,
+        [(libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED)],
+    )
     assert (late.event, late.state) == ("started", "shutoff")
 
 
 def test_several_events_of_a_guest_waiting_together_are_read_once(worker_factory, guests):
-    worker, broker = worker_factory()
-    broker.expect(p.Hello)
-    dom = guests("burst")
-    uuid = dom.UUIDString()
-    broker.expect(p.GuestEvent, where=of(uuid))
-    dom.suspend()
-    broker.expect(p.GuestEvent, where=of(uuid))
-    worker._on_guest_events([
-        (dom, libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED),
-        (dom, libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED),
-        (dom, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST),  # no state change
-    ])
-    got = broker.expect(p.GuestEvent, where=of(uuid))
+    broker, uuid, got = event_from_late_events(
+        worker_factory, guests, "burst", libvirt.virDomain.suspend,
+        [
+            (libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_UNPAUSED),
+            (libvirt.VIR_DOMAIN_EVENT_SUSPENDED, libvirt.VIR_DOMAIN_EVENT_SUSPENDED_PAUSED),
+            (libvirt.VIR_DOMAIN_EVENT_SHUTDOWN, libvirt.VIR_DOMAIN_EVENT_SHUTDOWN_GUEST),  # no state change
+        ],
+    )
     assert (got.event, got.state, got.reason) == ("suspended", "paused", "paused")
     # A later event of another guest marks how far to look: no second one for the burst.
     other = guests("marker").UUIDString()
@@ -485,6 +503,31 @@ def test_strays_are_destroyed_and_answered(worker_factory, guests):
     assert sorted(done.destroyed) == sorted([stray, absent])
     assert [f["uuid"] for f in done.failed] == ["not-a-uuid"] and done.failed[0]["error"]
     assert not running(guests.conn, stray) and running(guests.conn, keep)
+
+
+def test_a_worker_that_starts_an_ha_guest_self_fences_without_waiting_for_armed(worker_factory, guests):
+    """The broker arms a host in its next `renewed`, a heartbeat later: the worker arms
+    itself when an HA guest's start succeeds, so a cut off right after still fences it."""
+    worker, broker = worker_factory()
+    broker.expect(p.Hello)
+    broker.send(p.Renewed(seq=0, armed=False, self_fence_s=0.5))
+    name = PREFIX + "ha-now"
+    definition = domxml.load_definition(domxml.with_ha(minimal_domain_xml(name, "test"), True))
+    broker.send(p.JobAssignment(job_id=1, op="start", lease_id="l-1", epoch=1, lease_ttl_s=LEASE_TTL_S,
+                                domain_uuid=definition.uuid, domain_name=name, xml=definition.xml))
+    try:
+        result = broker.expect(p.Result)
+        assert (result.ok, result.domain_state) == (True, "running")
+        broker.send(p.ResultAck(job_id=1, accepted=True))
+        # No `renewed` from here on, and none has said armed: the worker says so itself.
+        assert broker.expect(p.Heartbeat).armed
+        stopped = broker.expect(p.GuestEvent, where=lambda m: m.uuid == definition.uuid and m.state == "shutoff")
+        assert stopped.reason == "destroyed"
+        assert broker.expect(p.Heartbeat, where=lambda m: m.self_fenced).self_fenced == [definition.uuid]
+        assert not running(guests.conn, definition.uuid)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            guests.conn.lookupByUUIDString(definition.uuid).destroy()
 
 
 def test_every_guest_the_worker_starts_carries_the_placed_mark(worker_factory, guests):
