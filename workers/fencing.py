@@ -40,6 +40,7 @@ class HostLease:
         self.armed = False
         self.self_fence_s = 0.0
         self.fenced = False  # this outage's self-fence has begun
+        self._armed_here_at: float | None = None  # arm(): when this worker armed itself
 
     def sent(self, seq: int, now: float) -> None:
         """A heartbeat (seq > 0) or a hello (seq 0) went to the broker at `now`."""
@@ -50,10 +51,34 @@ class HostLease:
         if len(self._beats) > MAX_UNANSWERED_BEATS:
             del self._beats[next(iter(self._beats))]
 
+    def arm(self, now: float) -> None:
+        """This worker started an HA guest: armed from now. The broker arms the host too, in
+        its answer to a later beat; until then a host cut off would not self-fence."""
+        self.armed = True
+        self._armed_here_at = now
+
     def renew(self, seq: int, armed: bool, self_fence_s: float, now: float) -> bool:
         """The broker's `renewed`. True if the lease is held after it: the beat it answers
         was known and, if armed, sent less than self_fence_s ago (pet the watchdog then)."""
-        self.armed, self.self_fence_s = armed, self_fence_s
+        self.self_fence_s = self_fence_s
+        sent_at = self._answered(seq)
+        if self._armed_here_at is None:
+            self.armed = armed
+        elif armed or (sent_at is not None and sent_at > self._armed_here_at):
+            # The broker's word on a beat sent after this worker armed itself: it knew of
+            # the HA guest then, and its word holds from here on.
+            self.armed, self._armed_here_at = armed, None
+        if sent_at is None:
+            return False  # a beat this worker no longer waits for
+        if self.renewed_at is None or sent_at > self.renewed_at:
+            self.renewed_at = sent_at
+        if self._expired(now):
+            return False
+        self.fenced = False  # EXPIRED -> HELD (renewed again)
+        return True
+
+    def _answered(self, seq: int) -> float | None:
+        """When the beat (or hello, seq 0) a `renewed` answers was sent; None if unknown."""
         if seq == 0:
             # Hellos are answered in the order they were sent, on one connection.
             sent_at = self._hellos.popleft() if self._hellos else None
@@ -64,14 +89,7 @@ class HostLease:
                 del self._beats[older]
             while sent_at is not None and self._hellos and self._hellos[0] < sent_at:
                 self._hellos.popleft()
-        if sent_at is None:
-            return False  # a beat this worker no longer waits for
-        if self.renewed_at is None or sent_at > self.renewed_at:
-            self.renewed_at = sent_at
-        if self._expired(now):
-            return False
-        self.fenced = False  # EXPIRED -> HELD (renewed again)
-        return True
+        return sent_at
 
     def expire(self, now: float) -> bool:
         """True once per outage, when the lease runs out while armed: the caller self-fences."""

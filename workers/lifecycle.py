@@ -791,6 +791,9 @@ class LifecycleWorker:
             self.deadlines.pop(job.job_id, None)
             self.unacked[job.job_id] = frames
             out.append(frames)
+            if result.ok and job.op == "start" and not self.lease.armed and domxml.is_ha(job.xml):
+                # Self-fencing counts from now, not from the broker's next `renewed`.
+                self.lease.arm(time.monotonic())
             # A failure is news; a success is in the broker's job records and events, and a
             # line for each would cost more than the job itself at bulk rates.
             log.log(
