@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -345,6 +346,15 @@ class FenceGate:
 # --------------------------------------------------------------------------- broker and workers
 
 
+@dataclass(frozen=True)
+class Guest:
+    """A guest for HostLab.bring_up: PREFIX+name, HA or not, on these disks."""
+
+    name: str
+    ha: bool = False
+    disks: tuple[str, ...] = ()
+
+
 def free_port(addr: str) -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
@@ -481,6 +491,31 @@ class HostLab:
         failed = [j for j in done if j["state"] != "succeeded"]
         assert not failed, f"starts failed: {failed}\n{self.logs()}"
         return done
+
+    def run_guests(self, c: Client, guests: Sequence[Guest]) -> dict[str, str]:
+        """Define these guests, then start them all in one batch; name -> UUID."""
+        uuids = {g.name: self.define(c, g.name, ha=g.ha, disks=list(g.disks)) for g in guests}
+        self.start(c, list(uuids))
+        return uuids
+
+    def bring_up(self, first: Sequence[Guest], then: Sequence[Guest] = (), broker_args: Sequence[str] = ()
+                 ) -> tuple[Client, dict[str, str]]:
+        """The broker; the first host's worker alone, so that the guests `first` can only land
+        there; then every other host's worker, and the guests `then`, which the broker places
+        on the emptier hosts. Every guest started (its job succeeded). A client of the broker,
+        and each guest's UUID by name."""
+        alone, *others = self.hosts
+        self.start_broker(*broker_args)
+        c = self.client()
+        self.start_worker(alone)
+        self.wait_workers(c, [alone])
+        uuids = self.run_guests(c, first)
+        for host in others:
+            self.start_worker(host)
+        self.wait_workers(c, self.hosts)
+        if then:
+            uuids |= self.run_guests(c, then)
+        return c, uuids
 
     def logs(self) -> str:
         procs = ([self.broker] if self.broker else []) + list(self.workers.values())

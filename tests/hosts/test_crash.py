@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hosts.lab import HOST_DEAD_S, PREFIX, HostLab, LabHost
+from tests.hosts.lab import HOST_DEAD_S, PREFIX, Guest, HostLab, LabHost
 from tests.waiting import wait_until
 from virtbroker.client.api import Client
 
@@ -44,17 +44,9 @@ def crash_a_host(lab: HostLab, watch, fence) -> Crashed:
     host a unreachable, its domains unknown, its guests still running there, none elsewhere."""
     a, b = lab.hosts
     fence.refuse()
-    lab.start_broker("--queue-timeout", str(QUEUE_TIMEOUT_S))
-    c = lab.client()
-    lab.start_worker(a)
-    lab.wait_workers(c, [a])
-    ha = {f"crash-ha-{i}": "" for i in range(HA_GUESTS)}
-    for name in ha:
-        ha[name] = lab.define(c, name, ha=True)
-    plain = lab.define(c, "crash-plain")
-    lab.start(c, [*ha, "crash-plain"])
-    lab.start_worker(b)
-    lab.wait_workers(c, [a, b])
+    ha_guests = [Guest(f"crash-ha-{i}", ha=True) for i in range(HA_GUESTS)]
+    c, ha = lab.bring_up(first=[*ha_guests, Guest("crash-plain")], broker_args=["--queue-timeout", str(QUEUE_TIMEOUT_S)])
+    plain = ha.pop("crash-plain")
     pids = set(a.qemu_pids())
     assert len(pids) == HA_GUESTS + 1
 

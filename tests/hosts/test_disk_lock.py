@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from tests.hosts.lab import HOST_DEAD_S, PREFIX, LabHost, lease_path, make_disk, share_lease
+from tests.hosts.lab import HOST_DEAD_S, PREFIX, Guest, LabHost, lease_path, make_disk, share_lease
 from tests.waiting import wait_until
 from virtbroker.client.templates import minimal_domain_xml
 
@@ -87,16 +87,10 @@ def test_a_wrong_fence_cannot_start_an_ha_guest_twice(lab, watch, fence):
     guest on the other host, and the disk lock refuses it there."""
     a, b = lab.hosts
     fence.refuse()
-    lab.start_broker()
-    c = lab.client()
-    lab.start_worker(a)
-    lab.wait_workers(c, [a])
     disk = make_disk("wrong-fence.qcow2")
     share_lease(disk)
-    uuid = lab.define(c, "wrong-fence", ha=True, disks=[str(disk)])
-    lab.start(c, ["wrong-fence"])
-    lab.start_worker(b)
-    lab.wait_workers(c, [a, b])
+    c, uuids = lab.bring_up(first=[Guest("wrong-fence", ha=True, disks=(str(disk),))])
+    uuid = uuids["wrong-fence"]
     [pid] = a.qemu_pids()
 
     lab.workers[a.host_id].kill9()

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.hosts.lab import HOST_DEAD_S, PREFIX, SELF_FENCE_S
+from tests.hosts.lab import HOST_DEAD_S, PREFIX, SELF_FENCE_S, Guest
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.hosts]
@@ -23,19 +23,12 @@ RESTART_WITHIN_S = HOST_DEAD_S + 15  # from the cut to every HA guest running on
 
 def test_a_host_cut_off_self_fences_and_its_ha_guests_restart_on_the_other(lab, watch, fence):
     a, b = lab.hosts
-    lab.start_broker()
-    c = lab.client()
-    lab.start_worker(a)
-    lab.wait_workers(c, [a])
     ha = [f"cut-ha-{i}" for i in range(HA_GUESTS)]
-    uuids = {name: lab.define(c, name, ha=True) for name in ha}
-    plain = lab.define(c, "cut-plain")
-    lab.start(c, ha + ["cut-plain"])
-    lab.start_worker(b)
-    lab.wait_workers(c, [a, b])
+    c, uuids = lab.bring_up(first=[*(Guest(name, ha=True) for name in ha), Guest("cut-plain")])
+    plain = uuids.pop("cut-plain")
     watch.fresh()
     assert all(watch.where(u) == {a.host_id} for u in [*uuids.values(), plain]), watch.report()
-    # Self-fencing is armed only once the worker heard so (a `renewed` after HA guests landed).
+    # The broker counts the host armed once its HA guests have landed (its worker armed itself at each start).
     wait_until(lambda: next(h for h in c.hosts() if h["host"] == a.host_id)["armed"], 10, what="host a armed")
     ha_pids = {q.pid for q in a.qemus() if q.uuid in uuids.values()}
     assert len(ha_pids) == HA_GUESTS
@@ -78,17 +71,8 @@ def test_a_host_cut_off_self_fences_and_its_ha_guests_restart_on_the_other(lab, 
 
 def test_a_broker_cut_off_from_every_host_fences_nobody(lab, watch, fence):
     a, b = lab.hosts
-    lab.start_broker()
-    c = lab.client()
-    lab.start_worker(a)
-    lab.wait_workers(c, [a])
-    first = lab.define(c, "all-1")
-    lab.start(c, ["all-1"])
-    lab.start_worker(b)
-    lab.wait_workers(c, [a, b])
-    second = lab.define(c, "all-2")
-    lab.start(c, ["all-2"])
-    placed = {"all-1": (first, a), "all-2": (second, b)}
+    c, uuids = lab.bring_up(first=[Guest("all-1")], then=[Guest("all-2")])
+    placed = {"all-1": (uuids["all-1"], a), "all-2": (uuids["all-2"], b)}
     watch.fresh()
     assert all(watch.where(uuid) == {host.host_id} for uuid, host in placed.values()), watch.report()
 
@@ -125,14 +109,8 @@ def test_a_returning_host_destroys_the_guests_fenced_while_it_was_away(lab, watc
     self-fences). Healed, the host must destroy that stray before it takes a job."""
     a, b = lab.hosts
     fence.refuse()
-    lab.start_broker()
-    c = lab.client()
-    lab.start_worker(a)
-    lab.wait_workers(c, [a])
-    stray = lab.define(c, "stray")
-    lab.start(c, ["stray"])
-    lab.start_worker(b)
-    lab.wait_workers(c, [a, b])
+    c, uuids = lab.bring_up(first=[Guest("stray")])
+    stray = uuids["stray"]
 
     a.partition()
     lab.wait_host_state(c, a, {"unreachable", "fencing"}, HOST_DEAD_S + 10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.hosts.lab import LEASE_TTL_S, PREFIX, ps_uids
+from tests.hosts.lab import LEASE_TTL_S, PREFIX, Guest, ps_uids
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.hosts]
@@ -13,18 +13,9 @@ pytestmark = [pytest.mark.kvm, pytest.mark.hosts]
 
 def test_two_hosts_run_their_own_guests_and_a_partition_cuts_one_off(lab, watch):
     a, b = lab.hosts
-    lab.start_broker()
-    c = lab.client()
-    # One host first, so that the first guest can only land there; the second host, emptier,
-    # then gets the next.
-    lab.start_worker(a)
-    lab.wait_workers(c, [a])
-    first = lab.define(c, "smoke-1")
-    lab.start(c, ["smoke-1"])
-    lab.start_worker(b)
-    lab.wait_workers(c, [a, b])
-    second = lab.define(c, "smoke-2")
-    lab.start(c, ["smoke-2"])
+    # Host a alone gets the first guest; host b, emptier, then gets the next.
+    c, uuids = lab.bring_up(first=[Guest("smoke-1")], then=[Guest("smoke-2")])
+    first, second = uuids["smoke-1"], uuids["smoke-2"]
 
     for uuid, name, host in ((first, "smoke-1", a), (second, "smoke-2", b)):
         assert c.lookup(PREFIX + name)["host"] == host.host_id
