@@ -126,6 +126,7 @@ class BrokerCore:
         self.fence_allowed_at = 0.0
         self.hosts_checked_at = 0.0
         self.stuck_checked_at = 0.0
+        self.stuck_round: list[str] = []  # domains whose queue heads hosts.fail_stuck_jobs has yet to look at
         self.partition_logged = False
         self.partition_seen_at = float("-inf")  # monotonic: the last check that found a partition
         self.saved_hosts = ""

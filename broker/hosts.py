@@ -44,6 +44,7 @@ from virtbroker.common.errors import InvalidError, NotFoundError, OperationInval
 log = logging.getLogger("virtbroker.broker")
 
 CHECK_EVERY_S = 0.2  # host states and stuck jobs are looked at this often, not every turn
+STUCK_BATCH = 5000  # queue heads fail_stuck_jobs looks at a second
 FENCE_COMMAND_TIMEOUT_S = 120.0  # a fence program still running after this has failed
 
 
@@ -371,31 +372,48 @@ def strays_done(core: BrokerCore, worker: WorkerInfo, msg: p.StraysDone) -> None
 # ---------------------------------------------------------------------- jobs no host can take
 def fail_stuck_jobs(core: BrokerCore, now: float) -> None:
     """A queued job that no worker can take (its domain's host is gone, or no host fits a start)
-    fails after queue_timeout_s instead of waiting for ever. One waiting for a busy slot waits."""
+    fails after queue_timeout_s instead of waiting for ever. One waiting for a busy slot waits.
+
+    The queue heads are looked at STUCK_BATCH a second, in rounds over every queue: one pass
+    over a large backlog at once would hold every read for a good part of each second
+    (docs/ARCHITECTURE.md has the measurement). A stuck job may so fail up to
+    (queued domains / STUCK_BATCH) seconds after queue_timeout_s."""
     if now < core.stuck_checked_at + 1.0:
         return
     core.stuck_checked_at = now
+    if not core.stuck_round:
+        core.stuck_round = list(core.scheduler.queues)
+    batch = core.stuck_round[-STUCK_BATCH:]
+    del core.stuck_round[-STUCK_BATCH:]
     limit = core.config.queue_timeout_s
     oldest = core.clock.wall() - limit
     scheduler = core.scheduler
-    for uuid in list(scheduler.queues):
+    lifecycle = lifecycle_hosts(core)
+    for uuid in batch:
         job = scheduler.head(uuid)
         if job is None or job.submitted_at > oldest or uuid in scheduler.active:
             continue
         record = core.registry.by_uuid.get(uuid)
         if record is None:
             continue
-        why = why_no_host(core, job.op, record)
+        why = why_no_host(core, job.op, record, lifecycle)
         if why is not None:
             core.finish_job(job, "failed", f"{job.op} of '{record.name}' waited {limit:g} s (queue_timeout_s): {why}",
                             "timeout")
 
 
-def why_no_host(core: BrokerCore, op: str, record: DomainRecord) -> str | None:
-    """Why no worker can take this job now, or None if one could (or may, once a slot frees)."""
-    lifecycle_hosts = {w.host_id for w in core.workers.values() if w.role == "lifecycle" and w.slots > 0}
+def lifecycle_hosts(core: BrokerCore) -> set[str]:
+    """The hosts with a lifecycle worker that takes jobs."""
+    return {w.host_id for w in core.workers.values() if w.role == "lifecycle" and w.slots > 0}
+
+
+def why_no_host(core: BrokerCore, op: str, record: DomainRecord, lifecycle: set[str] | None = None) -> str | None:
+    """Why no worker can take this job now, or None if one could (or may, once a slot frees).
+    lifecycle: lifecycle_hosts(core), when the caller has it already."""
+    if lifecycle is None:
+        lifecycle = lifecycle_hosts(core)
     if op == "start" and record.state == "shutoff":
-        usable = [h for h in lifecycle_hosts if core.host(h).state == "up" and not core.host(h).draining]
+        usable = [h for h in lifecycle if core.host(h).state == "up" and not core.host(h).draining]
         return None if usable else "no host is up to start it on"
     if op in ("undefine",):
         return None
@@ -404,7 +422,7 @@ def why_no_host(core: BrokerCore, op: str, record: DomainRecord) -> str | None:
         return None
     host = core.hosts.get(host_id)
     state = host.state if host is not None else "gone"
-    if host_id in lifecycle_hosts and state == "up":
+    if host_id in lifecycle and state == "up":
         return None
     return f"its host {host_id} is {state}"
 

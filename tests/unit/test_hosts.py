@@ -10,6 +10,7 @@ import pytest
 
 from tests.unit.broker_stub import StubBroker
 from tests.waiting import wait_until
+from virtbroker.broker import hosts
 from virtbroker.client.templates import minimal_domain_xml
 from virtbroker.common import domxml
 from virtbroker.common import protocol as p
@@ -266,6 +267,33 @@ def test_a_job_no_host_can_take_fails_after_queue_timeout(tmp_path):
     pass_time(broker, 70, alive=("b1",))
     assert broker.job(hold["job_id"])["state"] == "running"
     assert broker.job(waits["job_id"])["state"] == "queued"
+    broker.close()
+
+
+def test_stuck_jobs_are_looked_for_a_batch_of_queues_a_second(tmp_path, monkeypatch):
+    """A backlog's queue heads are not all walked in one turn (every read would wait): each
+    second's check looks at STUCK_BATCH of them, so a stuck job may fail a few seconds late."""
+    monkeypatch.setattr(hosts, "STUCK_BATCH", 3)
+    broker = make(tmp_path)
+    names = [f"stuck-{i}" for i in range(10)]
+    jobs = []
+    for name in names:  # no lifecycle worker at all: no start can be placed
+        broker.define(name)
+        jobs.append(broker.submit(name, "start")["job_id"])
+    broker.clock.advance(61)
+
+    def failed() -> int:
+        states = [broker.job(j) for j in jobs]
+        assert all(s["state"] in ("queued", "failed") for s in states)
+        assert all(s["error_code"] == "timeout" and "no host is up" in s["error"] for s in states if s["state"] == "failed")
+        return sum(s["state"] == "failed" for s in states)
+
+    seen = []
+    for _ in range(4):
+        broker.turn()
+        seen.append(failed())
+        broker.clock.advance(1.0)
+    assert seen == [3, 6, 9, 10]
     broker.close()
 
 
