@@ -555,8 +555,8 @@ gets a fresh state directory and real broker and worker processes
 .venv/bin/python -m bench --report        # this page again from bench/results/full.json
 ```
 
-The full run takes about 35 minutes on an idle 2-core host (an estimate from the code and
-the short run's timing; each run records its duration in its results' meta). The short run
+The full run takes about 40 minutes on an idle 2-core host (2,331 s on 2026-12-05; each
+run records its duration in its results' meta). The short run
 stays under 3 minutes, also while other test suites share the 2 cores (its duration is in
 `bench/results/short.json`, meta.duration_s).
 
