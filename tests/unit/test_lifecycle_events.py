@@ -505,46 +505,44 @@ def test_strays_are_destroyed_and_answered(worker_factory, guests):
     assert not running(guests.conn, stray) and running(guests.conn, keep)
 
 
+@contextlib.contextmanager
+def ha_start(broker: FakeBroker, conn: libvirt.virConnect, name: str):
+    """The worker is assigned a start of an HA domain named PREFIX+name: (its definition,
+    its result, acknowledged); the guest is destroyed at the end, pass or fail."""
+    definition = domxml.load_definition(domxml.with_ha(minimal_domain_xml(PREFIX + name, "test"), True))
+    broker.send(p.JobAssignment(job_id=1, op="start", lease_id="l-1", epoch=1, lease_ttl_s=LEASE_TTL_S,
+                                domain_uuid=definition.uuid, domain_name=definition.name, xml=definition.xml))
+    try:
+        result = broker.expect(p.Result)
+        broker.send(p.ResultAck(job_id=1, accepted=True))
+        yield definition, result
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.lookupByUUIDString(definition.uuid).destroy()
+
+
 def test_a_worker_that_starts_an_ha_guest_self_fences_without_waiting_for_armed(worker_factory, guests):
     """The broker arms a host in its next `renewed`, a heartbeat later: the worker arms
     itself when an HA guest's start succeeds, so a cut off right after still fences it."""
     worker, broker = worker_factory()
     broker.expect(p.Hello)
     broker.send(p.Renewed(seq=0, armed=False, self_fence_s=0.5))
-    name = PREFIX + "ha-now"
-    definition = domxml.load_definition(domxml.with_ha(minimal_domain_xml(name, "test"), True))
-    broker.send(p.JobAssignment(job_id=1, op="start", lease_id="l-1", epoch=1, lease_ttl_s=LEASE_TTL_S,
-                                domain_uuid=definition.uuid, domain_name=name, xml=definition.xml))
-    try:
-        result = broker.expect(p.Result)
+    with ha_start(broker, guests.conn, "ha-now") as (definition, result):
         assert (result.ok, result.domain_state) == (True, "running")
-        broker.send(p.ResultAck(job_id=1, accepted=True))
         # No `renewed` from here on, and none has said armed: the worker says so itself.
         assert broker.expect(p.Heartbeat).armed
         stopped = broker.expect(p.GuestEvent, where=lambda m: m.uuid == definition.uuid and m.state == "shutoff")
         assert stopped.reason == "destroyed"
         assert broker.expect(p.Heartbeat, where=lambda m: m.self_fenced).self_fenced == [definition.uuid]
         assert not running(guests.conn, definition.uuid)
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            guests.conn.lookupByUUIDString(definition.uuid).destroy()
 
 
 def test_every_guest_the_worker_starts_carries_the_placed_mark(worker_factory, guests):
     worker, broker = worker_factory()
     broker.expect(p.Hello)
-    name = PREFIX + "started"
-    definition = domxml.load_definition(domxml.with_ha(minimal_domain_xml(name, "test"), True))
-    broker.send(p.JobAssignment(job_id=1, op="start", lease_id="l-1", epoch=1, lease_ttl_s=LEASE_TTL_S,
-                                domain_uuid=definition.uuid, domain_name=name, xml=definition.xml))
-    try:
-        result = broker.expect(p.Result)
+    with ha_start(broker, guests.conn, "started") as (definition, result):
         assert (result.ok, result.error, result.domain_state) == (True, None, "running")
         assert 0 < result.done_at <= time.monotonic()  # when its libvirt work ended, the host's clock
-        broker.send(p.ResultAck(job_id=1, accepted=True))
         dom = guests.conn.lookupByUUIDString(definition.uuid)
         element = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, domxml.METADATA_NS)
         assert 'ha="yes"' in element  # the mark kept the HA mark it found
-    finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            guests.conn.lookupByUUIDString(definition.uuid).destroy()
