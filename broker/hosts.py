@@ -63,7 +63,7 @@ def renewed(core: BrokerCore, worker: WorkerInfo, now: float, seq: int) -> None:
 def armed(core: BrokerCore, host: Host) -> bool:
     """Self-fencing is armed on a host that runs HA guests (Proxmox arms its watchdog only then)."""
     by_uuid = core.registry.by_uuid
-    return any(uuid in by_uuid and domxml.is_ha(by_uuid[uuid].xml) for uuid in host.placed)
+    return any(uuid in by_uuid and by_uuid[uuid].ha for uuid in host.placed)
 
 
 def back(core: BrokerCore, host: Host, why: str) -> None:
@@ -251,7 +251,7 @@ def fence(core: BrokerCore, host: Host, how: str) -> list[int]:
         record.epoch += 1  # whatever the fenced host still says of it is stale
         host.fenced_domains.add(record.uuid)
         core.set_state(record, "shutoff", None, reason=f"fenced: host {host.host_id} ({how})")
-        if domxml.is_ha(record.xml):
+        if record.ha:
             job = core.new_job(record, "start", deadline_s=core.config.deadline_s["start"])
             started.append(job.job_id)
             log.warning("HA domain %s of fenced host %s: start job %d queued on another host",
@@ -389,6 +389,7 @@ def fail_stuck_jobs(core: BrokerCore, now: float) -> None:
     oldest = core.clock.wall() - limit
     scheduler = core.scheduler
     lifecycle = lifecycle_hosts(core)
+    can_start = any(core.host(h).state == "up" and not core.host(h).draining for h in lifecycle)
     for uuid in batch:
         job = scheduler.head(uuid)
         if job is None or job.submitted_at > oldest or uuid in scheduler.active:
@@ -396,7 +397,7 @@ def fail_stuck_jobs(core: BrokerCore, now: float) -> None:
         record = core.registry.by_uuid.get(uuid)
         if record is None:
             continue
-        why = why_no_host(core, job.op, record, lifecycle)
+        why = why_no_host(core, job.op, record, lifecycle, can_start)
         if why is not None:
             core.finish_job(job, "failed", f"{job.op} of '{record.name}' waited {limit:g} s (queue_timeout_s): {why}",
                             "timeout")
@@ -407,14 +408,12 @@ def lifecycle_hosts(core: BrokerCore) -> set[str]:
     return {w.host_id for w in core.workers.values() if w.role == "lifecycle" and w.slots > 0}
 
 
-def why_no_host(core: BrokerCore, op: str, record: DomainRecord, lifecycle: set[str] | None = None) -> str | None:
+def why_no_host(core: BrokerCore, op: str, record: DomainRecord, lifecycle: set[str], can_start: bool) -> str | None:
     """Why no worker can take this job now, or None if one could (or may, once a slot frees).
-    lifecycle: lifecycle_hosts(core), when the caller has it already."""
-    if lifecycle is None:
-        lifecycle = lifecycle_hosts(core)
+    lifecycle: lifecycle_hosts(core); can_start: one of them is up and not draining (both
+    read once per check)."""
     if op == "start" and record.state == "shutoff":
-        usable = [h for h in lifecycle if core.host(h).state == "up" and not core.host(h).draining]
-        return None if usable else "no host is up to start it on"
+        return None if can_start else "no host is up to start it on"
     if op in ("undefine",):
         return None
     host_id = record.host_id

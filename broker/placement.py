@@ -10,7 +10,7 @@ from virtbroker.broker import hosts
 from virtbroker.broker.core import BrokerCore, Host
 from virtbroker.broker.registry import DomainRecord
 from virtbroker.broker.scheduler import PRIORITY_OPS, Job, WorkerInfo
-from virtbroker.common.domxml import disk_sources, is_ha, memory_mib
+from virtbroker.common.domxml import disk_sources, memory_mib
 
 
 def dispatch(core: BrokerCore, now: float) -> None:
@@ -119,7 +119,7 @@ def pick_host_for_start(
             eligible.append(host)
     if not eligible:
         return None, None  # no host at all yet: wait for one
-    if is_ha(record.xml):
+    if record.ha:
         eligible = [h for h in eligible if hosts.storage_fits(h, record.xml)]
         if not eligible:
             return None, (f"'{record.name}' is HA, and no host's shared_storage_roots hold all its disks "

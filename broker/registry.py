@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from virtbroker.common.domxml import Definition, looks_like_uuid, normalize_uuid
+from virtbroker.common.domxml import Definition, is_ha, looks_like_uuid, normalize_uuid
 from virtbroker.common.errors import ConflictError, InvalidError, NotFoundError
 
 
@@ -23,6 +23,17 @@ class DomainRecord:
     # monotonic clock (not stored). A libvirt event read before then is stale.
     settled_host: str | None = None
     settled_at: float = 0.0
+    # (the definition text it was read from, whether that text marks the domain HA): every
+    # renewal asks whether its host runs HA guests, and a definition is parsed once, not
+    # per renewal (domxml.is_ha's own cache holds a few thousand definitions).
+    _ha: tuple[str, bool] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def ha(self) -> bool:
+        """Does the definition mark the domain HA (restarted elsewhere once its host is fenced)?"""
+        if self._ha is None or self._ha[0] is not self.xml:
+            self._ha = (self.xml, is_ha(self.xml))
+        return self._ha[1]
 
     def summary(self) -> dict:
         return {

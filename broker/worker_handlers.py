@@ -188,7 +188,7 @@ class WorkerHandlers:
             if record.host_id != worker.host_id or record.uuid in core.scheduler.active:
                 continue
             core.set_state(record, "shutoff", None, reason=f"self-fenced: host {worker.host_id} lost its host lease")
-            if domxml.is_ha(record.xml) and not core.scheduler.pending_for(record.uuid):
+            if record.ha and not core.scheduler.pending_for(record.uuid):
                 core.new_job(record, "start", deadline_s=core.config.deadline_s["start"])
 
     def reconcile_host(self, host_id: str, guests: list[dict]) -> None:
@@ -234,7 +234,6 @@ class WorkerHandlers:
             if msg.self_fenced:
                 self.self_fenced(worker, msg.self_fenced)
             if msg.guests is not None:
-                host = core.host(worker.host_id)
                 strays = hosts.strays_of(core, worker.host_id, msg.guests)
                 if strays and host.state != "rejoining":
                     hosts.send_strays(core, worker, host, strays)
