@@ -295,7 +295,8 @@ class Heartbeat(Message):
     seq: int = 0  # echoed in the broker's `renewed`: the host lease was renewed at this beat
     # Guests this worker destroyed by self-fencing; sent with every beat until one is renewed.
     self_fenced: list[str] = field(default_factory=list)
-    # The worker heard `renewed.armed`: it self-fences (and pets its watchdog) from now on.
+    # The worker is armed (it heard `renewed.armed`, or started an HA guest itself): it
+    # self-fences, and pets its watchdog, from now on.
     armed: bool = False
 
 
